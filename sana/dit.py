@@ -1,0 +1,538 @@
+"""SANA Linear DiT: one class for Sana 600M/1600M (512–4K), SANA-1.5 and SANA-Sprint.
+
+Parameter names follow the official NVlabs checkpoints (`blocks.{i}.attn.qkv`, ...), so the
+fused projections stay fused: one GEMM for Q|K|V and one for the cross-attention K|V. The
+only differences from the official layout are that 1×1 convolutions are stored as 2-D
+linear weights (`mlp.inverted_conv.weight` is `[2H, C]`, not `.conv.weight` `[2H, C, 1, 1]`);
+`sana/dit_io.py` maps both official and diffusers layouts onto these names.
+
+Numerics follow diffusers' `SanaTransformer2DModel` (the project's reference): linear
+attention in fp32, caption and QK RMSNorm computed in fp32 then rounded to the weight dtype,
+the cross-attention key mask as an additive −10000 bias, and the ±65504 clip in fp16.
+
+Shapes: B batch, C hidden size, N = h·w latent tokens, L caption tokens, H = int(mlp_ratio·C).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+# Linear-attention denominator epsilon; diffusers uses 1e-15 (NVlabs passes 1e-8). Only an
+# all-zero query or key row feels it, and then the output is 0 either way.
+LINEAR_ATTENTION_EPS = 1e-15
+# Diffusers turns the 0/1 caption mask into this additive bias (NVlabs does the same without xformers).
+CROSS_ATTENTION_MASK_BIAS = -10000.0
+
+
+@dataclass(frozen=True)
+class SanaDiTConfig:
+    """Everything that shapes a SANA DiT. Presets for every release are in `DIT_PRESETS`."""
+
+    hidden_size: int = 1152
+    depth: int = 28
+    attention_head_dim: int = 32  # linear self-attention; heads = hidden_size // 32
+    cross_attention_heads: int = 16
+    cross_attention_head_dim: int = 72
+    caption_channels: int = 2304  # Gemma-2-2B hidden size
+    in_channels: int = 32
+    out_channels: int = 32
+    patch_size: int = 1
+    mlp_ratio: float = 2.5
+    sample_size: int = 32  # latent side at the training resolution (1024px / 32)
+    interpolation_scale: float | None = None  # None: no positional embedding (NoPE)
+    qk_norm: bool = False  # SANA-1.5 and Sprint: RMSNorm over all heads on Q and K
+    guidance_embeds: bool = False  # SANA-Sprint: embedded guidance
+    guidance_embeds_scale: float = 0.1
+    timestep_scale: float = 1.0  # pipelines multiply the timestep by this (Sprint teacher: 0.001)
+    norm_eps: float = 1e-6
+    flow_shift: float = 3.0  # the sampler's default shift for this model
+    variant: str = "custom"
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.attention_head_dim:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of attention_head_dim {self.attention_head_dim}"
+            )
+        if self.cross_attention_heads * self.cross_attention_head_dim != self.hidden_size:
+            raise ValueError(
+                f"cross attention {self.cross_attention_heads}×{self.cross_attention_head_dim} "
+                f"does not span hidden_size {self.hidden_size}"
+            )
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.hidden_size // self.attention_head_dim
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.mlp_ratio * self.hidden_size)
+
+    def replace(self, **changes: Any) -> SanaDiTConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SanaDiTConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown SanaDiTConfig fields: {unknown}")
+        return cls(**d)
+
+    def to_diffusers(self) -> dict[str, Any]:
+        """The `config.json` diffusers' `SanaTransformer2DModel` reads."""
+        return {
+            "_class_name": "SanaTransformer2DModel",
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "num_attention_heads": self.num_attention_heads,
+            "attention_head_dim": self.attention_head_dim,
+            "num_layers": self.depth,
+            "num_cross_attention_heads": self.cross_attention_heads,
+            "cross_attention_head_dim": self.cross_attention_head_dim,
+            "cross_attention_dim": self.hidden_size,
+            "caption_channels": self.caption_channels,
+            "mlp_ratio": self.mlp_ratio,
+            "dropout": 0.0,
+            "attention_bias": False,
+            "sample_size": self.sample_size,
+            "patch_size": self.patch_size,
+            "norm_elementwise_affine": False,
+            "norm_eps": self.norm_eps,
+            "interpolation_scale": self.interpolation_scale,
+            "guidance_embeds": self.guidance_embeds,
+            "guidance_embeds_scale": self.guidance_embeds_scale,
+            "qk_norm": "rms_norm_across_heads" if self.qk_norm else None,
+            "timestep_scale": self.timestep_scale,
+        }
+
+    @classmethod
+    def from_diffusers(cls, d: dict[str, Any], **overrides: Any) -> SanaDiTConfig:
+        heads, head_dim = d.get("num_attention_heads", 70), d.get("attention_head_dim", 32)
+        hidden = heads * head_dim
+        cross_dim = d.get("cross_attention_dim", hidden)
+        if cross_dim != hidden:
+            raise ValueError(f"cross_attention_dim {cross_dim} differs from the hidden size {hidden}: not a SANA DiT")
+        qk_norm = d.get("qk_norm")
+        if qk_norm not in (None, "rms_norm_across_heads"):
+            raise ValueError(f"unsupported qk_norm {qk_norm!r} (SANA uses 'rms_norm_across_heads')")
+        sample_size = d.get("sample_size", 32)
+        interpolation_scale = d.get("interpolation_scale")
+        fields = dict(
+            hidden_size=hidden,
+            depth=d.get("num_layers", 20),
+            attention_head_dim=head_dim,
+            cross_attention_heads=d.get("num_cross_attention_heads", 20),
+            cross_attention_head_dim=d.get("cross_attention_head_dim", 112),
+            caption_channels=d.get("caption_channels", 2304),
+            in_channels=d.get("in_channels", 32),
+            out_channels=d.get("out_channels") or d.get("in_channels", 32),
+            patch_size=d.get("patch_size", 1),
+            mlp_ratio=d.get("mlp_ratio", 2.5),
+            sample_size=sample_size,
+            interpolation_scale=None if interpolation_scale is None else float(interpolation_scale),
+            qk_norm=qk_norm is not None,
+            guidance_embeds=bool(d.get("guidance_embeds", False)),
+            guidance_embeds_scale=d.get("guidance_embeds_scale", 0.1),
+            timestep_scale=d.get("timestep_scale", 1.0),
+            norm_eps=d.get("norm_eps", 1e-6),
+            flow_shift=default_flow_shift(sample_size),
+        )
+        fields.update(overrides)
+        config = cls(**fields)
+        return config.replace(variant=variant_name(config)) if "variant" not in overrides else config
+
+
+def default_flow_shift(sample_size: int) -> float:
+    """3.0 for every release up to 2K; 6.0 at 4K (sample size 128)."""
+    return 6.0 if sample_size >= 128 else 3.0
+
+
+_SANA_600M = dict(hidden_size=1152, depth=28, cross_attention_heads=16, cross_attention_head_dim=72)
+_SANA_1600M = dict(hidden_size=2240, depth=20, cross_attention_heads=20, cross_attention_head_dim=112)
+
+DIT_PRESETS: dict[str, SanaDiTConfig] = {
+    "sana-600m-512": SanaDiTConfig(**_SANA_600M, sample_size=16),
+    "sana-600m-1024": SanaDiTConfig(**_SANA_600M, sample_size=32),
+    "sana-1600m-512": SanaDiTConfig(**_SANA_1600M, sample_size=16),
+    "sana-1600m-1024": SanaDiTConfig(**_SANA_1600M, sample_size=32),
+    "sana-1600m-2k": SanaDiTConfig(**_SANA_1600M, sample_size=64, interpolation_scale=1.0),
+    "sana-1600m-4k": SanaDiTConfig(**_SANA_1600M, sample_size=128, interpolation_scale=2.0, flow_shift=6.0),
+    "sana1.5-1.6b": SanaDiTConfig(**_SANA_1600M, qk_norm=True),
+    "sana1.5-4.8b": SanaDiTConfig(**{**_SANA_1600M, "depth": 60}, qk_norm=True),
+    "sana-sprint-0.6b": SanaDiTConfig(**_SANA_600M, qk_norm=True, guidance_embeds=True),
+    "sana-sprint-1.6b": SanaDiTConfig(**_SANA_1600M, qk_norm=True, guidance_embeds=True),
+}
+DIT_PRESETS = {name: cfg.replace(variant=name) for name, cfg in DIT_PRESETS.items()}
+
+
+def variant_name(config: SanaDiTConfig) -> str:
+    """The release a config matches, or "custom"."""
+    for name, preset in DIT_PRESETS.items():
+        if preset.replace(variant=config.variant, flow_shift=config.flow_shift) == config:
+            return name
+    return "custom"
+
+
+# --------------------------------------------------------------------------------------------
+# Functional pieces (each the PyTorch reference a fused kernel must match)
+# --------------------------------------------------------------------------------------------
+
+
+def timestep_sinusoid(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """[B] → [B, dim] fp32, cos first (diffusers `Timesteps(flip_sin_to_cos=True, shift=0)`)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def sincos_pos_embed_2d(
+    dim: int, height: int, width: int, base_size: int, interpolation_scale: float, device: torch.device | None = None
+) -> torch.Tensor:
+    """[h·w, dim] fp32 table; the first half encodes the column (x), the second the row (y).
+
+    Positions always span [0, base_size / interpolation_scale) whatever the aspect ratio.
+    """
+    rows = torch.arange(height, dtype=torch.float32, device=device) / (height / base_size) / interpolation_scale
+    cols = torch.arange(width, dtype=torch.float32, device=device) / (width / base_size) / interpolation_scale
+    grid_y, grid_x = torch.meshgrid(rows, cols, indexing="ij")
+
+    def sincos_1d(d: int, pos: torch.Tensor) -> torch.Tensor:
+        omega = torch.arange(d // 2, dtype=torch.float64, device=device) / (d / 2.0)
+        omega = 1.0 / 10000**omega
+        angles = torch.outer(pos.reshape(-1).double(), omega)
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+    return torch.cat([sincos_1d(dim // 2, grid_x), sincos_1d(dim // 2, grid_y)], dim=1).float()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim: statistics in fp32, rounded to a half weight's dtype before the scale."""
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    y = x * torch.rsqrt(variance + eps)
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        y = y.to(weight.dtype)
+    return y * weight
+
+
+def relu_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """ReLU linear attention, `out_i = Σ_j (φq_i·φk_j) v_j / (Σ_j φq_i·φk_j + eps)` per head.
+
+    q, k, v: [B, N, C] (channel c = head·D + d) in any dtype → [B, N, C] in q's dtype.
+    Accumulation is fp32: sums over N tokens overflow fp16 at 1K and beyond.
+    A ones column appended to V yields the denominator from the same two matmuls.
+    """
+    B, N, C = q.shape
+    D = C // heads
+    dtype = q.dtype
+    q = F.relu(q).float().view(B, N, heads, D).transpose(1, 2)  # [B, h, N, D]
+    k = F.relu(k).float().view(B, N, heads, D).transpose(1, 2)  # [B, h, N, D]
+    v = F.pad(v.float().view(B, N, heads, D), (0, 1), value=1.0).transpose(1, 2)  # [B, h, N, D+1]
+    kv = torch.matmul(k.transpose(-1, -2), v)  # [B, h, D, D+1]
+    out = torch.matmul(q, kv)  # [B, h, N, D+1]
+    out = out[..., :D] / (out[..., D:] + LINEAR_ATTENTION_EPS)
+    return out.transpose(1, 2).reshape(B, N, C).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoid(256) → Linear → SiLU → Linear. Used for the timestep and Sprint's guidance."""
+
+    def __init__(self, hidden_size: int, frequency_dim: int = 256):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_sinusoid(t, self.frequency_dim).to(self.mlp[0].weight.dtype))
+
+
+class CaptionProjection(nn.Module):
+    """caption_channels → C → C with tanh-GELU between (a timm Mlp in the official code)."""
+
+    def __init__(self, caption_channels: int, hidden_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(caption_channels, hidden_size)
+        self.fc2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(y), approximate="tanh"))
+
+
+class CaptionEmbedder(nn.Module):
+    def __init__(self, caption_channels: int, hidden_size: int):
+        super().__init__()
+        self.y_proj = CaptionProjection(caption_channels, hidden_size)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, in_channels: int, hidden_size: int, patch_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # [B, C, h, w] → [B, N, C]
+
+
+class LinearSelfAttention(nn.Module):
+    """ReLU linear attention with fused Q|K|V, optional QK RMSNorm across heads (eps 1e-5)."""
+
+    def __init__(self, hidden_size: int, heads: int, qk_norm: bool):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
+        self.q_norm = RMSNorm(hidden_size, eps=1e-5) if qk_norm else None
+        self.k_norm = RMSNorm(hidden_size, eps=1e-5) if qk_norm else None
+        self.proj = nn.Linear(hidden_size, hidden_size)
+        # Set by PAG: the indices of batch rows whose attention is replaced by identity (V only).
+        self.identity_rows: slice | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 × [B, N, C]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        out = relu_linear_attention(q, k, v, self.heads).to(x.dtype)
+        if self.identity_rows is not None:
+            out = out.clone()
+            out[self.identity_rows] = v[self.identity_rows]
+        out = self.proj(out)
+        if x.dtype == torch.float16:
+            out = out.clip(-65504, 65504)
+        return out
+
+
+class CrossAttention(nn.Module):
+    """Softmax attention from image tokens to caption tokens, fused K|V projection."""
+
+    def __init__(self, hidden_size: int, heads: int, head_dim: int, qk_norm: bool):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.q_linear = nn.Linear(hidden_size, hidden_size)
+        self.kv_linear = nn.Linear(hidden_size, 2 * hidden_size)
+        # diffusers' rms_norm_across_heads uses eps 1e-5 here (NVlabs: 1e-6); we follow diffusers.
+        self.q_norm = RMSNorm(hidden_size, eps=1e-5) if qk_norm else None
+        self.k_norm = RMSNorm(hidden_size, eps=1e-5) if qk_norm else None
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask_bias: torch.Tensor | None) -> torch.Tensor:
+        B, N, C = x.shape
+        q = self.q_linear(x)
+        k, v = self.kv_linear(context).chunk(2, dim=-1)  # 2 × [B, L, C]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, N, self.heads, self.head_dim).transpose(1, 2)  # [B, h, N, d]
+        k = k.view(B, -1, self.heads, self.head_dim).transpose(1, 2)  # [B, h, L, d]
+        v = v.view(B, -1, self.heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias)  # mask_bias: [B, 1, 1, L]
+        return self.proj(out.transpose(1, 2).reshape(B, N, C).to(q.dtype))
+
+
+class MixFFN(nn.Module):
+    """GLUMBConv: 1×1 conv + SiLU, 3×3 depthwise conv, GLU gate (value | gate halves), 1×1 conv.
+
+    The 1×1 convs run as GEMMs on the token layout; the depthwise conv reads the same memory
+    as a channels-last image, so no layout copy is made between them.
+    """
+
+    def __init__(self, hidden_size: int, mlp_hidden: int):
+        super().__init__()
+        self.inverted_conv = nn.Linear(hidden_size, 2 * mlp_hidden)
+        self.depth_conv = nn.Conv2d(2 * mlp_hidden, 2 * mlp_hidden, 3, padding=1, groups=2 * mlp_hidden)
+        self.point_conv = nn.Linear(mlp_hidden, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        B, N, _ = x.shape
+        y = F.silu(self.inverted_conv(x))  # [B, N, 2H]
+        y = y.view(B, height, width, -1).permute(0, 3, 1, 2)  # [B, 2H, h, w], channels-last strides
+        y = self.depth_conv(y)
+        value, gate = y.chunk(2, dim=1)  # 2 × [B, H, h, w]
+        y = value * F.silu(gate)
+        y = y.permute(0, 2, 3, 1).reshape(B, N, -1)  # [B, N, H]
+        return self.point_conv(y)
+
+
+class SanaBlock(nn.Module):
+    """AdaLN-single block: x += g·LinearAttn(mod(LN x)); x += CrossAttn(x, y); x += g·MixFFN(mod(LN x))."""
+
+    def __init__(self, config: SanaDiTConfig):
+        super().__init__()
+        C = config.hidden_size
+        self.norm_eps = config.norm_eps
+        self.attn = LinearSelfAttention(C, config.num_attention_heads, config.qk_norm)
+        self.cross_attn = CrossAttention(C, config.cross_attention_heads, config.cross_attention_head_dim, config.qk_norm)
+        self.mlp = MixFFN(C, config.mlp_hidden)
+        self.scale_shift_table = nn.Parameter(torch.randn(6, C) / C**0.5)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, N, C]
+        context: torch.Tensor,  # [B, L, C]
+        t_mod: torch.Tensor,  # [B, 6C]
+        mask_bias: torch.Tensor | None,  # [B, 1, 1, L]
+        height: int,
+        width: int,
+    ) -> torch.Tensor:
+        B, _, C = x.shape
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.scale_shift_table[None] + t_mod.reshape(B, 6, C)
+        ).chunk(6, dim=1)  # 6 × [B, 1, C]
+        y = torch.addcmul(shift_msa, F.layer_norm(x, (C,), eps=self.norm_eps), 1 + scale_msa).to(x.dtype)
+        x = torch.addcmul(x, gate_msa, self.attn(y))
+        x = x + self.cross_attn(x, context, mask_bias)
+        y = torch.addcmul(shift_mlp, F.layer_norm(x, (C,), eps=self.norm_eps), 1 + scale_mlp)
+        return torch.addcmul(x, gate_mlp, self.mlp(y, height, width))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, out_features: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size**0.5)
+        self.linear = nn.Linear(hidden_size, out_features)
+
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).chunk(2, dim=1)  # 2 × [B, 1, C]
+        return self.linear(torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=self.eps), 1 + scale))
+
+
+class SanaDiT(nn.Module):
+    """The SANA Linear DiT.
+
+    `forward(x, timestep, context, context_mask=None, guidance=None) -> velocity`:
+    - x `[B, in_channels, h, w]` latents (any h, w divisible by the patch size);
+    - timestep `[B]`: the values diffusers' `SanaTransformer2DModel` receives (ints ⌊1000σ⌋
+      from Flow-DPM-Solver, floats from Flow-Euler, the flow time t ∈ [0, 1] for Sprint);
+    - context `[B, L, caption_channels]` text embeddings, any L; context_mask `[B, L]`
+      (1 keep, 0 pad) or None;
+    - guidance `[B]` the raw guidance scale, Sprint only (multiplied by
+      `config.guidance_embeds_scale` inside, as NVlabs' `cfg_embed_scale`).
+    Returns the velocity `[B, out_channels, h, w]` in the model's dtype.
+    """
+
+    def __init__(self, config: SanaDiTConfig):
+        super().__init__()
+        self.config = config
+        C = config.hidden_size
+        self.x_embedder = PatchEmbed(config.in_channels, C, config.patch_size)
+        self.t_embedder = TimestepEmbedder(C)
+        self.cfg_embedder = TimestepEmbedder(C) if config.guidance_embeds else None
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+        self.y_embedder = CaptionEmbedder(config.caption_channels, C)
+        self.attention_y_norm = RMSNorm(C, eps=1e-5)
+        self.blocks = nn.ModuleList(SanaBlock(config) for _ in range(config.depth))
+        self.final_layer = FinalLayer(C, config.patch_size**2 * config.out_channels, eps=1e-6)
+        self.gradient_checkpointing = False
+        # Dropping caption columns that every row masks out is exact (their softmax weight is
+        # exp(−10000) = 0) and saves the K/V projection and attention work; it costs one host sync.
+        self.trim_padded_context = True
+        self._pos_embed_cache: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x_embedder.proj.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_embedder.proj.weight.device
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.gradient_checkpointing = enabled
+
+    def pos_embed(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+        """[1, h·w, C] fp32 sincos table for 2K/4K models (cached per size and device)."""
+        key = (height, width, str(device))
+        if key not in self._pos_embed_cache:
+            cfg = self.config
+            table = sincos_pos_embed_2d(
+                cfg.hidden_size, height, width, cfg.sample_size // cfg.patch_size, cfg.interpolation_scale, device
+            )
+            self._pos_embed_cache[key] = table[None]
+        return self._pos_embed_cache[key]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        cfg = self.config
+        B, _, H, W = x.shape
+        p = cfg.patch_size
+        if H % p or W % p:
+            raise ValueError(f"latent size {H}×{W} is not divisible by the patch size {p}")
+        if x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x has {x.shape[1]} channels, the model expects {cfg.in_channels}")
+        if context.ndim != 3 or context.shape[-1] != cfg.caption_channels:
+            raise ValueError(
+                f"context must be [B, L, {cfg.caption_channels}] (caption_channels), got {list(context.shape)}"
+            )
+        h, w = H // p, W // p
+        dtype = self.dtype
+        timestep = timestep.reshape(-1).expand(B) if timestep.numel() == 1 else timestep.reshape(B)
+
+        tokens = self.x_embedder(x.to(dtype))  # [B, N, C]
+        if cfg.interpolation_scale is not None:
+            tokens = (tokens + self.pos_embed(h, w, tokens.device)).to(dtype)
+
+        t_emb = self.t_embedder(timestep)  # [B, C]
+        if self.cfg_embedder is not None:
+            if guidance is None:
+                raise ValueError("this SANA-Sprint model needs `guidance` (the guidance scale, e.g. 4.5)")
+            guidance = guidance.reshape(-1).expand(B) if guidance.numel() == 1 else guidance.reshape(B)
+            t_emb = t_emb + self.cfg_embedder(guidance * cfg.guidance_embeds_scale)
+        t_mod = self.t_block(t_emb)  # [B, 6C]
+
+        context = context.to(dtype)
+        mask_bias = None
+        if context_mask is not None:
+            if context_mask.shape != context.shape[:2]:
+                raise ValueError(f"context_mask {list(context_mask.shape)} does not match context {list(context.shape[:2])}")
+            context, context_mask = self._trim_context(context, context_mask)
+            mask_bias = ((1 - context_mask.to(dtype)) * CROSS_ATTENTION_MASK_BIAS)[:, None, None, :]  # [B, 1, 1, L]
+        context = self.attention_y_norm(self.y_embedder.y_proj(context))  # [B, L, C]
+
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                tokens = checkpoint(block, tokens, context, t_mod, mask_bias, h, w, use_reentrant=False)
+            else:
+                tokens = block(tokens, context, t_mod, mask_bias, h, w)
+
+        out = self.final_layer(tokens, t_emb)  # [B, N, p·p·c]
+        out = out.reshape(B, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4)
+        return out.reshape(B, -1, h * p, w * p)
+
+    def _trim_context(self, context: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.trim_padded_context:
+            return context, mask
+        kept = mask.bool()
+        if not bool(kept.any(dim=1).all()):
+            return context, mask  # a fully masked row attends uniformly to everything: keep all
+        last = int(kept.any(dim=0).nonzero().max()) + 1
+        return context[:, :last], mask[:, :last]

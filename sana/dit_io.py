@@ -1,0 +1,402 @@
+"""Reading and writing SANA DiT checkpoints in every official layout.
+
+Layouts:
+- **official** (NVlabs): `.pth` with weights under `state_dict` (or bare), keys such as
+  `blocks.{i}.attn.qkv.weight`; also the same keys in a `.safetensors` file, and either of
+  them behind ComfyUI's `model.diffusion_model.` prefix.
+- **diffusers**: a `SanaTransformer2DModel` folder (`config.json` + safetensors, sharded with
+  an index too, or a pipeline root with a `transformer/` sub-folder), or a single safetensors
+  file with diffusers keys.
+
+A `KeySpec` ties each of our parameters to one or more keys of a layout (Q|K|V and K|V are
+split along dim 0 in diffusers; 1×1 conv weights are 4-D in both layouts and 2-D in ours).
+Loading validates every key and shape before any tensor data is read, then streams tensors
+into a model built on the meta device, so peak memory is one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .checkpoint import (
+    CheckpointReader,
+    assign_state,
+    check_keys,
+    open_checkpoint,
+    strip_prefix,
+    write_json,
+    write_safetensors,
+    write_torch,
+)
+from .dit import DIT_PRESETS, SanaDiT, SanaDiTConfig, default_flow_shift, sincos_pos_embed_2d, variant_name
+from .errors import SanaCheckpointError
+
+Layout = Literal["official", "diffusers"]
+
+COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "module.")
+# Official keys that inference never uses: the stored PE table (recomputed per size), the
+# learned null caption (training-time caption dropout) and Sprint's training-only logvar head.
+OFFICIAL_EXTRA_KEYS = ("pos_embed", "y_embedder.y_embedding", "logvar_linear.weight", "logvar_linear.bias")
+CONFIG_METADATA_KEY = "sana_dit_config"
+DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+DEFAULT_MAX_SHARD_BYTES = 10 * 1024**3  # diffusers' default shard size
+
+# Cross-attention heads of the released widths; the weights cannot tell heads apart.
+KNOWN_CROSS_HEADS = {1152: (16, 72), 2240: (20, 112)}
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """Our parameter `name` of `shape` is the dim-0 concatenation of `parts` (layout key, layout shape)."""
+
+    name: str
+    shape: tuple[int, ...]
+    parts: tuple[tuple[str, tuple[int, ...]], ...]
+
+
+def key_specs(config: SanaDiTConfig, layout: Layout) -> list[KeySpec]:
+    """Every parameter of `SanaDiT(config)` and where it lives in `layout`."""
+    C, H, p = config.hidden_size, config.mlp_hidden, config.patch_size
+    official = layout == "official"
+    specs: list[KeySpec] = []
+
+    def add(name: str, shape: tuple[int, ...], *parts: tuple[str, tuple[int, ...]]) -> None:
+        specs.append(KeySpec(name, shape, parts or ((name, shape),)))
+
+    def same(name: str, diffusers_name: str, shape: tuple[int, ...]) -> None:
+        add(name, shape, (name if official else diffusers_name, shape))
+
+    def linear(ours: str, diffusers_name: str, out_f: int, in_f: int, bias: bool = True) -> None:
+        same(f"{ours}.weight", f"{diffusers_name}.weight", (out_f, in_f))
+        if bias:
+            same(f"{ours}.bias", f"{diffusers_name}.bias", (out_f,))
+
+    same("x_embedder.proj.weight", "patch_embed.proj.weight", (C, config.in_channels, p, p))
+    same("x_embedder.proj.bias", "patch_embed.proj.bias", (C,))
+    # Sprint's diffusers model drops the `.emb` level of the timestep embedder.
+    t_prefix = "time_embed.timestep_embedder" if config.guidance_embeds else "time_embed.emb.timestep_embedder"
+    linear("t_embedder.mlp.0", f"{t_prefix}.linear_1", C, 256)
+    linear("t_embedder.mlp.2", f"{t_prefix}.linear_2", C, C)
+    if config.guidance_embeds:
+        linear("cfg_embedder.mlp.0", "time_embed.guidance_embedder.linear_1", C, 256)
+        linear("cfg_embedder.mlp.2", "time_embed.guidance_embedder.linear_2", C, C)
+    linear("t_block.1", "time_embed.linear", 6 * C, C)
+    linear("y_embedder.y_proj.fc1", "caption_projection.linear_1", C, config.caption_channels)
+    linear("y_embedder.y_proj.fc2", "caption_projection.linear_2", C, C)
+    same("attention_y_norm.weight", "caption_norm.weight", (C,))
+
+    for i in range(config.depth):
+        o, d = f"blocks.{i}", f"transformer_blocks.{i}"
+        same(f"{o}.scale_shift_table", f"{d}.scale_shift_table", (6, C))
+        if official:
+            add(f"{o}.attn.qkv.weight", (3 * C, C))
+        else:
+            add(f"{o}.attn.qkv.weight", (3 * C, C), *((f"{d}.attn1.to_{x}.weight", (C, C)) for x in "qkv"))
+        if config.qk_norm:
+            same(f"{o}.attn.q_norm.weight", f"{d}.attn1.norm_q.weight", (C,))
+            same(f"{o}.attn.k_norm.weight", f"{d}.attn1.norm_k.weight", (C,))
+        linear(f"{o}.attn.proj", f"{d}.attn1.to_out.0", C, C)
+        linear(f"{o}.cross_attn.q_linear", f"{d}.attn2.to_q", C, C)
+        if official:
+            linear(f"{o}.cross_attn.kv_linear", "", 2 * C, C)
+        else:
+            add(f"{o}.cross_attn.kv_linear.weight", (2 * C, C), *((f"{d}.attn2.to_{x}.weight", (C, C)) for x in "kv"))
+            add(f"{o}.cross_attn.kv_linear.bias", (2 * C,), *((f"{d}.attn2.to_{x}.bias", (C,)) for x in "kv"))
+        if config.qk_norm:
+            same(f"{o}.cross_attn.q_norm.weight", f"{d}.attn2.norm_q.weight", (C,))
+            same(f"{o}.cross_attn.k_norm.weight", f"{d}.attn2.norm_k.weight", (C,))
+        linear(f"{o}.cross_attn.proj", f"{d}.attn2.to_out.0", C, C)
+        conv = (lambda k: f"{o}.mlp.{k}.conv") if official else (lambda k: f"{d}.ff.conv_{k.split('_')[0]}")
+        add(f"{o}.mlp.inverted_conv.weight", (2 * H, C), (f"{conv('inverted_conv')}.weight", (2 * H, C, 1, 1)))
+        add(f"{o}.mlp.inverted_conv.bias", (2 * H,), (f"{conv('inverted_conv')}.bias", (2 * H,)))
+        add(f"{o}.mlp.depth_conv.weight", (2 * H, 1, 3, 3), (f"{conv('depth_conv')}.weight", (2 * H, 1, 3, 3)))
+        add(f"{o}.mlp.depth_conv.bias", (2 * H,), (f"{conv('depth_conv')}.bias", (2 * H,)))
+        add(f"{o}.mlp.point_conv.weight", (C, H), (f"{conv('point_conv')}.weight", (C, H, 1, 1)))
+
+    linear("final_layer.linear", "proj_out", p * p * config.out_channels, C)
+    same("final_layer.scale_shift_table", "scale_shift_table", (2, C))
+    return specs
+
+
+# --------------------------------------------------------------------------------------------
+# Detection
+# --------------------------------------------------------------------------------------------
+
+
+def detect_layout(reader: CheckpointReader) -> Layout:
+    if "x_embedder.proj.weight" in reader or "blocks.0.attn.qkv.weight" in reader:
+        return "official"
+    if "patch_embed.proj.weight" in reader or "transformer_blocks.0.attn1.to_q.weight" in reader:
+        return "diffusers"
+    sample = sorted(reader.keys())[:8]
+    raise SanaCheckpointError(
+        f"{reader.path}: unknown format: neither official SANA keys (x_embedder.*, blocks.N.*) nor diffusers "
+        f"keys (patch_embed.*, transformer_blocks.N.*); first keys: {sample}"
+    )
+
+
+def _require(reader: CheckpointReader, key: str) -> tuple[int, ...]:
+    if key not in reader:
+        raise SanaCheckpointError(f"{reader.path}: missing key {key!r}, needed to detect the model variant")
+    return reader.shape(key)
+
+
+def _official_pe(reader: CheckpointReader, hidden: int) -> tuple[int | None, float | None]:
+    """Sample size and PE interpolation scale from the stored `pos_embed` ([1, side², C])."""
+    if "pos_embed" not in reader:
+        return None, None
+    shape = reader.shape("pos_embed")
+    side = math.isqrt(shape[-2]) if len(shape) == 3 else 0
+    if len(shape) != 3 or side * side != shape[-2] or shape[-1] != hidden:
+        raise SanaCheckpointError(f"{reader.path}: key 'pos_embed' has shape {list(shape)}, expected [1, side², {hidden}]")
+    table = reader.read("pos_embed").float()[0]
+    if not table.abs().max() > 0:
+        return side, None  # stored zeros: a NoPE model
+    for scale in (1.0, 2.0, 0.5, 4.0, 3.0, 1.5):
+        candidate = sincos_pos_embed_2d(hidden, side, side, side, scale)
+        if torch.allclose(table, candidate, atol=2e-2):  # tolerant of a bf16-stored table
+            return side, scale
+    raise SanaCheckpointError(
+        f"{reader.path}: key 'pos_embed' holds a table that matches no sincos interpolation scale; pass config="
+    )
+
+
+def infer_config(reader: CheckpointReader, layout: Layout) -> tuple[SanaDiTConfig, list[str]]:
+    """A config from tensor shapes and keys, plus notes on what the weights could not tell."""
+    notes: list[str] = []
+    if layout == "official":
+        patch = _require(reader, "x_embedder.proj.weight")
+        depth = len({k.split(".")[1] for k in reader.keys() if k.startswith("blocks.")})
+        caption = _require(reader, "y_embedder.y_proj.fc1.weight")[1]
+        final = _require(reader, "final_layer.linear.weight")[0]
+        mlp2 = _require(reader, "blocks.0.mlp.inverted_conv.conv.weight")[0]
+        qk_norm = "blocks.0.attn.q_norm.weight" in reader
+        guidance = "cfg_embedder.mlp.0.weight" in reader
+    else:
+        patch = _require(reader, "patch_embed.proj.weight")
+        depth = len({k.split(".")[1] for k in reader.keys() if k.startswith("transformer_blocks.")})
+        caption = _require(reader, "caption_projection.linear_1.weight")[1]
+        final = _require(reader, "proj_out.weight")[0]
+        mlp2 = _require(reader, "transformer_blocks.0.ff.conv_inverted.weight")[0]
+        qk_norm = "transformer_blocks.0.attn1.norm_q.weight" in reader
+        guidance = "time_embed.guidance_embedder.linear_1.weight" in reader
+    hidden, in_channels, p = patch[0], patch[1], patch[2]
+    if hidden not in KNOWN_CROSS_HEADS:
+        raise SanaCheckpointError(
+            f"{reader.path}: hidden size {hidden} is not a released SANA width (1152, 2240) and the file carries "
+            "no config; the attention head counts cannot be read from weights: pass config="
+        )
+    cross_heads, cross_dim = KNOWN_CROSS_HEADS[hidden]
+    fields: dict[str, Any] = dict(
+        hidden_size=hidden,
+        depth=depth,
+        cross_attention_heads=cross_heads,
+        cross_attention_head_dim=cross_dim,
+        caption_channels=caption,
+        in_channels=in_channels,
+        out_channels=final // (p * p),
+        patch_size=p,
+        mlp_ratio=(mlp2 // 2) / hidden,
+        qk_norm=qk_norm,
+        guidance_embeds=guidance,
+    )
+    if layout == "official":
+        side, scale = _official_pe(reader, hidden)
+        fields["sample_size"] = side or 32
+        fields["interpolation_scale"] = scale
+    elif hidden == 2240 and depth == 20 and not qk_norm and not guidance:
+        # Sana-1600M exists at 512/1K (no PE) and 2K/4K (PE): a bare diffusers file cannot tell.
+        notes.append(
+            "a bare diffusers file cannot tell Sana-1600M 1K (no positional embedding) from 2K/4K; assuming 1K. "
+            "Pass config='sana-1600m-2k' or config='sana-1600m-4k' for those"
+        )
+    config = SanaDiTConfig(**fields)
+    config = config.replace(flow_shift=default_flow_shift(config.sample_size))
+    return config.replace(variant=variant_name(config)), notes
+
+
+def _config_from_argument(config: SanaDiTConfig | dict | str) -> SanaDiTConfig:
+    if isinstance(config, SanaDiTConfig):
+        return config
+    if isinstance(config, str):
+        if config in DIT_PRESETS:
+            return DIT_PRESETS[config]
+        path = Path(config)
+        if path.is_file():
+            config = json.loads(path.read_text())
+        else:
+            raise SanaCheckpointError(f"config={config!r} is neither a preset ({sorted(DIT_PRESETS)}) nor a JSON file")
+    if isinstance(config, dict):
+        try:
+            if "num_layers" in config or "_class_name" in config:
+                return SanaDiTConfig.from_diffusers(config)
+            return SanaDiTConfig.from_dict(config)
+        except (TypeError, ValueError) as e:
+            raise SanaCheckpointError(f"config is not a valid SANA DiT config: {e}") from e
+    raise SanaCheckpointError(f"config must be a SanaDiTConfig, dict, preset name or JSON path, got {type(config).__name__}")
+
+
+def resolve_config(
+    reader: CheckpointReader, layout: Layout, config: SanaDiTConfig | dict | str | None = None
+) -> SanaDiTConfig:
+    """The config to build: `config=` first, then one stored with the weights, then shapes."""
+    if config is not None:
+        return _config_from_argument(config)
+    stored = reader.metadata.get(CONFIG_METADATA_KEY)
+    if stored:
+        return SanaDiTConfig.from_dict(json.loads(stored))
+    if reader.config is not None:
+        try:
+            return SanaDiTConfig.from_diffusers(reader.config)
+        except (TypeError, ValueError) as e:
+            raise SanaCheckpointError(f"{reader.path}/config.json: not a SANA transformer config: {e}") from e
+    inferred, notes = infer_config(reader, layout)
+    for note in notes:
+        warnings.warn(f"{reader.path}: {note}", stacklevel=3)
+    return inferred
+
+
+# --------------------------------------------------------------------------------------------
+# Load / save
+# --------------------------------------------------------------------------------------------
+
+
+def _assemble(reader: CheckpointReader, spec: KeySpec) -> torch.Tensor:
+    parts = [reader.read(key) for key, _ in spec.parts]
+    tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    return tensor.reshape(spec.shape)
+
+
+def load_dit(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    config: SanaDiTConfig | dict | str | None = None,
+) -> SanaDiT:
+    """Load a SANA DiT from any official layout (see the module docstring), in eval mode.
+
+    `dtype=None` keeps the stored dtype. `config` (a `SanaDiTConfig`, a preset name from
+    `DIT_PRESETS`, a diffusers config dict or a JSON path) overrides what is stored or detected.
+    Raises `SanaCheckpointError` naming the file and every missing, unexpected or misshapen key.
+    """
+    reader = strip_prefix(open_checkpoint(path, subfolders=("transformer",)), COMFY_PREFIXES)
+    layout = detect_layout(reader)
+    cfg = resolve_config(reader, layout, config)
+    specs = key_specs(cfg, layout)
+    expected = {key: shape for spec in specs for key, shape in spec.parts}
+    found = {key: reader.shape(key) for key in reader.keys()}
+    ignored = (lambda k: k in OFFICIAL_EXTRA_KEYS) if layout == "official" else (lambda k: False)
+    check_keys(reader.path, expected, found, ignored=ignored)
+
+    with torch.device("meta"):
+        model = SanaDiT(cfg)
+    try:
+        assign_state(model, ((spec.name, _assemble(reader, spec)) for spec in specs), dtype=dtype, device=device)
+    except SanaCheckpointError:
+        raise
+    except (RuntimeError, OSError) as e:
+        raise SanaCheckpointError(f"{reader.path}: failed while reading tensor data: {e}") from e
+    if layout == "official":
+        model.official_extras = {k: reader.read(k) for k in OFFICIAL_EXTRA_KEYS[1:] if k in reader}
+    return model.eval()
+
+
+def dit_state_dict(model: SanaDiT, layout: Layout) -> dict[str, torch.Tensor]:
+    """The model's weights under `layout`'s key names and shapes (views where possible)."""
+    ours = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for spec in key_specs(model.config, layout):
+        tensor = ours[spec.name]
+        sizes = [shape[0] for _, shape in spec.parts]
+        for (key, shape), chunk in zip(spec.parts, torch.split(tensor, sizes, dim=0)):
+            out[key] = chunk.reshape(shape)
+    return out
+
+
+def save_dit(
+    model: SanaDiT,
+    path: str | os.PathLike,
+    format: Layout = "diffusers",
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> None:
+    """Write `model` in the diffusers or official layout; `load_dit` reads either back exactly.
+
+    - `format="diffusers"`: a folder (`config.json` + `diffusion_pytorch_model.safetensors`,
+      sharded with an index above `max_shard_bytes`), or a single file if `path` ends in `.safetensors`.
+    - `format="official"`: a `.pth` holding `{"state_dict": ...}`, or official keys in a
+      `.safetensors` file. `pos_embed` (the training-grid table, zeros without PE) and
+      `y_embedder.y_embedding` (the loaded one, else zeros) are written so NVlabs' and diffusers'
+      converters accept the file.
+    Writes are atomic: a failure never leaves a half-written or clobbered checkpoint.
+    """
+    if format not in ("diffusers", "official"):
+        raise ValueError(f"format must be 'diffusers' or 'official', got {format!r}")
+    path = Path(path)
+    cfg = model.config
+    metadata = {CONFIG_METADATA_KEY: json.dumps(cfg.to_dict()), "format": "pt"}
+    tensors = dit_state_dict(model, format)
+    if format == "official":
+        side, C = cfg.sample_size // cfg.patch_size, cfg.hidden_size
+        if cfg.interpolation_scale is None:
+            pos = torch.zeros(1, side * side, C, dtype=model.dtype)
+        else:
+            pos = sincos_pos_embed_2d(C, side, side, side, cfg.interpolation_scale)[None].to(model.dtype)
+        extras = dict(getattr(model, "official_extras", {}))
+        extras.setdefault("y_embedder.y_embedding", torch.zeros(300, cfg.caption_channels, dtype=model.dtype))
+        tensors = {"pos_embed": pos, **tensors, **extras}
+        if path.suffix.lower() == ".safetensors":
+            write_safetensors(path, tensors, metadata)
+        else:
+            write_torch(path, {"state_dict": {k: v.contiguous() for k, v in tensors.items()}, CONFIG_METADATA_KEY: metadata[CONFIG_METADATA_KEY]})
+        return
+    if path.suffix.lower() == ".safetensors":
+        write_safetensors(path, tensors, metadata)
+        return
+    _write_diffusers_folder(path, tensors, cfg, metadata, max_shard_bytes)
+
+
+def _write_diffusers_folder(
+    folder: Path, tensors: dict[str, torch.Tensor], cfg: SanaDiTConfig, metadata: dict, max_shard_bytes: int
+) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=".saving-"))
+    try:
+        names = [DIFFUSERS_WEIGHTS_NAME] if len(shards) == 1 else [
+            f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
+        ]
+        for name, shard in zip(names, shards):
+            write_safetensors(staging / name, shard, metadata)
+        if len(shards) > 1:
+            weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            write_json(staging / f"{DIFFUSERS_WEIGHTS_NAME}.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(staging / "config.json", {**cfg.to_diffusers(), "_diffusers_version": "0.42.1"})
+        new_files = {p.name for p in staging.iterdir()}
+        for name in new_files:
+            os.replace(staging / name, folder / name)
+        for stale in folder.glob("diffusion_pytorch_model*.safetensors*"):
+            if stale.name not in new_files:  # shards of an earlier, differently sharded save
+                stale.unlink()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
