@@ -296,7 +296,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # [B, C, h, w] → [B, N, C]
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()  # [B, C, h, w] → [B, N, C]
 
 
 class LinearSelfAttention(nn.Module):
@@ -367,12 +367,13 @@ class MixFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         B, N, _ = x.shape
-        y = F.silu(self.inverted_conv(x))  # [B, N, 2H]
+        inplace = not torch.is_grad_enabled()  # no autograd graph: reuse the big buffers
+        y = F.silu(self.inverted_conv(x), inplace=inplace)  # [B, N, 2H]
         y = y.view(B, height, width, -1).permute(0, 3, 1, 2)  # [B, 2H, h, w], channels-last strides
-        y = self.depth_conv(y)
+        y = self.depth_conv(y)  # stays channels-last
         value, gate = y.chunk(2, dim=1)  # 2 × [B, H, h, w]
-        y = value * F.silu(gate)
-        y = y.permute(0, 2, 3, 1).reshape(B, N, -1)  # [B, N, H]
+        y = value.mul_(F.silu(gate, inplace=True)) if inplace else value * F.silu(gate)
+        y = y.permute(0, 2, 3, 1).reshape(B, N, -1)  # [B, N, H], a view when channels-last
         return self.point_conv(y)
 
 
@@ -402,10 +403,15 @@ class SanaBlock(nn.Module):
             self.scale_shift_table[None] + t_mod.reshape(B, 6, C)
         ).chunk(6, dim=1)  # 6 × [B, 1, C]
         y = torch.addcmul(shift_msa, F.layer_norm(x, (C,), eps=self.norm_eps), 1 + scale_msa).to(x.dtype)
-        x = torch.addcmul(x, gate_msa, self.attn(y))
-        x = x + self.cross_attn(x, context, mask_bias)
+        if torch.is_grad_enabled():
+            x = torch.addcmul(x, gate_msa, self.attn(y))
+            x = x + self.cross_attn(x, context, mask_bias)
+        else:  # x is this forward's own buffer: update it in place
+            x = x.addcmul_(gate_msa, self.attn(y))
+            x = x.add_(self.cross_attn(x, context, mask_bias))
         y = torch.addcmul(shift_mlp, F.layer_norm(x, (C,), eps=self.norm_eps), 1 + scale_mlp)
-        return torch.addcmul(x, gate_mlp, self.mlp(y, height, width))
+        mlp_out = self.mlp(y, height, width)
+        return torch.addcmul(x, gate_mlp, mlp_out) if torch.is_grad_enabled() else x.addcmul_(gate_mlp, mlp_out)
 
 
 class FinalLayer(nn.Module):

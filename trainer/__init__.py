@@ -1,0 +1,1 @@
+"""Headless training (`python -m trainer`) built on `sana/`, never on `nodes/`."""
