@@ -288,3 +288,23 @@ def test_dtype_and_device_arguments(tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.float16}
     assert {p.device.type for p in model.parameters()} == {"cpu"}
     assert not model.training
+
+
+def test_fp16_parity_and_overflow_clip(tmp_path):
+    """fp16 matches diffusers within diffusers' own fp16 tolerance, and the linear attention clips at ±65504."""
+    ref = random_reference("sana", **RELEASED_HEAD_SIZE)
+    ref.save_pretrained(tmp_path)
+    ours = sana.load_dit(tmp_path, dtype=torch.float16)
+    x, timestep, context, mask = inputs(ref, height=12, width=16, length=20)
+    expected = reference_forward(ref.to(torch.float16), x.half(), timestep, context.half(), mask)
+    with torch.no_grad():
+        got = ours(x.half(), timestep, context.half(), mask)
+    assert got.dtype == torch.float16
+    assert rel_err(got, expected) <= 0.08  # diffusers' fp16 pipeline tolerance
+
+    attn = ours.blocks[0].attn
+    with torch.no_grad():  # force an overflow: half the outputs +inf, half -inf
+        attn.proj.weight.zero_()
+        attn.proj.bias.copy_(torch.tensor([float("inf"), float("-inf")]).repeat(attn.proj.out_features // 2))
+        out = attn(torch.randn(1, 4, attn.proj.in_features, dtype=torch.float16))
+    assert out[..., 0::2].eq(65504).all() and out[..., 1::2].eq(-65504).all()
