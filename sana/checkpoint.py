@@ -106,15 +106,16 @@ class _SafetensorsFile:
 
     def read(self, name: str) -> torch.Tensor:
         info, begin, end = self.entries[name]
-        buf = bytearray(end - begin)
+        # An uninitialised buffer filled by one read: no zero-fill, no intermediate copy.
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        if not len(buf):
+            return torch.empty(info.shape, dtype=info.dtype)
         with open(self.path, "rb") as f:
             f.seek(self.data_start + begin)
-            got = f.readinto(buf)
+            got = f.readinto(memoryview(buf.numpy()))
         if got != len(buf):
             raise SanaCheckpointError(f"{self.path}: truncated while reading key {name!r}")
-        if not buf:
-            return torch.empty(info.shape, dtype=info.dtype)
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+        return buf.view(info.dtype).reshape(info.shape)
 
 
 @dataclass
@@ -142,7 +143,7 @@ class CheckpointReader:
         return self.infos[key].shape
 
     def read(self, key: str) -> torch.Tensor:
-        """A fresh CPU tensor holding `key` (never a view of another key's data)."""
+        """A CPU tensor holding `key`: a fresh buffer, or for `.pth` files the memory-mapped tensor."""
         return self._read(key)
 
     def renamed(self, rename: Callable[[str], str]) -> CheckpointReader:
@@ -197,7 +198,9 @@ def _open_torch(path: Path) -> CheckpointReader:
     if not tensors:
         raise SanaCheckpointError(f"{path}: holds no tensors (keys: {sorted(obj)[:10]})")
     infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in tensors.items()}
-    return CheckpointReader(path, "torch", infos, lambda k: tensors[k].clone(), None, extra)
+    # Handed over as loaded: memory-mapped (copy-on-write) tensors, so the model becomes the
+    # only copy. A clone here would double the peak.
+    return CheckpointReader(path, "torch", infos, lambda k: tensors[k], None, extra)
 
 
 def _open_folder(path: Path, subfolders: Iterable[str]) -> CheckpointReader:

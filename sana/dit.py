@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .schedules import default_flow_shift
+
 # Linear-attention denominator epsilon; diffusers uses 1e-15 (NVlabs passes 1e-8). Only an
 # all-zero query or key row feels it, and then the output is 0 either way.
 LINEAR_ATTENTION_EPS = 1e-15
@@ -151,11 +153,6 @@ class SanaDiTConfig:
         fields.update(overrides)
         config = cls(**fields)
         return config.replace(variant=variant_name(config)) if "variant" not in overrides else config
-
-
-def default_flow_shift(sample_size: int) -> float:
-    """3.0 for every release up to 2K; 6.0 at 4K (sample size 128)."""
-    return 6.0 if sample_size >= 128 else 3.0
 
 
 _SANA_600M = dict(hidden_size=1152, depth=28, cross_attention_heads=16, cross_attention_head_dim=72)

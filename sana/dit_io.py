@@ -38,7 +38,8 @@ from .checkpoint import (
     write_safetensors,
     write_torch,
 )
-from .dit import DIT_PRESETS, SanaDiT, SanaDiTConfig, default_flow_shift, sincos_pos_embed_2d, variant_name
+from .dit import DIT_PRESETS, SanaDiT, SanaDiTConfig, sincos_pos_embed_2d, variant_name
+from .schedules import default_flow_shift
 from .errors import SanaCheckpointError
 
 Layout = Literal["official", "diffusers"]
