@@ -63,6 +63,7 @@ def main() -> None:
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2, help="alternate the implementations this many times, keep the best")
     p.add_argument("--impl", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
     p.add_argument("--caption", type=int, default=None, help=argparse.SUPPRESS)
@@ -80,15 +81,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         sana.save_dit(sana.SanaDiT(cfg), Path(tmp) / "dit")  # random init, diffusers layout
-        results = {}
-        for impl in ("diffusers", "ours"):
-            sample = Path(tmp) / f"{impl}.pt"
-            cmd = [sys.executable, __file__, "--impl", impl, "--weights", str(Path(tmp) / "dit"), "--sample-out", str(sample)]
-            for name in ("latent", "batch", "valid_tokens", "dtype", "device", "repeats"):
-                cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            results[impl] = json.loads(out.strip().splitlines()[-1])
-            results[impl]["sample"] = torch.load(sample)
+        results: dict[str, dict] = {}
+        # Alternate the implementations over rounds and keep each one's best round, so that
+        # load from other processes on a shared machine hits both alike.
+        for _ in range(args.rounds):
+            for impl in ("diffusers", "ours"):
+                sample = Path(tmp) / f"{impl}.pt"
+                cmd = [sys.executable, __file__, "--impl", impl, "--weights", str(Path(tmp) / "dit"), "--sample-out", str(sample)]
+                for name in ("latent", "batch", "valid_tokens", "dtype", "device", "repeats"):
+                    cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                r = json.loads(out.strip().splitlines()[-1])
+                if impl not in results or r["median_s"] < results[impl]["median_s"]:
+                    results[impl] = r
+                results[impl]["sample"] = torch.load(sample)
     ref, ours = results["diffusers"], results["ours"]
     err = ((ours["sample"] - ref["sample"]).abs().max() / ref["sample"].abs().max()).item()
     print(f"machine: {machine()}")
