@@ -1,0 +1,619 @@
+"""DC-AE, the deep-compression autoencoder of SANA: every released layout in one model class.
+
+Two families of releases share this code (see `DCAE_PRESETS`):
+
+- SANA f32c32 (1.0 / 1.1): stride-2 conv downsampling, nearest-×2 + conv upsampling,
+  RMSNorm2d/SiLU everywhere, multi-scale (5×5) ReLU linear attention in the deep stages;
+- in / mix f32c32, f64c128, f128c512: empty first stage (the image goes straight through a
+  pixel-unshuffle conv), pixel (un)shuffle resampling, BatchNorm/ReLU ResBlocks in the decoder's
+  shallow stages, single-scale attention.
+
+Parameter names follow diffusers' `AutoencoderDC` (`encoder.down_blocks.{i}.{j}...`), except
+that the attention keeps its fused 1×1 qkv conv (`attn.to_qkv.weight`, `[3C, C, 1, 1]`, the
+original layout's channel order) and its 1×1 output conv stays 4-D. `sana/dcae_io.py` maps
+both the original mit-han-lab layout and the diffusers layout onto these names.
+
+Shapes: B batch, C stage width, c latent channels, f spatial compression, N = h·w pixels of a
+feature map, d attention head dim, G = heads·(1 + number of multi-scale branches).
+
+Numerics follow diffusers (the project's reference): RMSNorm2d statistics in fp32, the linear
+attention entirely in fp32 whatever the model dtype, denominator epsilon 1e-15.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .errors import SanaCheckpointError
+
+# Diffusers and the original code both use 1e-15: only an all-zero query or key column feels it.
+LINEAR_ATTENTION_EPS = 1e-15
+NORM_EPS = 1e-5
+
+RESBLOCK = "ResBlock"
+EVIT_BLOCK = "EfficientViTBlock"
+_BLOCK_TYPES = (RESBLOCK, EVIT_BLOCK)
+_NORM_TYPES = ("rms_norm", "batch_norm")
+_ACT_TYPES = ("silu", "relu", "relu6")
+
+
+@dataclass(frozen=True)
+class DCAEConfig:
+    """Everything that shapes a DC-AE. Stage i works at 1/2^i of the image side.
+
+    `downsample_block_type` / `upsample_block_type` keep diffusers' semantics: only
+    `"pixel_unshuffle"` selects the conv + pixel-unshuffle downsampler (anything else is the
+    stride-2 conv, written `"conv"` here), and only `"interpolate"` selects nearest-×2 + conv
+    upsampling (anything else is conv + pixel-shuffle, written `"pixel_shuffle"` here).
+    A stage of depth 0 is empty: it has no blocks and no resampler.
+    """
+
+    in_channels: int = 3
+    latent_channels: int = 32
+    attention_head_dim: int = 32
+    encoder_widths: tuple[int, ...] = (128, 256, 512, 512, 1024, 1024)
+    decoder_widths: tuple[int, ...] = (128, 256, 512, 512, 1024, 1024)
+    encoder_depths: tuple[int, ...] = (2, 2, 2, 3, 3, 3)
+    decoder_depths: tuple[int, ...] = (3, 3, 3, 3, 3, 3)
+    encoder_block_types: tuple[str, ...] = (RESBLOCK,) * 3 + (EVIT_BLOCK,) * 3
+    decoder_block_types: tuple[str, ...] = (RESBLOCK,) * 3 + (EVIT_BLOCK,) * 3
+    encoder_qkv_multiscales: tuple[tuple[int, ...], ...] = ((), (), (), (5,), (5,), (5,))
+    decoder_qkv_multiscales: tuple[tuple[int, ...], ...] = ((), (), (), (5,), (5,), (5,))
+    downsample_block_type: str = "conv"
+    upsample_block_type: str = "interpolate"
+    decoder_norm_types: tuple[str, ...] = ("rms_norm",) * 6
+    decoder_act_fns: tuple[str, ...] = ("silu",) * 6
+    encoder_out_shortcut: bool = True
+    decoder_in_shortcut: bool = True
+    decoder_conv_act_fn: str = "relu"
+    scaling_factor: float = 0.41407
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        def tuplify(value):
+            return tuple(tuplify(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, tuplify(getattr(self, f.name)))
+        if self.downsample_block_type != "pixel_unshuffle":
+            object.__setattr__(self, "downsample_block_type", "conv")
+        if self.upsample_block_type != "interpolate":
+            object.__setattr__(self, "upsample_block_type", "pixel_shuffle")
+        n = len(self.encoder_widths)
+        per_stage = {
+            "decoder_widths": self.decoder_widths,
+            "encoder_depths": self.encoder_depths,
+            "decoder_depths": self.decoder_depths,
+            "encoder_block_types": self.encoder_block_types,
+            "decoder_block_types": self.decoder_block_types,
+            "encoder_qkv_multiscales": self.encoder_qkv_multiscales,
+            "decoder_qkv_multiscales": self.decoder_qkv_multiscales,
+            "decoder_norm_types": self.decoder_norm_types,
+            "decoder_act_fns": self.decoder_act_fns,
+        }
+        for name, value in per_stage.items():
+            if len(value) != n:
+                raise SanaCheckpointError(f"DCAEConfig.{name} has {len(value)} entries, expected {n} (one per stage)")
+        if n < 2:
+            raise SanaCheckpointError(f"DCAEConfig needs at least 2 stages, got {n}")
+        for name in ("encoder_block_types", "decoder_block_types"):
+            bad = [t for t in getattr(self, name) if t not in _BLOCK_TYPES]
+            if bad:
+                raise SanaCheckpointError(f"DCAEConfig.{name}: unknown block types {bad} (known: {list(_BLOCK_TYPES)})")
+        bad = [t for t in self.decoder_norm_types if t not in _NORM_TYPES]
+        if bad:
+            raise SanaCheckpointError(f"DCAEConfig.decoder_norm_types: unknown norms {bad} (known: {list(_NORM_TYPES)})")
+        bad = [t for t in (*self.decoder_act_fns, self.decoder_conv_act_fn) if t not in _ACT_TYPES]
+        if bad:
+            raise SanaCheckpointError(f"DCAEConfig: unknown activations {bad} (known: {list(_ACT_TYPES)})")
+        for side in ("encoder", "decoder"):
+            widths = getattr(self, f"{side}_widths")
+            depths = getattr(self, f"{side}_depths")
+            if depths[-1] == 0:
+                raise SanaCheckpointError(f"DCAEConfig.{side}_depths: the deepest stage cannot be empty ({depths})")
+            for i, (width, depth, kind) in enumerate(zip(widths, depths, getattr(self, f"{side}_block_types"))):
+                if depth and kind == EVIT_BLOCK and width % self.attention_head_dim:
+                    raise SanaCheckpointError(
+                        f"DCAEConfig: {side} stage {i} width {width} is not a multiple of "
+                        f"attention_head_dim {self.attention_head_dim}"
+                    )
+        if self.encoder_widths[-1] % self.latent_channels or self.decoder_widths[-1] % self.latent_channels:
+            raise SanaCheckpointError(
+                f"DCAEConfig: deepest widths {self.encoder_widths[-1]}/{self.decoder_widths[-1]} are not "
+                f"multiples of latent_channels {self.latent_channels}"
+            )
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.encoder_widths)
+
+    @property
+    def spatial_compression(self) -> int:
+        return 2 ** (self.num_stages - 1)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> DCAEConfig:
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SanaCheckpointError(f"DCAEConfig: unknown fields {unknown}")
+        return cls(**data)
+
+    def replace(self, **changes) -> DCAEConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _in_mix_config(name: str, widths: tuple[int, ...], latent: int, scaling_factor: float) -> DCAEConfig:
+    n = len(widths)
+    deep = n - 3
+    return DCAEConfig(
+        latent_channels=latent,
+        encoder_widths=widths,
+        decoder_widths=widths,
+        encoder_depths=(0, 4, 8) + (2,) * deep,
+        decoder_depths=(0, 5, 10) + (2,) * deep,
+        encoder_block_types=(RESBLOCK,) * 3 + (EVIT_BLOCK,) * deep,
+        decoder_block_types=(RESBLOCK,) * 3 + (EVIT_BLOCK,) * deep,
+        encoder_qkv_multiscales=((),) * n,
+        decoder_qkv_multiscales=((),) * n,
+        downsample_block_type="pixel_unshuffle",
+        upsample_block_type="pixel_shuffle",
+        decoder_norm_types=("batch_norm",) * 3 + ("rms_norm",) * deep,
+        decoder_act_fns=("relu",) * 3 + ("silu",) * deep,
+        scaling_factor=scaling_factor,
+        name=name,
+    )
+
+
+_F32 = (128, 256, 512, 512, 1024, 1024)
+_F64 = _F32 + (2048,)
+_F128 = _F64 + (2048,)
+
+# Every released DC-AE. sana-1.1 is a weights-only update of 1.0 (same architecture and
+# scaling factor); "in" and "mix" share an architecture and differ only in scaling factor.
+DCAE_PRESETS: dict[str, DCAEConfig] = {
+    "dc-ae-f32c32-sana-1.0": DCAEConfig(name="dc-ae-f32c32-sana-1.0"),
+    "dc-ae-f32c32-sana-1.1": DCAEConfig(name="dc-ae-f32c32-sana-1.1"),
+    "dc-ae-f32c32-in-1.0": _in_mix_config("dc-ae-f32c32-in-1.0", _F32, 32, 0.3189),
+    "dc-ae-f32c32-mix-1.0": _in_mix_config("dc-ae-f32c32-mix-1.0", _F32, 32, 0.4552),
+    "dc-ae-f64c128-in-1.0": _in_mix_config("dc-ae-f64c128-in-1.0", _F64, 128, 0.2889),
+    "dc-ae-f64c128-mix-1.0": _in_mix_config("dc-ae-f64c128-mix-1.0", _F64, 128, 0.4538),
+    "dc-ae-f128c512-in-1.0": _in_mix_config("dc-ae-f128c512-in-1.0", _F128, 512, 0.4883),
+    "dc-ae-f128c512-mix-1.0": _in_mix_config("dc-ae-f128c512-mix-1.0", _F128, 512, 0.3620),
+}
+
+
+# ----------------------------------------------------------------------------- primitives
+
+
+class RMSNorm2d(nn.Module):
+    """RMS norm over the channel dim of a [B, C, H, W] map, with weight and bias (no mean removal)."""
+
+    def __init__(self, channels: int, eps: float = NORM_EPS):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> same
+        x32 = x.float()
+        normed = (x32 * torch.rsqrt(x32.square().mean(dim=1, keepdim=True) + self.eps)).to(self.weight.dtype)
+        # One fused op, so that at most two full-size temporaries are alive at once.
+        return torch.addcmul(self.bias[:, None, None], normed, self.weight[:, None, None]).to(x.dtype)
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "rms_norm":
+        return RMSNorm2d(channels)
+    return nn.BatchNorm2d(channels, eps=NORM_EPS, momentum=0.1)
+
+
+def _act(kind: str) -> nn.Module:
+    return {"silu": nn.SiLU, "relu": nn.ReLU, "relu6": nn.ReLU6}[kind]()
+
+
+def relu_linear_attention_multiscale(qkv: torch.Tensor, head_dim: int, eps: float = LINEAR_ATTENTION_EPS) -> torch.Tensor:
+    """ReLU-kernel linear attention over all pixels of a feature map, one group per head and scale.
+
+    qkv: [B, G·3·d, H, W], the concatenation of the plain qkv projection and every multi-scale
+    aggregated copy; channels [3d·g, 3d·g + d) are group g's queries, the next d its keys and the
+    next d its values. Returns [B, G·d, H, W] in qkv's dtype; the arithmetic is fp32 throughout.
+
+    out_i = Σ_j v_j (k_j·q_i) / (Σ_j k_j·q_i + eps) with q, k passed through ReLU. When the map has
+    no more pixels than d, the N×N form is cheaper and is used instead (same function).
+    """
+    batch, _, height, width = qkv.shape
+    pixels = height * width
+    grouped = qkv.float().reshape(batch, -1, 3 * head_dim, pixels)  # [B, G, 3d, N]
+    q, k, v = grouped.split(head_dim, dim=2)
+    q = F.relu(q)
+    k = F.relu(k)
+    if pixels > head_dim:
+        kv = torch.matmul(v, k.transpose(-1, -2))  # [B, G, d, d]
+        numerator = torch.matmul(kv, q)  # [B, G, d, N]
+        denominator = torch.matmul(k.sum(dim=-1).unsqueeze(-2), q)  # [B, G, 1, N]
+        out = numerator / (denominator + eps)
+    else:
+        scores = torch.matmul(k.transpose(-1, -2), q)  # [B, G, N_key, N_query]
+        scores = scores / (scores.sum(dim=2, keepdim=True) + eps)
+        out = torch.matmul(v, scores)  # [B, G, d, N]
+    return out.reshape(batch, -1, height, width).to(qkv.dtype)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+class ResBlock(nn.Module):
+    """x + norm(conv3×3_nobias(act(conv3×3(x)))), width unchanged."""
+
+    def __init__(self, channels: int, norm: str, act: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1)  # [C, C, 3, 3]
+        self.nonlinearity = _act(act)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)  # [C, C, 3, 3]
+        self.norm = _norm(norm, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.norm(self.conv2(self.nonlinearity(self.conv1(x))))
+
+
+class MultiscaleQKV(nn.Module):
+    """One extra attention scale: an s×s depthwise conv, then a 1×1 conv within each d-channel group."""
+
+    def __init__(self, qkv_channels: int, head_dim: int, kernel_size: int):
+        super().__init__()
+        # [3C, 1, s, s]
+        self.proj_in = nn.Conv2d(qkv_channels, qkv_channels, kernel_size, padding=kernel_size // 2, groups=qkv_channels, bias=False)
+        # [3C, d, 1, 1]: each group is one head's q, k or v slice
+        self.proj_out = nn.Conv2d(qkv_channels, qkv_channels, 1, groups=qkv_channels // head_dim, bias=False)
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        return self.proj_out(self.proj_in(qkv))
+
+
+class MultiscaleLinearAttention(nn.Module):
+    """x + norm(proj(attention(qkv(x) ⊕ multi-scale copies))): the LiteMLA branch of a ViT block."""
+
+    def __init__(self, channels: int, head_dim: int, scales: Sequence[int], norm: str):
+        super().__init__()
+        self.head_dim = head_dim
+        self.to_qkv = nn.Conv2d(channels, 3 * channels, 1, bias=False)  # [3C, C, 1, 1], per-head q|k|v
+        self.to_qkv_multiscale = nn.ModuleList(MultiscaleQKV(3 * channels, head_dim, s) for s in scales)
+        self.to_out = nn.Conv2d(channels * (1 + len(scales)), channels, 1, bias=False)  # [C, C(1+S), 1, 1]
+        self.norm_out = _norm(norm, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.to_qkv(x)  # [B, 3C, H, W]
+        if len(self.to_qkv_multiscale):
+            qkv = torch.cat([qkv, *(branch(qkv) for branch in self.to_qkv_multiscale)], dim=1)  # [B, 3C(1+S), H, W]
+        attended = relu_linear_attention_multiscale(qkv, self.head_dim)  # [B, C(1+S), H, W]
+        return x + self.norm_out(self.to_out(attended))
+
+
+class GLUMBConv(nn.Module):
+    """x + norm(conv1×1(a · silu(g))), [a, g] = dwconv3×3(silu(conv1×1(x))) split in halves (4C each)."""
+
+    def __init__(self, channels: int, expand_ratio: int = 4):
+        super().__init__()
+        hidden = expand_ratio * channels
+        self.conv_inverted = nn.Conv2d(channels, 2 * hidden, 1)  # [8C, C, 1, 1]
+        self.conv_depth = nn.Conv2d(2 * hidden, 2 * hidden, 3, 1, 1, groups=2 * hidden)  # [8C, 1, 3, 3]
+        self.conv_point = nn.Conv2d(hidden, channels, 1, bias=False)  # [C, 4C, 1, 1]
+        self.norm = RMSNorm2d(channels)
+        self.nonlinearity = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_depth(self.nonlinearity(self.conv_inverted(x)))
+        value, gate = h.chunk(2, dim=1)
+        return x + self.norm(self.conv_point(value * self.nonlinearity(gate)))
+
+
+class EfficientViTBlock(nn.Module):
+    """Global context (multi-scale linear attention) then local mixing (GLUMBConv), each residual."""
+
+    def __init__(self, channels: int, head_dim: int, scales: Sequence[int], norm: str):
+        super().__init__()
+        self.attn = MultiscaleLinearAttention(channels, head_dim, scales, norm)
+        self.conv_out = GLUMBConv(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(self.attn(x))
+
+
+class DownBlock(nn.Module):
+    """Halve the side: stride-2 conv, or conv to C_out/4 then pixel-unshuffle; plus the averaging shortcut.
+
+    The shortcut pixel-unshuffles the input (4·C_in channels) and averages consecutive groups of
+    4·C_in/C_out channels, a parameter-free path that carries the input through the compression.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, pixel_unshuffle: bool, shortcut: bool):
+        super().__init__()
+        self.pixel_unshuffle = pixel_unshuffle
+        self.shortcut = shortcut
+        self.group_size = 4 * in_channels // out_channels
+        if pixel_unshuffle:
+            self.conv = nn.Conv2d(in_channels, out_channels // 4, 3, 1, 1)  # [C_out/4, C_in, 3, 3]
+        else:
+            self.conv = nn.Conv2d(in_channels, out_channels, 3, 2, 1)  # [C_out, C_in, 3, 3]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)
+        if self.pixel_unshuffle:
+            out = F.pixel_unshuffle(out, 2)
+        if self.shortcut:
+            out = out + F.pixel_unshuffle(x, 2).unflatten(1, (-1, self.group_size)).mean(dim=2)
+        return out
+
+
+class UpBlock(nn.Module):
+    """Double the side: nearest ×2 then conv, or conv to 4·C_out then pixel-shuffle; plus the duplicating shortcut.
+
+    The shortcut repeats every input channel 4·C_out/C_in times and pixel-shuffles the result.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, interpolate: bool, shortcut: bool):
+        super().__init__()
+        self.interpolate = interpolate
+        self.shortcut = shortcut
+        self.repeats = 4 * out_channels // in_channels
+        # interpolate: [C_out, C_in, 3, 3]; pixel shuffle: [4·C_out, C_in, 3, 3]
+        self.conv = nn.Conv2d(in_channels, out_channels if interpolate else 4 * out_channels, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.interpolate:
+            out = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        else:
+            out = F.pixel_shuffle(self.conv(x), 2)
+        if self.shortcut:
+            out = out + F.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2)
+        return out
+
+
+def _stage_block(kind: str, channels: int, head_dim: int, scales: Sequence[int], norm: str, act: str) -> nn.Module:
+    if kind == RESBLOCK:
+        return ResBlock(channels, norm, act)
+    return EfficientViTBlock(channels, head_dim, scales, norm)
+
+
+def _to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    # Channels-last feature maps let the CPU (oneDNN) and cuDNN convolutions skip the reorder
+    # copies of their input and output: ~40% less peak memory at full resolution on CPU.
+    # Elementwise ops, nearest interpolation and the residual adds keep the layout.
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _run_stage(stage: nn.Sequential, x: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
+    for block in stage:
+        if use_checkpoint:
+            x = checkpoint(block, x, use_reentrant=False)
+        else:
+            x = block(x)
+    return x
+
+
+class DCAEEncoder(nn.Module):
+    """[B, 3, H, W] image in [-1, 1] -> [B, c, H/f, W/f] unscaled latent."""
+
+    def __init__(self, config: DCAEConfig):
+        super().__init__()
+        widths, depths = config.encoder_widths, config.encoder_depths
+        pixel_unshuffle = config.downsample_block_type == "pixel_unshuffle"
+        if depths[0] > 0:
+            self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, 1, 1)  # [C0, 3, 3, 3]
+        else:
+            # Empty first stage: the input is halved at once, with no shortcut (3 channels do not average).
+            self.conv_in = DownBlock(config.in_channels, widths[1], pixel_unshuffle, shortcut=False)
+        stages = []
+        for i, (width, depth) in enumerate(zip(widths, depths)):
+            blocks = [
+                _stage_block(config.encoder_block_types[i], width, config.attention_head_dim,
+                             config.encoder_qkv_multiscales[i], "rms_norm", "silu")
+                for _ in range(depth)
+            ]
+            if i < len(widths) - 1 and depth > 0:
+                blocks.append(DownBlock(width, widths[i + 1], pixel_unshuffle, shortcut=True))
+            stages.append(nn.Sequential(*blocks))
+        self.down_blocks = nn.ModuleList(stages)
+        self.conv_out = nn.Conv2d(widths[-1], config.latent_channels, 3, 1, 1)  # [c, C_last, 3, 3]
+        self.out_shortcut = config.encoder_out_shortcut
+        self.out_group_size = widths[-1] // config.latent_channels
+        self.gradient_checkpointing = False
+        self.channels_last = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        use_checkpoint = self.gradient_checkpointing and torch.is_grad_enabled()
+        x = self.conv_in(_to_memory_format(x, self.channels_last))
+        for stage in self.down_blocks:
+            x = _run_stage(stage, x, use_checkpoint)
+        out = self.conv_out(x)
+        if self.out_shortcut:
+            out = out + x.unflatten(1, (-1, self.out_group_size)).mean(dim=2)
+        return out.contiguous()
+
+
+class DCAEDecoder(nn.Module):
+    """[B, c, h, w] unscaled latent -> [B, 3, h·f, w·f] image (unbounded, about [-1, 1])."""
+
+    def __init__(self, config: DCAEConfig):
+        super().__init__()
+        widths, depths = config.decoder_widths, config.decoder_depths
+        interpolate = config.upsample_block_type == "interpolate"
+        self.conv_in = nn.Conv2d(config.latent_channels, widths[-1], 3, 1, 1)  # [C_last, c, 3, 3]
+        self.in_shortcut = config.decoder_in_shortcut
+        self.in_repeats = widths[-1] // config.latent_channels
+        stages = []
+        for i, (width, depth) in enumerate(zip(widths, depths)):
+            blocks = []
+            if i < len(widths) - 1 and depth > 0:
+                blocks.append(UpBlock(widths[i + 1], width, interpolate, shortcut=True))
+            blocks += [
+                _stage_block(config.decoder_block_types[i], width, config.attention_head_dim,
+                             config.decoder_qkv_multiscales[i], config.decoder_norm_types[i], config.decoder_act_fns[i])
+                for _ in range(depth)
+            ]
+            stages.append(nn.Sequential(*blocks))
+        self.up_blocks = nn.ModuleList(stages)  # index = stage; run deepest first
+        head_width = widths[0] if depths[0] > 0 else widths[1]
+        self.norm_out = RMSNorm2d(head_width)
+        self.conv_act = _act(config.decoder_conv_act_fn)
+        if depths[0] > 0:
+            self.conv_out = nn.Conv2d(head_width, config.in_channels, 3, 1, 1)  # [3, C0, 3, 3]
+        else:
+            self.conv_out = UpBlock(head_width, config.in_channels, interpolate, shortcut=False)
+        self.gradient_checkpointing = False
+        self.channels_last = True
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        use_checkpoint = self.gradient_checkpointing and torch.is_grad_enabled()
+        z = _to_memory_format(z, self.channels_last)
+        x = self.conv_in(z)
+        if self.in_shortcut:
+            x = x + z.repeat_interleave(self.in_repeats, dim=1)
+        for stage in reversed(self.up_blocks):
+            x = _run_stage(stage, x, use_checkpoint)
+        # Rebinding x at each step frees the full-resolution map it held.
+        x = self.norm_out(x)
+        x = self.conv_act(x)
+        return self.conv_out(x).contiguous()
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class DCAE(nn.Module):
+    """A DC-AE: `encode` images to unscaled latents, `decode` them back.
+
+    Images are [B, 3, H, W] in [-1, 1]; H and W must be multiples of `spatial_compression`
+    (they are never padded: `encode` raises `SanaCheckpointError` otherwise). Latents are
+    [B, c, H/f, W/f] and are *not* multiplied by `scaling_factor`; a diffusion model wants
+    `encode(x) * scaling_factor` and `decode(z / scaling_factor)`.
+
+    Both directions run under the caller's grad mode (wrap inference in `torch.inference_mode()`).
+    Large inputs are processed image by image, then in blended overlapping tiles, whenever the
+    estimated activation memory exceeds the budget (`memory_budget` argument, else the
+    `memory_budget` attribute, else what the device has free); see `sana/dcae_tiling.py`.
+    Tiled output differs slightly from untiled output because the attention is global.
+    """
+
+    def __init__(self, config: DCAEConfig | None = None):
+        super().__init__()
+        self.config = config or DCAEConfig()
+        self.encoder = DCAEEncoder(self.config)
+        self.decoder = DCAEDecoder(self.config)
+        self.memory_budget: int | None = None
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.config.scaling_factor
+
+    @property
+    def spatial_compression(self) -> int:
+        return self.config.spatial_compression
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.latent_channels
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in backward instead of storing them."""
+        self.encoder.gradient_checkpointing = enabled
+        self.decoder.gradient_checkpointing = enabled
+
+    def _check_input(self, x: torch.Tensor, channels: int, what: str, multiple: int) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise SanaCheckpointError(f"DC-AE {what}: expected a [B, {channels}, H, W] tensor, found {shape}")
+        if x.shape[1] != channels:
+            raise SanaCheckpointError(f"DC-AE {what}: expected {channels} channels, found shape {list(x.shape)}")
+        if x.shape[2] % multiple or x.shape[3] % multiple:
+            raise SanaCheckpointError(
+                f"DC-AE {what}: height and width must be multiples of the compression {multiple}, "
+                f"found {x.shape[2]}×{x.shape[3]} (crop or pad the image first)"
+            )
+        if x.shape[2] == 0 or x.shape[3] == 0:
+            raise SanaCheckpointError(f"DC-AE {what}: empty input of shape {list(x.shape)}")
+        return x.to(device=self.device, dtype=self.dtype)
+
+    def encode(
+        self,
+        images: torch.Tensor,
+        *,
+        tile_size: int | None = None,
+        tile_overlap: int | None = None,
+        memory_budget: int | None = None,
+    ) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1] -> unscaled latents [B, c, H/f, W/f] (model dtype and device).
+
+        `tile_size` / `tile_overlap` are in image pixels (multiples of f); giving `tile_size`
+        forces tiling when the image is larger, otherwise tiling is chosen from `memory_budget`
+        (bytes). Raises `SanaCheckpointError` when H or W is not a multiple of f.
+        """
+        from .dcae_tiling import run_tiled
+
+        images = self._check_input(images, self.config.in_channels, "encode", self.spatial_compression)
+        return run_tiled(self, "encode", images, tile_size, tile_overlap, memory_budget)
+
+    def decode(
+        self,
+        latents: torch.Tensor,
+        *,
+        tile_size: int | None = None,
+        tile_overlap: int | None = None,
+        memory_budget: int | None = None,
+    ) -> torch.Tensor:
+        """Unscaled latents [B, c, h, w] -> images [B, 3, h·f, w·f] (model dtype and device).
+
+        `tile_size` / `tile_overlap` are in image pixels (multiples of f); giving `tile_size`
+        forces tiling when the image is larger, otherwise tiling is chosen from `memory_budget`
+        (bytes). Any latent size works, including sizes that are not a multiple of the tile.
+        """
+        from .dcae_tiling import run_tiled
+
+        latents = self._check_input(latents, self.config.latent_channels, "decode", 1)
+        return run_tiled(self, "decode", latents, tile_size, tile_overlap, memory_budget)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Reconstruct images (encoder then decoder, untiled): the training path."""
+        return self.decoder(self.encoder(images))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_dcae(config: DCAEConfig | str, *, device: torch.device | str | None = None) -> DCAE:
+    """A DC-AE with PyTorch's default initialisation (or on the meta device), from a config or preset name."""
+    if isinstance(config, str):
+        if config not in DCAE_PRESETS:
+            raise SanaCheckpointError(f"unknown DC-AE preset {config!r} (known: {sorted(DCAE_PRESETS)})")
+        config = DCAE_PRESETS[config]
+    if device is None:
+        return DCAE(config)
+    with torch.device(device):
+        return DCAE(config)
+
+
+def latent_rms_scaling_factor(latents: torch.Tensor) -> float:
+    """The scaling factor a trained DC-AE should carry: 1 / RMS of its latents over a dataset."""
+    return float(1.0 / math.sqrt(latents.float().square().mean().item()))

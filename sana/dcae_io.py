@@ -1,0 +1,597 @@
+"""Load and save DC-AE weights in the original mit-han-lab layout and in diffusers' `AutoencoderDC` layout.
+
+Original layout (`mit-han-lab/dc-ae-*/model.safetensors`, or a `.pt` holding `state_dict`):
+flat `encoder.*` / `decoder.*` keys of the efficientvit `DCAE` module, e.g.
+`encoder.stages.3.op_list.0.context_module.main.qkv.conv.weight` `[3C, C, 1, 1]`.
+
+Diffusers layout (`mit-han-lab/dc-ae-*-diffusers`: `config.json` +
+`diffusion_pytorch_model.safetensors`, or a single file): `encoder.down_blocks.{i}.{j}...`, the
+qkv conv split in thirds into `attn.to_q/to_k/to_v.weight` `[C, C]` (thirds of the interleaved
+per-head q|k|v channels, not true Q, K, V) and `attn.to_out.weight` squeezed to 2-D.
+
+The model's own names (`sana/dcae.py`) are the diffusers ones with the qkv conv fused and the
+1×1 convs 4-D, so the original layout is a pure renaming and the diffusers one a renaming plus
+the qkv split and the squeeze.
+
+The layout is detected from the keys; the architecture comes from, in order: the `config=`
+argument, the `dcae_config` metadata that `save_dcae` writes, a diffusers `config.json`, or the
+key names and shapes (then matched against the released presets for the scaling factor).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from .checkpoint import (
+    CheckpointReader,
+    assign_state,
+    check_keys,
+    open_checkpoint,
+    strip_prefix,
+    write_json,
+    write_safetensors,
+    write_torch,
+)
+from .dcae import DCAE, DCAE_PRESETS, EVIT_BLOCK, RESBLOCK, DCAEConfig
+from .errors import SanaCheckpointError
+
+ORIGINAL = "original"
+DIFFUSERS = "diffusers"
+LAYOUTS = (ORIGINAL, DIFFUSERS)
+METADATA_KEY = "dcae_config"
+DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+# Wrappers that other tools put around a DC-AE state dict.
+_PREFIXES = ("vae.", "first_stage_model.", "ae.", "model.", "module.")
+
+# --------------------------------------------------------------------------- key maps
+
+# Block-internal names, ours -> original (the part after `stages.{i}.op_list.{j}.`).
+_ORIGINAL_BLOCK_PREFIXES = (
+    ("conv1.", "main.conv1.conv."),
+    ("conv2.", "main.conv2.conv."),
+    ("norm.", "main.conv2.norm."),
+    ("attn.to_qkv.", "context_module.main.qkv.conv."),
+    ("attn.to_out.", "context_module.main.proj.conv."),
+    ("attn.norm_out.", "context_module.main.proj.norm."),
+    ("conv_out.conv_inverted.", "local_module.main.inverted_conv.conv."),
+    ("conv_out.conv_depth.", "local_module.main.depth_conv.conv."),
+    ("conv_out.conv_point.", "local_module.main.point_conv.conv."),
+    ("conv_out.norm.", "local_module.main.point_conv.norm."),
+)
+_MULTISCALE = re.compile(r"attn\.to_qkv_multiscale\.(\d+)\.proj_(in|out)\.(.+)")
+_ORIGINAL_MULTISCALE = re.compile(r"context_module\.main\.aggreg\.(\d+)\.([01])\.(.+)")
+# Top-level names, ours -> original.
+_ORIGINAL_TOP = (
+    ("encoder.conv_in.", "encoder.project_in.conv."),
+    ("encoder.conv_out.", "encoder.project_out.main.op_list.0.conv."),
+    ("decoder.conv_in.", "decoder.project_in.main.conv."),
+    ("decoder.norm_out.", "decoder.project_out.op_list.0."),
+    ("decoder.conv_out.", "decoder.project_out.op_list.2.conv."),
+)
+_OURS_STAGE = re.compile(r"(encoder|decoder)\.(down_blocks|up_blocks)\.(\d+)\.(\d+)\.(.+)")
+_ORIGINAL_STAGE = re.compile(r"(encoder|decoder)\.stages\.(\d+)\.op_list\.(\d+)\.(.+)")
+
+
+def original_name(key: str, config: DCAEConfig) -> str:
+    """Our parameter name -> the original mit-han-lab name."""
+    for ours, theirs in _ORIGINAL_TOP:
+        if key.startswith(ours):
+            return theirs + key[len(ours):]
+    match = _OURS_STAGE.fullmatch(key)
+    if not match:
+        raise SanaCheckpointError(f"internal error: no original name for DC-AE key {key!r}")
+    side, _, stage, index, inner = match.groups()
+    prefix = f"{side}.stages.{stage}.op_list.{index}."
+    for ours, theirs in _ORIGINAL_BLOCK_PREFIXES:
+        if inner.startswith(ours):
+            return prefix + theirs + inner[len(ours):]
+    multiscale = _MULTISCALE.fullmatch(inner)
+    if multiscale:
+        branch, which, rest = multiscale.groups()
+        return f"{prefix}context_module.main.aggreg.{branch}.{0 if which == 'in' else 1}.{rest}"
+    if inner.startswith("conv."):
+        # The stride-2 downsampler is a bare ConvLayer; the pixel-(un)shuffle and interpolate
+        # resamplers wrap one, hence the doubled `conv.conv.`.
+        plain = side == "encoder" and config.downsample_block_type == "conv"
+        return prefix + ("main.conv." if plain else "main.conv.conv.") + inner[len("conv."):]
+    raise SanaCheckpointError(f"internal error: no original name for DC-AE key {key!r}")
+
+
+def _canonical_from_original(key: str) -> str:
+    """Original name -> our name, without knowing the architecture (used to infer it)."""
+    for ours, theirs in _ORIGINAL_TOP:
+        if key.startswith(theirs):
+            return ours + key[len(theirs):]
+    match = _ORIGINAL_STAGE.fullmatch(key)
+    if not match:
+        return key
+    side, stage, index, inner = match.groups()
+    prefix = f"{side}.{'down_blocks' if side == 'encoder' else 'up_blocks'}.{stage}.{index}."
+    for ours, theirs in _ORIGINAL_BLOCK_PREFIXES:
+        if inner.startswith(theirs):
+            return prefix + ours + inner[len(theirs):]
+    multiscale = _ORIGINAL_MULTISCALE.fullmatch(inner)
+    if multiscale:
+        branch, which, rest = multiscale.groups()
+        return f"{prefix}attn.to_qkv_multiscale.{branch}.proj_{'in' if which == '0' else 'out'}.{rest}"
+    for theirs in ("main.conv.conv.", "main.conv."):
+        if inner.startswith(theirs):
+            return prefix + "conv." + inner[len(theirs):]
+    return key
+
+
+_QKV_SUFFIX = "attn.to_qkv.weight"
+_OUT_SUFFIX = "attn.to_out.weight"
+_SPLIT_SUFFIXES = ("attn.to_q.weight", "attn.to_k.weight", "attn.to_v.weight")
+
+
+def _model_shapes(config: DCAEConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = DCAE(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+
+
+def file_shapes(config: DCAEConfig, layout: str) -> dict[str, tuple[int, ...]]:
+    """Every key a checkpoint of `config` holds in `layout`, with its shape."""
+    return dict(_file_shapes(config, layout))
+
+
+@functools.lru_cache(maxsize=32)
+def _file_shapes(config: DCAEConfig, layout: str) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for name, shape in _model_shapes(config).items():
+        if layout == ORIGINAL:
+            shapes[original_name(name, config)] = shape
+        elif name.endswith(_QKV_SUFFIX):
+            for suffix in _SPLIT_SUFFIXES:
+                shapes[name[: -len(_QKV_SUFFIX)] + suffix] = (shape[0] // 3, shape[1])
+        elif name.endswith(_OUT_SUFFIX):
+            shapes[name] = shape[:2]
+        else:
+            shapes[name] = shape
+    return shapes
+
+
+def state_in_layout(model: DCAE, layout: str) -> dict[str, torch.Tensor]:
+    """The model's state dict under the names and shapes of `layout` (tensors shared where possible)."""
+    if layout not in LAYOUTS:
+        raise SanaCheckpointError(f"unknown DC-AE layout {layout!r} (known: {list(LAYOUTS)})")
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if layout == ORIGINAL:
+            out[original_name(name, model.config)] = tensor
+        elif name.endswith(_QKV_SUFFIX):
+            for suffix, third in zip(_SPLIT_SUFFIXES, tensor.flatten(1).chunk(3, dim=0)):
+                out[name[: -len(_QKV_SUFFIX)] + suffix] = third
+        elif name.endswith(_OUT_SUFFIX):
+            out[name] = tensor.flatten(1)
+        else:
+            out[name] = tensor
+    return out
+
+
+def _stream_state(reader: CheckpointReader, config: DCAEConfig, layout: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(our name, tensor) pairs read one at a time from a checkpoint in `layout`."""
+    for name, shape in _model_shapes(config).items():
+        if layout == ORIGINAL:
+            yield name, reader.read(original_name(name, config))
+        elif name.endswith(_QKV_SUFFIX):
+            base = name[: -len(_QKV_SUFFIX)]
+            yield name, torch.cat([reader.read(base + s) for s in _SPLIT_SUFFIXES]).reshape(shape)
+        elif name.endswith(_OUT_SUFFIX):
+            yield name, reader.read(name).reshape(shape)
+        else:
+            yield name, reader.read(name)
+
+
+# --------------------------------------------------------------------------- diffusers config.json
+
+_DIFFUSERS_DEFAULTS = {
+    "in_channels": 3,
+    "latent_channels": 32,
+    "attention_head_dim": 32,
+    "encoder_block_types": RESBLOCK,
+    "decoder_block_types": RESBLOCK,
+    "encoder_block_out_channels": (128, 256, 512, 512, 1024, 1024),
+    "decoder_block_out_channels": (128, 256, 512, 512, 1024, 1024),
+    "encoder_layers_per_block": (2, 2, 2, 3, 3, 3),
+    "decoder_layers_per_block": (3, 3, 3, 3, 3, 3),
+    "encoder_qkv_multiscales": ((), (), (), (5,), (5,), (5,)),
+    "decoder_qkv_multiscales": ((), (), (), (5,), (5,), (5,)),
+    "upsample_block_type": "pixel_shuffle",
+    "downsample_block_type": "pixel_unshuffle",
+    "decoder_norm_types": "rms_norm",
+    "decoder_act_fns": "silu",
+    "encoder_out_shortcut": True,
+    "decoder_in_shortcut": True,
+    "decoder_conv_act_fn": "relu",
+    "scaling_factor": 1.0,
+}
+
+
+def config_from_diffusers(data: Mapping, source: str = "config.json") -> DCAEConfig:
+    """Our config from a diffusers `AutoencoderDC` config.json (missing fields take diffusers' defaults)."""
+    cls = data.get("_class_name", "AutoencoderDC")
+    if cls != "AutoencoderDC":
+        raise SanaCheckpointError(f"{source}: _class_name is {cls!r}, expected 'AutoencoderDC'")
+    cfg = {k: data.get(k, v) for k, v in _DIFFUSERS_DEFAULTS.items()}
+    n = len(cfg["encoder_block_out_channels"])
+
+    def per_stage(value):
+        return (value,) * n if isinstance(value, str) else tuple(value)
+
+    try:
+        config = DCAEConfig(
+            in_channels=int(cfg["in_channels"]),
+            latent_channels=int(cfg["latent_channels"]),
+            attention_head_dim=int(cfg["attention_head_dim"]),
+            encoder_widths=tuple(cfg["encoder_block_out_channels"]),
+            decoder_widths=tuple(cfg["decoder_block_out_channels"]),
+            encoder_depths=tuple(cfg["encoder_layers_per_block"]),
+            decoder_depths=tuple(cfg["decoder_layers_per_block"]),
+            encoder_block_types=per_stage(cfg["encoder_block_types"]),
+            decoder_block_types=per_stage(cfg["decoder_block_types"]),
+            encoder_qkv_multiscales=tuple(tuple(s) for s in cfg["encoder_qkv_multiscales"]),
+            decoder_qkv_multiscales=tuple(tuple(s) for s in cfg["decoder_qkv_multiscales"]),
+            downsample_block_type=cfg["downsample_block_type"],
+            upsample_block_type=cfg["upsample_block_type"],
+            decoder_norm_types=per_stage(cfg["decoder_norm_types"]),
+            decoder_act_fns=per_stage(cfg["decoder_act_fns"]),
+            encoder_out_shortcut=bool(cfg["encoder_out_shortcut"]),
+            decoder_in_shortcut=bool(cfg["decoder_in_shortcut"]),
+            decoder_conv_act_fn=cfg["decoder_conv_act_fn"],
+            scaling_factor=float(cfg["scaling_factor"]),
+        )
+    except SanaCheckpointError as e:
+        raise SanaCheckpointError(f"{source}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise SanaCheckpointError(f"{source}: not a valid AutoencoderDC config: {e}") from None
+    preset = _matching_preset(config, exact_scaling=True)
+    return config.replace(name=preset) if preset else config
+
+
+def diffusers_config(config: DCAEConfig) -> dict:
+    """A config.json that diffusers' `AutoencoderDC.from_pretrained` accepts for `config`."""
+    return {
+        "_class_name": "AutoencoderDC",
+        "in_channels": config.in_channels,
+        "latent_channels": config.latent_channels,
+        "attention_head_dim": config.attention_head_dim,
+        "encoder_block_types": list(config.encoder_block_types),
+        "decoder_block_types": list(config.decoder_block_types),
+        "encoder_block_out_channels": list(config.encoder_widths),
+        "decoder_block_out_channels": list(config.decoder_widths),
+        "encoder_layers_per_block": list(config.encoder_depths),
+        "decoder_layers_per_block": list(config.decoder_depths),
+        "encoder_qkv_multiscales": [list(s) for s in config.encoder_qkv_multiscales],
+        "decoder_qkv_multiscales": [list(s) for s in config.decoder_qkv_multiscales],
+        "upsample_block_type": config.upsample_block_type,
+        "downsample_block_type": config.downsample_block_type,
+        "decoder_norm_types": list(config.decoder_norm_types),
+        "decoder_act_fns": list(config.decoder_act_fns),
+        "encoder_out_shortcut": config.encoder_out_shortcut,
+        "decoder_in_shortcut": config.decoder_in_shortcut,
+        "decoder_conv_act_fn": config.decoder_conv_act_fn,
+        "scaling_factor": config.scaling_factor,
+    }
+
+
+# --------------------------------------------------------------------------- detection
+
+
+def _architecture(config: DCAEConfig) -> DCAEConfig:
+    """`config` without the fields that leave no trace in the weights (name, scaling, empty stages)."""
+
+    def blank(values: tuple, depths: tuple[int, ...], empty) -> tuple:
+        return tuple(empty if depth == 0 else v for v, depth in zip(values, depths))
+
+    enc, dec = config.encoder_depths, config.decoder_depths
+    return config.replace(
+        name="",
+        scaling_factor=0.0,
+        encoder_widths=blank(config.encoder_widths, enc, 0),
+        decoder_widths=blank(config.decoder_widths, dec, 0),
+        encoder_block_types=blank(config.encoder_block_types, enc, RESBLOCK),
+        decoder_block_types=blank(config.decoder_block_types, dec, RESBLOCK),
+        encoder_qkv_multiscales=blank(config.encoder_qkv_multiscales, enc, ()),
+        decoder_qkv_multiscales=blank(config.decoder_qkv_multiscales, dec, ()),
+        decoder_norm_types=blank(config.decoder_norm_types, dec, "rms_norm"),
+        decoder_act_fns=blank(config.decoder_act_fns, dec, "silu"),
+    )
+
+
+def _matching_preset(config: DCAEConfig, exact_scaling: bool) -> str | None:
+    for name, preset in DCAE_PRESETS.items():
+        if _architecture(preset) == _architecture(config) and (
+            not exact_scaling or abs(preset.scaling_factor - config.scaling_factor) < 1e-6
+        ):
+            return name
+    return None
+
+
+def detect_layout(reader: CheckpointReader) -> str:
+    """`"original"` or `"diffusers"`, from the key names; raises for anything else."""
+    keys = reader.keys()
+    if any(k.startswith(("encoder.stages.", "decoder.stages.", "encoder.project_in.", "decoder.project_in.")) for k in keys):
+        return ORIGINAL
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.", "encoder.conv_in.", "decoder.conv_in.")) for k in keys):
+        return DIFFUSERS
+    raise SanaCheckpointError(
+        f"{reader.path}: unknown layout: not a DC-AE checkpoint in the original (encoder.stages.*) or diffusers "
+        f"(encoder.down_blocks.*) layout; first keys: {sorted(keys)[:8]}"
+    )
+
+
+def _canonical_shapes(reader: CheckpointReader, layout: str) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for key in reader.keys():
+        shape = reader.shape(key)
+        if layout == ORIGINAL:
+            shapes[_canonical_from_original(key)] = shape
+        elif key.endswith(_SPLIT_SUFFIXES[0]) and len(shape) == 2:
+            shapes[key[: -len(_SPLIT_SUFFIXES[0])] + _QKV_SUFFIX] = (3 * shape[0], shape[1], 1, 1)
+        elif key.endswith(_OUT_SUFFIX) and len(shape) == 2:
+            shapes[key] = (*shape, 1, 1)
+        else:
+            shapes[key] = shape
+    return shapes
+
+
+def _infer_config(shapes: Mapping[str, tuple[int, ...]]) -> DCAEConfig:
+    """The architecture implied by our-named key shapes; KeyError/ValueError when it cannot be told."""
+    stage_keys: dict[tuple[str, int], dict[int, set[str]]] = {}
+    for key in shapes:
+        match = _OURS_STAGE.fullmatch(key)
+        if match:
+            side, _, stage, index, inner = match.groups()
+            stage_keys.setdefault((side, int(stage)), {}).setdefault(int(index), set()).add(inner)
+    if not stage_keys:
+        raise ValueError("no stage keys")
+    num_stages = 1 + max(stage for _, stage in stage_keys)
+    latent = shapes["encoder.conv_out.weight"][0]
+    in_conv = shapes.get("encoder.conv_in.weight") or shapes["encoder.conv_in.conv.weight"]
+    head_dims = {shape[1] for key, shape in shapes.items() if _MULTISCALE.search(key) and ".proj_out." in key}
+    if len(head_dims) > 1:
+        raise ValueError(f"inconsistent attention head dims {sorted(head_dims)}")
+    head_dim = head_dims.pop() if head_dims else 32
+    fields: dict = {}
+    for side in ("encoder", "decoder"):
+        widths, depths, kinds, scales, norms = [], [], [], [], []
+        for stage in range(num_stages):
+            blocks = stage_keys.get((side, stage), {})
+            resampler = None
+            if side == "encoder" and blocks and "conv.weight" in blocks[max(blocks)]:
+                resampler = max(blocks)
+            if side == "decoder" and blocks and "conv.weight" in blocks.get(0, ()):
+                resampler = 0
+            body = sorted(j for j in blocks if j != resampler)
+            expected_indices = list(range(1, len(body) + 1)) if side == "decoder" and resampler == 0 else list(range(len(body)))
+            if body != expected_indices:
+                raise ValueError(f"{side} stage {stage} has block indices {body}")
+            prefix = f"{side}.{'down_blocks' if side == 'encoder' else 'up_blocks'}.{stage}."
+            depths.append(len(body))
+            if not body:
+                widths.append(0)  # filled in from the next stage below
+                kinds.append(None)
+                scales.append(())
+                norms.append(None)
+                continue
+            first = f"{prefix}{body[0]}."
+            if "attn.to_qkv.weight" in blocks[body[0]]:
+                kinds.append(EVIT_BLOCK)
+                widths.append(shapes[first + "attn.to_qkv.weight"][1])
+                branches = sorted(int(m.group(1)) for inner in blocks[body[0]] if (m := _MULTISCALE.fullmatch(inner)))
+                scales.append(tuple(shapes[f"{first}attn.to_qkv_multiscale.{b}.proj_in.weight"][-1] for b in sorted(set(branches))))
+                bn = "attn.norm_out.running_mean" in blocks[body[0]]
+            else:
+                kinds.append(RESBLOCK)
+                widths.append(shapes[first + "conv1.weight"][0])
+                scales.append(())
+                bn = "norm.running_mean" in blocks[body[0]]
+            norms.append("batch_norm" if bn else "rms_norm")
+            if resampler is not None:
+                out_channels = shapes[f"{prefix}{resampler}.conv.weight"][0]
+                # The resampler's conv width tells its kind: C_out (stride-2 / interpolate) or
+                # C_out/4 (pixel-unshuffle) or 4·C_out (pixel-shuffle); compared once widths are known.
+                fields.setdefault("down_probe" if side == "encoder" else "up_probe", (stage, out_channels))
+        fields[side] = (widths, depths, kinds, scales, norms)
+    enc_widths, dec_widths = fields["encoder"][0], fields["decoder"][0]
+    for widths, _, kinds, _, norms in (fields["encoder"], fields["decoder"]):
+        for i in range(num_stages - 2, -1, -1):
+            if widths[i] == 0:
+                # An empty stage has no weights of its own: like the releases, half the next
+                # width and the next stage's block type and norm.
+                widths[i] = widths[i + 1] // 2
+                kinds[i] = kinds[i + 1]
+                norms[i] = norms[i + 1]
+    if "down_probe" in fields:
+        stage, out_channels = fields["down_probe"]
+        downsample = "pixel_unshuffle" if out_channels * 4 == enc_widths[stage + 1] else "conv"
+    else:
+        downsample = "pixel_unshuffle" if in_conv[0] * 4 == enc_widths[1] else "conv"
+    if "up_probe" in fields:
+        stage, out_channels = fields["up_probe"]
+        upsample = "interpolate" if out_channels == dec_widths[stage] else "pixel_shuffle"
+    else:
+        upsample = "interpolate"
+    dec_norms = fields["decoder"][4]
+    return DCAEConfig(
+        in_channels=in_conv[1],
+        latent_channels=latent,
+        attention_head_dim=head_dim,
+        encoder_widths=tuple(enc_widths),
+        decoder_widths=tuple(dec_widths),
+        encoder_depths=tuple(fields["encoder"][1]),
+        decoder_depths=tuple(fields["decoder"][1]),
+        encoder_block_types=tuple(fields["encoder"][2]),
+        decoder_block_types=tuple(fields["decoder"][2]),
+        encoder_qkv_multiscales=tuple(fields["encoder"][3]),
+        decoder_qkv_multiscales=tuple(fields["decoder"][3]),
+        downsample_block_type=downsample,
+        upsample_block_type=upsample,
+        decoder_norm_types=tuple(dec_norms),
+        # Activations leave no trace in the weights; every release pairs BatchNorm with ReLU.
+        decoder_act_fns=tuple("relu" if n == "batch_norm" else "silu" for n in dec_norms),
+        scaling_factor=1.0,
+    )
+
+
+_IN_OR_MIX = re.compile(r"-(in|mix)-")
+_SANA_VERSION = re.compile(r"sana-(1\.[01])")
+
+
+def _closest_preset(found: Mapping[str, tuple[int, ...]], layout: str) -> tuple[str, float]:
+    best, best_score = "", 0.0
+    for name, preset in DCAE_PRESETS.items():
+        expected = file_shapes(preset, layout)
+        score = sum(1 for k, s in expected.items() if found.get(k) == s) / len(expected)
+        if score > best_score:
+            best, best_score = name, score
+    return best, best_score
+
+
+def resolve_config(
+    reader: CheckpointReader, layout: str, config: DCAEConfig | str | None = None
+) -> DCAEConfig:
+    """The architecture and scaling factor of the checkpoint in `reader` (see the module docstring)."""
+    path = reader.path
+    if isinstance(config, str):
+        if config not in DCAE_PRESETS:
+            raise SanaCheckpointError(f"unknown DC-AE preset {config!r} (known: {sorted(DCAE_PRESETS)})")
+        return DCAE_PRESETS[config]
+    if isinstance(config, DCAEConfig):
+        return config
+    if config is not None:
+        raise SanaCheckpointError(f"config= must be a DCAEConfig or a preset name, got {type(config).__name__}")
+    stored = reader.metadata.get(METADATA_KEY)
+    if isinstance(stored, str):
+        try:
+            return DCAEConfig.from_json(stored)
+        except (ValueError, TypeError) as e:
+            raise SanaCheckpointError(f"{path}: unreadable {METADATA_KEY} metadata: {e}") from None
+    if reader.config is not None:
+        return config_from_diffusers(reader.config, f"{path}/config.json")
+
+    found = {k: reader.shape(k) for k in reader.keys()}
+    preset_name, score = _closest_preset(found, layout)
+    try:
+        inferred = _infer_config(_canonical_shapes(reader, layout))
+    except (KeyError, ValueError, IndexError, SanaCheckpointError) as e:
+        if score >= 0.5:
+            # A damaged release: list what is wrong against the release it resembles.
+            check_keys(path, file_shapes(DCAE_PRESETS[preset_name], layout), found)
+        raise SanaCheckpointError(f"{path}: unknown DC-AE layout: cannot work out the architecture from the keys ({e}); "
+                                  f"pass config= (a DCAEConfig or one of {sorted(DCAE_PRESETS)})") from None
+    match = _matching_preset(inferred, exact_scaling=False)
+    if match is None:
+        if score >= 0.9:
+            check_keys(path, file_shapes(DCAE_PRESETS[preset_name], layout), found)
+        warnings.warn(
+            f"{path}: a DC-AE of no released architecture and no stored config; scaling_factor is unknown and set "
+            f"to 1.0 (pass config= to set it)",
+            stacklevel=3,
+        )
+        return inferred
+    if "sana" in match:
+        version = _SANA_VERSION.search(str(path))
+        return DCAE_PRESETS[f"dc-ae-f32c32-sana-{version.group(1)}" if version else match]
+    hint = _IN_OR_MIX.search(Path(path).as_posix() + "-")
+    family = match.replace("-in-", "-mix-")
+    if hint:
+        return DCAE_PRESETS[family.replace("-mix-", f"-{hint.group(1)}-")]
+    chosen = DCAE_PRESETS[family]
+    warnings.warn(
+        f"{path}: the 'in' and 'mix' releases of {family.replace('-mix-', '-{in,mix}-')} cannot be told apart from "
+        f"the weights; assuming 'mix' (scaling_factor {chosen.scaling_factor}). Pass "
+        f"config={family.replace('-mix-', '-in-')!r} for the ImageNet-only release.",
+        stacklevel=3,
+    )
+    return chosen
+
+
+def validate_checkpoint(reader: CheckpointReader, config: DCAEConfig | str | None = None) -> tuple[str, DCAEConfig]:
+    """(layout, config) of a checkpoint, after checking every key and shape; reads no tensor data."""
+    layout = detect_layout(reader)
+    resolved = resolve_config(reader, layout, config)
+    check_keys(reader.path, file_shapes(resolved, layout), {k: reader.shape(k) for k in reader.keys()})
+    return layout, resolved
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _dominant_float_dtype(reader: CheckpointReader) -> torch.dtype | None:
+    counts = Counter(info.dtype for info in reader.infos.values() if info.dtype.is_floating_point)
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def load_dcae(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    config: DCAEConfig | str | None = None,
+) -> DCAE:
+    """Load a DC-AE from any released layout, ready for inference (eval mode).
+
+    `path`: an original mit-han-lab `model.safetensors` (flat `encoder.*`/`decoder.*` keys), a
+    `.pt`/`.pth` holding `state_dict`, a diffusers `AutoencoderDC` folder (`config.json` + weights,
+    sharded or not; a pipeline root with a `vae/` folder works too) or a single diffusers-layout file.
+    `dtype`: cast floating-point weights to it (default: the checkpoint's own dtype).
+    `config`: a `DCAEConfig` or preset name (see `DCAE_PRESETS`) overriding detection, e.g. to say
+    'in' rather than 'mix' for the f32c32/f64c128/f128c512 weights, which are indistinguishable.
+
+    Raises `SanaCheckpointError` (before building anything) for a missing, unreadable, truncated or
+    unknown file, and lists every missing or unexpected key and every wrong shape.
+    """
+    reader = strip_prefix(open_checkpoint(path, subfolders=("vae",)), _PREFIXES)
+    layout, resolved = validate_checkpoint(reader, config)
+    with torch.device("meta"):
+        model = DCAE(resolved)
+    assign_state(model, _stream_state(reader, resolved, layout), dtype=dtype or _dominant_float_dtype(reader), device=device)
+    return model.eval()
+
+
+def save_dcae(
+    model: DCAE,
+    path: str | os.PathLike,
+    *,
+    layout: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Write `model` in the `"original"` or `"diffusers"` layout.
+
+    Default layout: `"diffusers"` when `path` has no file suffix (a folder holding `config.json` +
+    `diffusion_pytorch_model.safetensors`, loadable by `AutoencoderDC.from_pretrained`), else
+    `"original"` (`.safetensors`, or `.pt`/`.pth` with a `state_dict` entry). Single files also carry
+    the config as `dcae_config` metadata, so `load_dcae` restores the exact architecture and scaling
+    factor. Writes are atomic. `dtype` casts floating-point tensors.
+    """
+    path = Path(path)
+    is_file = path.suffix.lower() in (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+    layout = layout or (ORIGINAL if is_file else DIFFUSERS)
+    if layout not in LAYOUTS:
+        raise SanaCheckpointError(f"{path}: unknown DC-AE layout {layout!r} (known: {list(LAYOUTS)})")
+    state = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous()
+        for k, v in state_in_layout(model, layout).items()
+    }
+    metadata = {"format": "pt", METADATA_KEY: model.config.to_json()}
+    if not is_file:
+        if layout != DIFFUSERS:
+            raise SanaCheckpointError(f"{path}: the original layout is a single file; give a .safetensors or .pt path")
+        path.mkdir(parents=True, exist_ok=True)
+        write_safetensors(path / DIFFUSERS_WEIGHTS_NAME, state, {"format": "pt"})
+        write_json(path / "config.json", diffusers_config(model.config))
+    elif path.suffix.lower() == ".safetensors":
+        write_safetensors(path, state, metadata)
+    else:
+        write_torch(path, {"state_dict": state, METADATA_KEY: model.config.to_json()})
