@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .errors import SanaCheckpointError
 from .schedules import default_flow_shift
 
 # Linear-attention denominator epsilon; diffusers uses 1e-15 (NVlabs passes 1e-8). Only an
@@ -306,7 +309,8 @@ class LinearSelfAttention(nn.Module):
         self.q_norm = RMSNorm(hidden_size, eps=1e-5) if qk_norm else None
         self.k_norm = RMSNorm(hidden_size, eps=1e-5) if qk_norm else None
         self.proj = nn.Linear(hidden_size, hidden_size)
-        # Set by PAG: the indices of batch rows whose attention is replaced by identity (V only).
+        # Batch rows whose attention is replaced by identity attention, proj(V): PAG's perturbed
+        # branch. Set only through `perturbed_self_attention`, which restores it on exit.
         self.identity_rows: slice | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -539,3 +543,30 @@ class SanaDiT(nn.Module):
             return context, mask  # a fully masked row attends uniformly to everything: keep all
         last = int(kept.any(dim=0).nonzero().max()) + 1
         return context[:, :last], mask[:, :last]
+
+
+@contextmanager
+def perturbed_self_attention(dit: SanaDiT, layers: Iterable[int], rows: slice) -> Iterator[SanaDiT]:
+    """Within the block, the linear self-attention of blocks `layers` returns proj(V) (identity
+    attention) for the batch rows `rows`: the perturbed branch of perturbed-attention guidance.
+
+    Every other row and block is untouched, as in NVlabs' PAG processors and diffusers'
+    `PAGCFGSanaLinearAttnProcessor2_0` / `PAGIdentitySanaLinearAttnProcessor2_0` (which put the
+    perturbed chunk last, so `rows` is usually `slice(k * B, (k + 1) * B)`). The previous
+    setting is restored on exit, also when the block raises. Raises `SanaCheckpointError` for
+    a layer index outside the DiT's depth.
+    """
+    depth = len(dit.blocks)
+    layers = sorted({int(i) for i in layers})
+    outside = [i for i in layers if not 0 <= i < depth]
+    if outside:
+        raise SanaCheckpointError(f"PAG layers {outside} do not exist: this DiT has blocks 0..{depth - 1}")
+    attentions = [dit.blocks[i].attn for i in layers]
+    previous = [attn.identity_rows for attn in attentions]
+    for attn in attentions:
+        attn.identity_rows = rows
+    try:
+        yield dit
+    finally:
+        for attn, rows_before in zip(attentions, previous):
+            attn.identity_rows = rows_before

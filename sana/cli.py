@@ -1,0 +1,276 @@
+"""Headless command line: `python -m sana generate ...` and `python -m sana convert ...`.
+
+    python -m sana generate --dit DIT --vae VAE --text-encoder GEMMA_DIR --prompt "a cat" --out cat.png
+    python -m sana generate ... --steps 2 --sprint                # SANA-Sprint (TrigFlow)
+    python -m sana generate ... --image in.png --strength 0.6     # image to image
+    python -m sana convert dit Sana_1600M_1024px.pth sana_1600m_diffusers/
+    python -m sana convert vae dc-ae-f32c32-sana-1.1-diffusers/ dc-ae.safetensors --format original
+
+`generate` prints a progress bar (tqdm when installed) and writes PNGs; several images go to
+`out-0.png`, `out-1.png`, ... Unusable files and inputs end with one `error:` line naming what
+is at fault and exit status 1. `convert` reads any supported layout with `sana.load_dit` /
+`sana.dcae_io.load_dcae` and writes with `sana.save_dit` / `save_dcae`: one key map each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import struct
+import sys
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from .errors import SanaCheckpointError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+AUTO_SOLVER = "auto"
+# Step counts when --steps is not given: diffusers' SanaPipeline and SanaSprintPipeline defaults.
+DEFAULT_FLOW_STEPS = 20
+DEFAULT_SPRINT_STEPS = 2
+PNG_SUFFIXES = (".png",)
+
+
+# ---------------------------------------------------------------------------------------
+# Images on disk
+
+
+def write_png(path: Path, image: torch.Tensor) -> None:
+    """Write one [H, W, 3] float image in [0, 1] as an 8-bit RGB PNG (values rounded, as
+    diffusers' `numpy_to_pil`). Pure standard library, so the CLI needs no imaging package."""
+    pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().contiguous()
+    height, width, _ = pixels.shape
+    # Each scanline starts with filter type 0 (none).
+    rows = torch.cat([torch.zeros(height, 1, dtype=torch.uint8), pixels.reshape(height, width * 3)], dim=1)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.numpy().tobytes(), 6))
+    png += chunk(b"IEND", b"")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png)
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """An image file as [1, H, W, 3] float in [0, 1] (needs Pillow, which reads every format)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise SanaCheckpointError(f"reading the input image {path} needs Pillow (pip install pillow)") from None
+    if not path.is_file():
+        raise SanaCheckpointError(f"input image {path} does not exist")
+    try:
+        with Image.open(path) as opened:
+            rgb = opened.convert("RGB")
+            data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+            return data.reshape(1, rgb.height, rgb.width, 3).float() / 255
+    except OSError as error:
+        raise SanaCheckpointError(f"cannot read the input image {path}: {error}") from None
+
+
+def output_paths(out: Path, count: int) -> list[Path]:
+    """`out` itself for one image, else `stem-0.png`, `stem-1.png`, ... next to it."""
+    if out.suffix.lower() not in PNG_SUFFIXES:
+        out = out.with_suffix(out.suffix + ".png") if out.suffix else out.with_suffix(".png")
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+
+
+# ---------------------------------------------------------------------------------------
+# Progress
+
+
+def progress_callback(stream=None) -> tuple[Callable[[int, int, torch.Tensor], None], Callable[[], None]]:
+    """(callback for `generate`, close): a tqdm bar on `stream` (default: stderr) if tqdm is
+    importable, else one line per step."""
+    stream = stream if stream is not None else sys.stderr
+    state: dict = {}
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        tqdm = None
+
+    def callback(step: int, total: int, x0: torch.Tensor) -> None:
+        if tqdm is not None:
+            if "bar" not in state:
+                state["bar"] = tqdm(total=total, desc="denoising", unit="step", file=stream)
+            state["bar"].update(1)
+        else:
+            print(f"step {step + 1}/{total}", file=stream, flush=True)
+
+    def close() -> None:
+        if "bar" in state:
+            state["bar"].close()
+
+    return callback, close
+
+
+# ---------------------------------------------------------------------------------------
+# Commands
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dtype(name: str | None, device: str) -> torch.dtype:
+    # SANA's released weights are bf16; on CPU fp32 is the fast and exact choice.
+    if name is None:
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def command_generate(args: argparse.Namespace) -> int:
+    import sana
+    from sana.dcae_io import load_dcae
+    from sana.pipeline import TRIGFLOW, generate, select_solver
+
+    device = args.device or _default_device()
+    image = read_image(Path(args.image)) if args.image else None
+    started = time.perf_counter()
+    dit = sana.load_dit(args.dit, dtype=_dtype(args.dtype, device), device=device)
+    dcae = load_dcae(args.vae, dtype=_dtype(args.vae_dtype, device), device=device)
+    # Loaded on the CPU: generate moves it to the compute device only while encoding.
+    text_encoder = sana.load_text_encoder(args.text_encoder, dtype=_dtype(args.text_encoder_dtype, device))
+    print(f"loaded DiT {dit.config.variant}, DC-AE, text encoder in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+
+    solver = TRIGFLOW if args.sprint else (None if args.solver == AUTO_SOLVER else args.solver)
+    solver = select_solver(dit, solver)
+    steps = args.steps if args.steps is not None else (DEFAULT_SPRINT_STEPS if solver == TRIGFLOW else DEFAULT_FLOW_STEPS)
+    callback, close = progress_callback()
+    started = time.perf_counter()
+    try:
+        images = generate(
+            dit=dit,
+            dcae=dcae,
+            text_encoder=text_encoder,
+            prompt=args.prompt,
+            negative_prompt=args.negative_prompt,
+            height=args.height,
+            width=args.width,
+            steps=steps,
+            guidance_scale=args.cfg,
+            flow_shift=args.shift,
+            solver=solver,
+            seed=args.seed,
+            chi=not args.no_chi,
+            pag_scale=args.pag,
+            pag_layers=args.pag_layers,
+            resolution_binning=not args.no_binning,
+            batch_size=args.batch_size,
+            image=image,
+            strength=args.strength,
+            callback=callback,
+        )
+    finally:
+        close()
+    paths = output_paths(Path(args.out), images.shape[0])
+    for path, picture in zip(paths, images):
+        write_png(path, picture)
+    print(f"wrote {', '.join(map(str, paths))} ({solver}, {steps} steps, {time.perf_counter() - started:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def command_convert(args: argparse.Namespace) -> int:
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    source, target = Path(args.source), Path(args.target)
+    if args.component == "dit":
+        import sana
+
+        fmt = args.format or ("official" if target.suffix.lower() in (".pth", ".pt") else "diffusers")
+        if fmt not in ("diffusers", "official"):
+            raise SanaCheckpointError(f"a DiT is written as 'diffusers' or 'official', not {fmt!r}")
+        model = sana.load_dit(source, dtype=dtype, config=args.config)
+        sana.save_dit(model, target, format=fmt)
+        what = f"DiT {model.config.variant}"
+    else:
+        from sana.dcae_io import load_dcae, save_dcae
+
+        if args.format not in (None, "diffusers", "original"):
+            raise SanaCheckpointError(f"a DC-AE is written as 'diffusers' or 'original', not {args.format!r}")
+        model = load_dcae(source, dtype=dtype, config=args.config)
+        save_dcae(model, target, layout=args.format)
+        fmt = args.format or ("diffusers" if not target.suffix else "original")
+        what = f"DC-AE {model.config.name}"
+    print(f"wrote {target}: {what}, {fmt} layout, {model.dtype}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# Parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sana", description="SANA text-to-image without ComfyUI.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate images from a prompt")
+    gen.add_argument("--dit", required=True, help="DiT checkpoint: NVlabs .pth/.safetensors, diffusers folder or file")
+    gen.add_argument("--vae", required=True, help="DC-AE checkpoint: original .safetensors or diffusers folder")
+    gen.add_argument("--text-encoder", required=True, help="Gemma-2 folder (config, weights, tokenizer)")
+    gen.add_argument("--prompt", required=True, action="append", help="repeat for a batch of prompts")
+    gen.add_argument("--negative-prompt", default="", help="CFG's negative prompt (no CHI; unused by Sprint)")
+    gen.add_argument("--out", required=True, help="output PNG; several images get -0, -1, ... suffixes")
+    gen.add_argument("--steps", type=int, default=None, help=f"default {DEFAULT_FLOW_STEPS}, or {DEFAULT_SPRINT_STEPS} for Sprint")
+    gen.add_argument("--cfg", type=float, default=4.5, help="guidance scale (embedded guidance for Sprint)")
+    gen.add_argument("--pag", type=float, default=0.0, help="perturbed-attention guidance scale (0: off)")
+    gen.add_argument("--pag-layers", type=int, nargs="+", default=None, help="PAG blocks (default: NVlabs' per model)")
+    gen.add_argument("--width", type=int, default=1024)
+    gen.add_argument("--height", type=int, default=1024)
+    gen.add_argument("--seed", type=int, default=None, help="default: random")
+    gen.add_argument(
+        "--solver",
+        choices=[AUTO_SOLVER, "flow_dpm_solver", "flow_euler", "trigflow"],
+        default=AUTO_SOLVER,
+        help="auto: trigflow for a Sprint DiT, flow_dpm_solver otherwise",
+    )
+    gen.add_argument("--sprint", action="store_true", help="SANA-Sprint: TrigFlow sampling (same as --solver trigflow)")
+    gen.add_argument("--shift", type=float, default=None, help="flow shift (default: the model's, 3 or 6 for 4K)")
+    gen.add_argument("--no-chi", action="store_true", help="encode the prompt without the complex human instruction")
+    gen.add_argument("--no-binning", action="store_true", help="sample at the exact size (a multiple of 32)")
+    gen.add_argument("--batch-size", type=int, default=1, help="images per prompt")
+    gen.add_argument("--image", default=None, help="input image for image-to-image")
+    gen.add_argument("--strength", type=float, default=1.0, help="image-to-image denoising strength in (0, 1]")
+    gen.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    gen.add_argument("--dtype", choices=list(DTYPES), default=None, help="DiT dtype (default: bf16 on cuda, fp32 on cpu)")
+    gen.add_argument("--vae-dtype", choices=list(DTYPES), default=None, help="DC-AE dtype (same default)")
+    gen.add_argument("--text-encoder-dtype", choices=list(DTYPES), default=None, help="Gemma dtype (same default)")
+    gen.set_defaults(run=command_generate)
+
+    conv = commands.add_parser("convert", help="rewrite a DiT or DC-AE checkpoint in another layout")
+    conv.add_argument("component", choices=["dit", "vae"])
+    conv.add_argument("source", help="any layout the loader reads")
+    conv.add_argument("target", help="a folder (diffusers) or a file (.pth / .safetensors)")
+    conv.add_argument(
+        "--format",
+        choices=["diffusers", "official", "original"],
+        default=None,
+        help="DiT: diffusers | official; DC-AE: diffusers | original (default: from the target's suffix)",
+    )
+    conv.add_argument("--dtype", choices=list(DTYPES), default=None, help="cast the weights (default: keep)")
+    conv.add_argument(
+        "--config",
+        default=None,
+        help="when detection cannot tell: a preset name, or for a DiT a diffusers config.json path",
+    )
+    conv.set_defaults(run=command_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 unusable input, 2 bad usage)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except SanaCheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+__all__ = ["build_parser", "main", "output_paths", "read_image", "write_png"]

@@ -1,0 +1,436 @@
+"""Text-to-image and image-to-image with SANA, SANA-1.5 and SANA-Sprint: `generate`.
+
+`generate` wires the loaded parts together (Gemma-2 text encoder, DiT, DC-AE) with the
+schedules and samplers of `sana.schedules` / `sana.samplers`; it holds no numerics of its
+own beyond the glue. With the same initial noise it reproduces diffusers' `SanaPipeline`
+(Flow-DPM-Solver, Flow-Euler), `SanaPAGPipeline` (PAG), `SanaSprintPipeline` and
+`SanaSprintImg2ImgPipeline` (TrigFlow), which `tests/test_pipeline.py` checks.
+
+Images go in and come out in ComfyUI's IMAGE convention: float [B, H, W, 3] in [0, 1].
+
+Order of work, and why:
+1. check that the parts fit each other before any compute (caption channels, latent
+   channels, sizes), so a mismatch fails in milliseconds with both sides named;
+2. encode the prompts on the compute device (the DiT's), then move the text encoder off it:
+   Gemma-2-2B is not needed again and its memory goes to the DiT and the decode;
+3. draw the noise from a CPU generator (so a seed gives the same image on every device, and
+   the same as diffusers with `torch.Generator("cpu")`), denoise, decode with the DC-AE, whose
+   `decode` tiles by itself when the image would not fit in memory, and resize-and-crop back
+   from the resolution bin to the requested size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .dit import SanaDiT, perturbed_self_attention
+from .errors import SanaCheckpointError
+from .resolution import aspect_ratio_bins, closest_bin, resize_and_crop
+from .samplers import (
+    COND,
+    PERTURBED,
+    UNCOND,
+    add_flow_noise,
+    draw_noise,
+    flow_dpm_solver,
+    flow_euler,
+    guidance_branches,
+    guided_velocity,
+    trigflow_sampler,
+    trigflow_start_latents,
+    uses_pag,
+)
+from .schedules import (
+    default_flow_shift,
+    flow_dpm_schedule,
+    flow_euler_schedule,
+    img2img_start_step,
+    trigflow_schedule,
+)
+from .text_encoder import ChiSpec, TextEncoder
+
+FLOW_DPM_SOLVER = "flow_dpm_solver"
+FLOW_EULER = "flow_euler"
+TRIGFLOW = "trigflow"
+SOLVERS = (FLOW_DPM_SOLVER, FLOW_EULER, TRIGFLOW)
+
+ProgressCallback = Callable[[int, int, torch.Tensor], None]
+"""(step index from 0, total steps, current x0 prediction [B, C, h, w] float32 latents) -> None."""
+
+# NVlabs' `pag_applied_layers` per released depth (Sana_1600M: 20 blocks, Sana_600M: 28).
+# Other depths fall back to diffusers' SanaPAGPipeline default, block 0.
+NVLABS_PAG_LAYERS: dict[int, tuple[int, ...]] = {20: (8,), 28: (14,)}
+DIFFUSERS_PAG_LAYERS: tuple[int, ...] = (0,)
+
+
+class Autoencoder(Protocol):
+    """What `generate` needs from a DC-AE: `sana.dcae.DCAE` (`load_dcae`) is one."""
+
+    scaling_factor: float
+    spatial_compression: int
+    latent_channels: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor: ...  # [-1, 1] -> unscaled latents
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...  # unscaled latents -> [-1, 1]
+
+
+# ---------------------------------------------------------------------------------------
+# Checks and choices made before any compute
+
+
+def select_solver(dit: SanaDiT, solver: str | None) -> str:
+    """The sampler for `dit`: `solver` if given, else TrigFlow for a guidance-embedded
+    (SANA-Sprint) DiT and Flow-DPM-Solver for every other one.
+
+    Raises `SanaCheckpointError` for an unknown name, for TrigFlow on a DiT without a guidance
+    embedding, and for a flow solver on a Sprint DiT (it is a consistency model over TrigFlow
+    time, fed the flow time t in [0, 1] rather than 1000 sigma).
+    """
+    sprint = bool(dit.config.guidance_embeds)
+    if solver is None:
+        return TRIGFLOW if sprint else FLOW_DPM_SOLVER
+    if solver not in SOLVERS:
+        raise SanaCheckpointError(f"unknown solver {solver!r}; expected one of {', '.join(SOLVERS)} (or None: automatic)")
+    if solver == TRIGFLOW and not sprint:
+        raise SanaCheckpointError(
+            f"solver 'trigflow' needs a SANA-Sprint DiT (guidance embedding); the DiT ({dit.config.variant}) has none: "
+            f"use '{FLOW_DPM_SOLVER}' or '{FLOW_EULER}'"
+        )
+    if solver != TRIGFLOW and sprint:
+        raise SanaCheckpointError(
+            f"the DiT ({dit.config.variant}) is a SANA-Sprint model (guidance embedding) and samples only with "
+            f"'trigflow', not {solver!r}"
+        )
+    return solver
+
+
+def check_components(dit: SanaDiT, dcae: Autoencoder, text_encoder: TextEncoder | None = None) -> None:
+    """Raise `SanaCheckpointError` naming both sides when the parts cannot work together:
+    the text encoder's hidden size against the DiT's caption channels, and the DC-AE's latent
+    channels against the DiT's input and output channels."""
+    cfg = dit.config
+    if text_encoder is not None and text_encoder.hidden_size != cfg.caption_channels:
+        raise SanaCheckpointError(
+            f"the text encoder ({text_encoder.folder}) has hidden size {text_encoder.hidden_size}, but the DiT "
+            f"({cfg.variant}) expects caption_channels {cfg.caption_channels}; SANA pairs with Gemma-2-2B (2304)"
+        )
+    for side, channels in (("input", cfg.in_channels), ("output", cfg.out_channels)):
+        if dcae.latent_channels != channels:
+            raise SanaCheckpointError(
+                f"the DC-AE has {dcae.latent_channels} latent channels, but the DiT ({cfg.variant}) has {channels} "
+                f"{side} channels; SANA's DiTs pair with a 32-channel DC-AE (f32c32)"
+            )
+
+
+def generation_size(
+    dit: SanaDiT, dcae: Autoencoder, height: int, width: int, *, resolution_binning: bool
+) -> tuple[int, int]:
+    """(height, width) in pixels that the DiT samples at: the nearest trained aspect-ratio bin
+    (tables by the DiT's `sample_size`) with binning, the request itself without.
+
+    Without binning the request must be a multiple of the pixel size of one DiT token, the
+    DC-AE's spatial compression times the DiT's patch size (32 for every released pair).
+    """
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise SanaCheckpointError(f"image {name} must be a positive integer, got {value!r}")
+    multiple = dcae.spatial_compression * dit.config.patch_size
+    if resolution_binning:
+        height, width = closest_bin(height, width, aspect_ratio_bins(dit.config.sample_size))
+    if height % multiple or width % multiple:
+        where = "the resolution bin" if resolution_binning else "with resolution binning off, the size"
+        raise SanaCheckpointError(
+            f"{where} {height}x{width} (height x width) is not a multiple of {multiple} px: the DC-AE compresses by "
+            f"{dcae.spatial_compression} and the DiT patch is {dit.config.patch_size}; pick multiples of {multiple} "
+            "or turn resolution binning on"
+        )
+    return height, width
+
+
+# ---------------------------------------------------------------------------------------
+# Pixels <-> latents
+
+
+def images_to_latents(dcae: Autoencoder, images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """ComfyUI images [B, H, W, 3] in [0, 1] -> DiT-space latents (DC-AE latents times its
+    scaling factor), float32, at (height, width) pixels.
+
+    An image of another size is resized with bilinear interpolation (align_corners=False), as
+    diffusers' Sprint img2img pipeline does with a tensor input; no crop, so a different aspect
+    ratio is stretched.
+    """
+    if images.ndim == 3:
+        images = images[None]
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise SanaCheckpointError(f"image must be [B, H, W, 3] in [0, 1] (ComfyUI IMAGE), got shape {list(images.shape)}")
+    pixels = images.movedim(-1, 1).float()
+    if tuple(pixels.shape[-2:]) != (height, width):
+        pixels = F.interpolate(pixels, size=(height, width), mode="bilinear", align_corners=False)
+    pixels = (pixels * 2 - 1).to(device=dcae.device, dtype=dcae.dtype)
+    latents = dcae.encode(pixels)
+    return (latents * dcae.scaling_factor).float()
+
+
+def latents_to_images(dcae: Autoencoder, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """DiT-space latents -> ComfyUI images [B, height, width, 3] float32 in [0, 1] (CPU).
+
+    The decode runs in the DC-AE's dtype on its device, and tiles when the image would not fit
+    in memory (`DCAE.decode` plans that). A bin-sized image is resized to cover the request and
+    centre-cropped (`resize_and_crop`), in diffusers' order: cast, unscale, decode, resize,
+    then map [-1, 1] to [0, 1].
+    """
+    latents = latents.to(device=dcae.device, dtype=dcae.dtype)
+    decoded = dcae.decode(latents / dcae.scaling_factor)
+    decoded = resize_and_crop(decoded, height, width)
+    return (decoded / 2 + 0.5).clamp(0, 1).float().movedim(1, -1).cpu()
+
+
+# ---------------------------------------------------------------------------------------
+# Text
+
+
+@dataclass
+class PromptEmbeddings:
+    """Encoded prompts on the compute device: `cond` [B, L, D] and its mask, and the negative
+    prompt repeated to B rows (None when no guidance branch needs it)."""
+
+    cond: torch.Tensor
+    cond_mask: torch.Tensor
+    uncond: torch.Tensor | None = None
+    uncond_mask: torch.Tensor | None = None
+
+
+def encode_prompts(
+    text_encoder: TextEncoder,
+    prompts: Sequence[str],
+    *,
+    copies: int,
+    negative_prompt: str | None,
+    chi: ChiSpec,
+    device: torch.device,
+) -> PromptEmbeddings:
+    """Encode each prompt once (with `chi`) and the negative prompt once (never with the
+    CHI), and repeat them to `copies` images per prompt, prompt-major as diffusers'
+    `num_images_per_prompt` orders the embeddings. Every row keeps its own prompt's mask
+    (diffusers tiles the masks prompt-minor instead, which mismatches them when there are
+    several prompts and several copies).
+
+    The encoder runs on `device` (moved there if needed), because encoding 300+ tokens with
+    Gemma-2-2B is far faster on the accelerator; when `device` is not the CPU it is moved to
+    the CPU afterwards, so the DiT and the decode get that memory.
+    """
+    model = text_encoder.model
+    if text_encoder.device != device:
+        model.to(device)
+    try:
+        cond, cond_mask = text_encoder.encode(list(prompts), chi=chi)
+        uncond = uncond_mask = None
+        if negative_prompt is not None:
+            uncond, uncond_mask = text_encoder.encode([negative_prompt], chi=False)
+    finally:
+        if device.type != "cpu":
+            model.to("cpu")
+    rows = len(prompts) * copies
+    embeddings = PromptEmbeddings(
+        cond=cond.repeat_interleave(copies, dim=0).to(device),
+        cond_mask=cond_mask.repeat_interleave(copies, dim=0).to(device),
+    )
+    if uncond is not None:
+        embeddings.uncond = uncond.expand(rows, -1, -1).to(device)
+        embeddings.uncond_mask = uncond_mask.expand(rows, -1).to(device)
+    return embeddings
+
+
+# ---------------------------------------------------------------------------------------
+# generate
+
+
+def default_pag_layers(dit: SanaDiT) -> tuple[int, ...]:
+    """NVlabs' PAG layers for the released depths (block 8 of 20, block 14 of 28), else
+    diffusers' default (block 0)."""
+    return NVLABS_PAG_LAYERS.get(dit.config.depth, DIFFUSERS_PAG_LAYERS)
+
+
+def _progress(callback: ProgressCallback | None, total: int):
+    if callback is None:
+        return None
+    return lambda step, latents, x0: callback(step, total, x0)
+
+
+def _check_latents(latents: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+    if latents is not None and tuple(latents.shape) != shape:
+        raise SanaCheckpointError(
+            f"latents have shape {list(latents.shape)}, but this request needs {list(shape)} "
+            "(batch, DiT channels, height / compression, width / compression)"
+        )
+
+
+# no_grad, not inference_mode: the returned images must stay ordinary tensors that callers
+# (ComfyUI nodes) may modify in place.
+@torch.no_grad()
+def generate(
+    *,
+    dit: SanaDiT,
+    dcae: Autoencoder,
+    text_encoder: TextEncoder,
+    prompt: str | Sequence[str],
+    negative_prompt: str = "",
+    height: int = 1024,
+    width: int = 1024,
+    steps: int = 20,
+    guidance_scale: float = 4.5,
+    flow_shift: float | None = None,
+    solver: str | None = None,
+    seed: int | None = None,
+    latents: torch.Tensor | None = None,
+    chi: ChiSpec = True,
+    pag_scale: float = 0.0,
+    resolution_binning: bool = True,
+    batch_size: int = 1,
+    image: torch.Tensor | None = None,
+    strength: float = 1.0,
+    callback: ProgressCallback | None = None,
+    pag_layers: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Generate images with a SANA DiT; returns float32 [B, height, width, 3] in [0, 1] (CPU).
+
+    - `prompt`: a string or a list; B = len(prompts) * `batch_size`, images of one prompt adjacent.
+    - `solver`: "flow_dpm_solver", "flow_euler" or "trigflow"; None picks "trigflow" for a
+      SANA-Sprint DiT (`config.guidance_embeds`) and "flow_dpm_solver" otherwise.
+    - Flow solvers: classifier-free guidance for `guidance_scale` > 1 against `negative_prompt`
+      (encoded without the CHI), perturbed-attention guidance for `pag_scale` > 0 in blocks
+      `pag_layers` (default `default_pag_layers(dit)`); `flow_shift` None takes the DiT's
+      trained shift (3, or 6 for 4K). The DiT gets the timestep times `config.timestep_scale`.
+    - TrigFlow (Sprint): `guidance_scale` is the embedded guidance (one pass per step, no
+      negative prompt, no PAG); fresh noise is drawn from the seeded generator every step.
+    - `seed`: seeds a CPU generator (None: a random seed). `latents`: the initial standard
+      normal noise [B, C, h, w] float32 (diffusers' `latents` argument) instead of drawing it.
+    - `chi`: True for the default complex human instruction, False for none, or custom text.
+    - `resolution_binning`: sample at the nearest trained aspect-ratio bin, then resize and
+      centre-crop to `height` x `width`; off, the size must be a multiple of 32 (the DC-AE's
+      compression times the DiT patch).
+    - `image` ([B or 1, H, W, 3] in [0, 1]) with `strength` in (0, 1]: image-to-image. The
+      schedule keeps its last round(steps * strength) steps (diffusers' rule) and starts from
+      the encoded image noised to the first kept sigma (angle, for TrigFlow).
+    - `callback(step, total, x0)`: after each step, with the current x0 prediction (latents).
+
+    Raises `SanaCheckpointError` naming both sides when the parts or inputs do not fit.
+    """
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise SanaCheckpointError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise SanaCheckpointError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_components(dit, dcae, text_encoder)
+    solver = select_solver(dit, solver)
+    sprint = solver == TRIGFLOW
+    if sprint and uses_pag(pag_scale):
+        raise SanaCheckpointError("PAG (pag_scale > 0) needs a flow solver; SANA-Sprint's TrigFlow sampler has no PAG")
+    gen_height, gen_width = generation_size(dit, dcae, height, width, resolution_binning=resolution_binning)
+    start_step = img2img_start_step(steps, strength) if image is not None else 0
+
+    device = dit.device
+    batch = len(prompts) * batch_size
+    f = dcae.spatial_compression
+    shape = (batch, dit.config.in_channels, gen_height // f, gen_width // f)
+    _check_latents(latents, shape)
+    branches = () if sprint else guidance_branches(guidance_scale, pag_scale)
+    layers = tuple(pag_layers) if pag_layers is not None else default_pag_layers(dit)
+    pag_context = nullcontext()
+    if PERTURBED in branches:
+        perturbed = branches.index(PERTURBED)
+        pag_context = perturbed_self_attention(dit, layers, slice(perturbed * batch, (perturbed + 1) * batch))
+
+    # Entered first so that bad PAG layers fail before any compute.
+    with pag_context:
+        text = encode_prompts(
+            text_encoder,
+            prompts,
+            copies=batch_size,
+            negative_prompt=negative_prompt if UNCOND in branches else None,
+            chi=chi,
+            device=device,
+        )
+        clean = None
+        if image is not None:
+            clean = images_to_latents(dcae, image, gen_height, gen_width).to(device)
+            if clean.shape[0] not in (1, batch):
+                raise SanaCheckpointError(f"got {clean.shape[0]} images for a batch of {batch}; pass 1 or {batch}")
+            clean = clean.expand(batch, -1, -1, -1)
+
+        generator = torch.Generator()
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(int(seed))
+        if latents is None:
+            noise = draw_noise(shape, generator, device)
+        else:
+            noise = latents.to(device=device, dtype=torch.float32)
+        dtype = dit.dtype
+
+        if sprint:
+            angles = trigflow_schedule(steps)[start_step:]
+            if clean is None:
+                start = trigflow_start_latents(noise)
+            else:
+                start = trigflow_start_latents(noise, image_latents=clean, first_angle=angles[0])
+            # The scale takes the prompt dtype before the DiT multiplies it by 0.1, as diffusers
+            # does (in bf16 that gives 0.44921875 for 4.5, which is what Sprint was tested with).
+            guidance = torch.full((batch,), float(guidance_scale)).to(device=device, dtype=text.cond.dtype)
+            context, mask = text.cond.to(dtype), text.cond_mask
+
+            def sprint_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return dit(x.to(dtype), t, context, mask, guidance)
+
+            final = trigflow_sampler(
+                sprint_velocity, start, angles, generator=generator, callback=_progress(callback, len(angles) - 1)
+            )
+        else:
+            shift = flow_shift if flow_shift is not None else default_flow_shift(dit.config.sample_size)
+            schedule = (flow_dpm_schedule if solver == FLOW_DPM_SOLVER else flow_euler_schedule)(steps, shift)
+            schedule = schedule.for_strength(strength) if clean is not None else schedule
+            start = noise if clean is None else add_flow_noise(clean, noise, schedule.sigmas[0])
+            # One context row block per guidance branch; the perturbed branch sees the prompt.
+            texts = {UNCOND: (text.uncond, text.uncond_mask), COND: (text.cond, text.cond_mask)}
+            texts[PERTURBED] = texts[COND]
+            context = torch.cat([texts[b][0] for b in branches]).to(dtype)
+            mask = torch.cat([texts[b][1] for b in branches])
+            timestep_scale = dit.config.timestep_scale
+
+            def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return dit(x.to(dtype), t * timestep_scale, context, mask)
+
+            velocity = guided_velocity(model, guidance_scale=guidance_scale, pag_scale=pag_scale)
+            sampler = flow_dpm_solver if solver == FLOW_DPM_SOLVER else flow_euler
+            final = sampler(velocity, start, schedule, callback=_progress(callback, schedule.num_steps))
+
+    return latents_to_images(dcae, final, height, width)
+
+
+__all__ = [
+    "Autoencoder",
+    "FLOW_DPM_SOLVER",
+    "FLOW_EULER",
+    "SOLVERS",
+    "TRIGFLOW",
+    "ProgressCallback",
+    "PromptEmbeddings",
+    "check_components",
+    "default_pag_layers",
+    "encode_prompts",
+    "generate",
+    "generation_size",
+    "images_to_latents",
+    "latents_to_images",
+    "select_solver",
+]
