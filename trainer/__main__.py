@@ -1,0 +1,122 @@
+"""`python -m trainer <command> [options]`; `python -m trainer <command> --help` lists every option.
+
+Commands:
+  cache     encode an image folder / JSONL manifest into the latent + text-embedding cache
+  dit       train the DiT (full fine-tune, or LoRA with --lora-rank) on a cache; torchrun-ready
+  dcae      train a small DC-AE (reconstruction loss)
+  preset    build the embedded default model (`python -m trainer --preset shapes-tiny` is the same)
+  demo      prompts → PNG grid with a model folder (builds the shapes-tiny model first if missing)
+  evaluate  shapes-world prompt adherence of a model folder on held-out prompts
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .options import add_options, build_config
+
+DEFAULT_MODEL_DIR = "models/shapes-tiny"
+
+
+def _cache_command(args: argparse.Namespace) -> None:
+    import torch
+
+    from sana.dcae_io import load_dcae
+    from sana.text_encoder import load_text_encoder
+
+    from .data import build_cache, read_records
+
+    summary = build_cache(
+        read_records(args.data), args.cache_dir,
+        dcae=lambda: load_dcae(args.vae, dtype=torch.float32),
+        text_encoder=lambda: load_text_encoder(args.text_encoder),
+        resolution=args.resolution, shard_size=args.shard_size, batch_size=args.batch_size,
+        max_length=args.max_length, chi=args.chi, sample_prompts=args.sample_prompts,
+    )
+    print(json.dumps({k: v for k, v in summary.items() if k != "skipped"}, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("--preset"):  # `python -m trainer --preset shapes-tiny [...]`
+        argv = ["preset", *([argv[0].split("=", 1)[1]] if "=" in argv[0] else []), *argv[1:]]
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    from .train_dcae import DCAETrainConfig
+    from .train_dit import DiTTrainConfig
+
+    cache = commands.add_parser("cache", help="build the latent / text-embedding cache")
+    cache.add_argument("--data", required=True, help="image folder (same-name .txt captions) or JSONL manifest")
+    cache.add_argument("--cache-dir", required=True, help="output folder of safetensors shards (resumable)")
+    cache.add_argument("--vae", required=True, help="DC-AE checkpoint (anything sana load_dcae reads)")
+    cache.add_argument("--text-encoder", required=True, help="Gemma-2 folder (anything sana.load_text_encoder reads)")
+    cache.add_argument("--resolution", type=int, default=512, help="training resolution; images go to its aspect-ratio bins (default: 512)")
+    cache.add_argument("--shard-size", type=int, default=512, help="samples per shard (default: 512)")
+    cache.add_argument("--batch-size", type=int, default=16, help="encoding batch size (default: 16)")
+    cache.add_argument("--max-length", type=int, default=300, help="caption tokens (default: 300)")
+    cache.add_argument("--chi", type=lambda s: s.lower() in ("1", "true", "yes"), default=True, help="prepend the complex human instruction (default: true)")
+    cache.add_argument("--sample-prompts", nargs="*", default=[], help="prompts to embed for sample grids during training")
+
+    add_options(commands.add_parser("dit", help="train the DiT (torchrun-ready)", description=DiTTrainConfig.__doc__), DiTTrainConfig)
+    add_options(commands.add_parser("dcae", help="train a small DC-AE"), DCAETrainConfig)
+
+    preset = commands.add_parser("preset", help="build the embedded default model")
+    preset.add_argument("name", nargs="?", default="shapes-tiny", help="preset name (trainer/presets/<name>.json)")
+    preset.add_argument("--output-dir", default=DEFAULT_MODEL_DIR, help=f"model folder to build (default: {DEFAULT_MODEL_DIR})")
+    preset.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=JSON", help="override preset values, e.g. dit_training.steps=100")
+    preset.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    demo = commands.add_parser("demo", help="prompts → PNG grid")
+    demo.add_argument("prompts", nargs="*", help="prompts (default: eight shapes-world prompts)")
+    demo.add_argument("--model", default=DEFAULT_MODEL_DIR, help=f"model folder; built with the shapes-tiny preset if missing (default: {DEFAULT_MODEL_DIR})")
+    demo.add_argument("--out", default="shapes_demo.png", help="PNG to write (default: shapes_demo.png)")
+    demo.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    demo.add_argument("--steps", type=int, default=20, help="Flow-DPM-Solver steps (default: 20)")
+    demo.add_argument("--guidance", type=float, default=4.5, help="CFG scale (default: 4.5)")
+
+    evaluate = commands.add_parser("evaluate", help="shapes-world prompt adherence on held-out prompts")
+    evaluate.add_argument("--model", default=DEFAULT_MODEL_DIR, help="model folder")
+    evaluate.add_argument("--seeds", type=int, default=2, help="images per prompt (default: 2)")
+    evaluate.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
+    evaluate.add_argument("--guidance", type=float, default=4.5, help="CFG scale (default: 4.5)")
+
+    args = parser.parse_args(argv)
+    if args.command == "cache":
+        _cache_command(args)
+    elif args.command == "dit":
+        from .train_dit import train_dit
+
+        summary = train_dit(build_config(DiTTrainConfig, args))
+        summary.pop("model")
+        print(json.dumps(summary))
+    elif args.command == "dcae":
+        from .train_dcae import train_dcae
+
+        print(json.dumps(train_dcae(build_config(DCAETrainConfig, args))))
+    elif args.command == "preset":
+        from .preset import run_preset
+
+        overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+        print(json.dumps(run_preset(args.name, args.output_dir, progress=not args.no_progress, overrides=overrides), indent=2))
+    elif args.command == "demo":
+        from .preset import DEFAULT_DEMO_PROMPTS, demo as run_demo, run_preset
+
+        if not (Path(args.model) / "transformer").is_dir():
+            if args.model != DEFAULT_MODEL_DIR:
+                raise SystemExit(f"{args.model} is not a model folder")
+            print(f"{args.model} not found: training the shapes-tiny model first (one time)")
+            run_preset("shapes-tiny", args.model)
+        path = run_demo(args.model, args.prompts or DEFAULT_DEMO_PROMPTS, args.out, seed=args.seed, steps=args.steps, guidance_scale=args.guidance)
+        print(f"wrote {path}")
+    elif args.command == "evaluate":
+        from .preset import evaluate_model
+
+        print(json.dumps(evaluate_model(args.model, seeds=args.seeds, steps=args.steps, guidance_scale=args.guidance), indent=2))
+
+
+if __name__ == "__main__":
+    main()
