@@ -3,6 +3,9 @@
 Public API:
 - `SanaDiT`, `SanaDiTConfig`, `DIT_PRESETS`: the Linear DiT for every SANA release.
 - `load_dit(path, *, dtype=None, device="cpu", config=None)`, `save_dit(model, path, format=...)`.
+- `DCAE`, `DCAEConfig`, `load_dcae`, `save_dcae`: the deep-compression autoencoder, both weight layouts, tiling.
+- `generate(*, dit, dcae, text_encoder, prompt, ...)`: text (or image) to images, as diffusers' SANA pipelines.
+- `load_lora(model, path, scale)`: merge a diffusers/PEFT-layout SANA LoRA into a DiT.
 - `load_text_encoder(folder, *, dtype=None, device="cpu")`: Gemma-2 with the CHI prompt, `.encode(prompts)`.
 - `sana.schedules`, `sana.samplers`, `sana.resolution`: flow schedules, Flow-DPM-Solver / Flow-Euler /
   TrigFlow samplers with CFG and PAG, and the aspect-ratio bins.
@@ -11,16 +14,26 @@ Public API:
 
 from .dit import DIT_PRESETS, SanaDiT, SanaDiTConfig
 from .dit_io import load_dit, save_dit
+from .dcae import DCAE, DCAEConfig
+from .dcae_io import load_dcae, save_dcae
 from .errors import SanaCheckpointError
+from .lora import load_lora
+from .pipeline import generate
 from .text_encoder import TextEncoder, load_text_encoder
 
 __all__ = [
+    "DCAE",
+    "DCAEConfig",
     "DIT_PRESETS",
     "SanaCheckpointError",
     "SanaDiT",
     "SanaDiTConfig",
     "TextEncoder",
+    "generate",
+    "load_dcae",
     "load_dit",
+    "load_lora",
     "load_text_encoder",
+    "save_dcae",
     "save_dit",
 ]
