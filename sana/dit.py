@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .errors import SanaCheckpointError
+from .ops import Linear
 from .schedules import default_flow_shift
 
 # Linear-attention denominator epsilon; diffusers uses 1e-15 (NVlabs passes 1e-8). Only an
@@ -277,8 +278,8 @@ class CaptionProjection(nn.Module):
 
     def __init__(self, caption_channels: int, hidden_size: int):
         super().__init__()
-        self.fc1 = nn.Linear(caption_channels, hidden_size)
-        self.fc2 = nn.Linear(hidden_size, hidden_size)
+        self.fc1 = Linear(caption_channels, hidden_size)
+        self.fc2 = Linear(hidden_size, hidden_size)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(y), approximate="tanh"))
@@ -305,10 +306,10 @@ class LinearSelfAttention(nn.Module):
     def __init__(self, hidden_size: int, heads: int, qk_norm: bool):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
+        self.qkv = Linear(hidden_size, 3 * hidden_size, bias=False)
         self.q_norm = RMSNorm(hidden_size, eps=1e-5) if qk_norm else None
         self.k_norm = RMSNorm(hidden_size, eps=1e-5) if qk_norm else None
-        self.proj = nn.Linear(hidden_size, hidden_size)
+        self.proj = Linear(hidden_size, hidden_size)
         # Batch rows whose attention is replaced by identity attention, proj(V): PAG's perturbed
         # branch. Set only through `perturbed_self_attention`, which restores it on exit.
         self.identity_rows: slice | None = None
@@ -333,12 +334,12 @@ class CrossAttention(nn.Module):
     def __init__(self, hidden_size: int, heads: int, head_dim: int, qk_norm: bool):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
-        self.q_linear = nn.Linear(hidden_size, hidden_size)
-        self.kv_linear = nn.Linear(hidden_size, 2 * hidden_size)
+        self.q_linear = Linear(hidden_size, hidden_size)
+        self.kv_linear = Linear(hidden_size, 2 * hidden_size)
         # diffusers' rms_norm_across_heads uses eps 1e-5 here (NVlabs: 1e-6); we follow diffusers.
         self.q_norm = RMSNorm(hidden_size, eps=1e-5) if qk_norm else None
         self.k_norm = RMSNorm(hidden_size, eps=1e-5) if qk_norm else None
-        self.proj = nn.Linear(hidden_size, hidden_size)
+        self.proj = Linear(hidden_size, hidden_size)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask_bias: torch.Tensor | None) -> torch.Tensor:
         B, N, C = x.shape
@@ -362,9 +363,9 @@ class MixFFN(nn.Module):
 
     def __init__(self, hidden_size: int, mlp_hidden: int):
         super().__init__()
-        self.inverted_conv = nn.Linear(hidden_size, 2 * mlp_hidden)
+        self.inverted_conv = Linear(hidden_size, 2 * mlp_hidden)
         self.depth_conv = nn.Conv2d(2 * mlp_hidden, 2 * mlp_hidden, 3, padding=1, groups=2 * mlp_hidden)
-        self.point_conv = nn.Linear(mlp_hidden, hidden_size, bias=False)
+        self.point_conv = Linear(mlp_hidden, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         B, N, _ = x.shape
@@ -420,7 +421,7 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.eps = eps
         self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size**0.5)
-        self.linear = nn.Linear(hidden_size, out_features)
+        self.linear = Linear(hidden_size, out_features)
 
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).chunk(2, dim=1)  # 2 × [B, 1, C]
