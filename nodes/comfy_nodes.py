@@ -1,0 +1,290 @@
+"""The Sana V3 nodes (imported only inside ComfyUI).
+
+Each node's schema is generated from its `NodeSpec` (nodes/specs.py, the single source of ids,
+widget order, defaults and tooltips); each `run_*` function below adds ComfyUI's services
+(model folders, devices, memory management, progress, previews) around `nodes/logic.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import comfy.model_management as model_management
+import comfy.model_patcher
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import folder_paths
+import latent_preview
+import node_helpers
+from comfy_api.latest import io
+
+from ..sana.dcae_io import load_dcae
+from ..sana.pipeline import FLOW_DPM_SOLVER, TRIGFLOW, select_solver
+from ..sana.text_encoder import TextEncoder, load_text_encoder
+from ..sana.samplers import uses_cfg, uses_pag
+from . import logic, specs
+from .comfy_model import ManagedModule, auto_dtype, load_sana_model, sana_dit, with_pag
+from .comfy_vae import SanaDCAEVAE
+
+# --------------------------------------------------------------------------------------------
+# Model folders
+
+
+def _roots(*keys: str) -> list[str]:
+    roots: list[str] = []
+    for key in keys:
+        try:
+            roots += folder_paths.get_folder_paths(key)
+        except KeyError:
+            pass
+    return roots
+
+
+def _dit_is_folder(path: Path) -> bool:
+    return logic.has_config(path, "transformer")
+
+
+def _vae_is_folder(path: Path) -> bool:
+    return logic.has_config(path, "vae")
+
+
+DYNAMIC_OPTIONS: dict[str, Callable[[], list[str]]] = {
+    specs.DIT_FILES: lambda: logic.list_model_entries(
+        _roots("diffusion_models", "checkpoints"), folder_paths.supported_pt_extensions, _dit_is_folder
+    ),
+    specs.GEMMA_FOLDERS: lambda: logic.list_model_entries(
+        _roots("text_encoders"), (), logic.is_gemma_folder, include_files=False
+    ),
+    specs.VAE_FILES: lambda: logic.list_model_entries(_roots("vae"), folder_paths.supported_pt_extensions, _vae_is_folder),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Schemas from specs
+
+GEMMA_TYPE = io.Custom(specs.GEMMA)
+SOCKET_TYPES = {
+    specs.MODEL: io.Model,
+    specs.CONDITIONING: io.Conditioning,
+    specs.LATENT: io.Latent,
+    specs.IMAGE: io.Image,
+    specs.VAE: io.Vae,
+    specs.SAMPLER: io.Sampler,
+    specs.SIGMAS: io.Sigmas,
+    specs.GEMMA: GEMMA_TYPE,
+    specs.INT: io.Int,
+}
+
+
+def schema_input(spec: specs.InputSpec):
+    common: dict[str, Any] = {"tooltip": spec.tooltip, "optional": spec.optional}
+    if spec.kind == specs.INT:
+        return io.Int.Input(spec.name, default=spec.default, min=spec.min, max=spec.max, step=spec.step,
+                            control_after_generate=spec.control_after_generate or None, **common)
+    if spec.kind == specs.FLOAT:
+        return io.Float.Input(spec.name, default=spec.default, min=spec.min, max=spec.max, step=spec.step,
+                              round=spec.round, **common)
+    if spec.kind == specs.STRING:
+        return io.String.Input(spec.name, default=spec.default, multiline=spec.multiline,
+                               dynamic_prompts=spec.dynamic_prompts or None, **common)
+    if spec.kind == specs.BOOLEAN:
+        return io.Boolean.Input(spec.name, default=spec.default, **common)
+    if spec.kind == specs.COMBO:
+        options = list(spec.options) if spec.options is not None else DYNAMIC_OPTIONS[spec.options_source]()
+        default = spec.default if spec.default in options else None
+        return io.Combo.Input(spec.name, options=options, default=default, **common)
+    return SOCKET_TYPES[spec.kind].Input(spec.name, **common)
+
+
+def schema_for(spec: specs.NodeSpec) -> io.Schema:
+    return io.Schema(
+        node_id=spec.node_id,
+        display_name=spec.display_name,
+        category=spec.category,
+        description=spec.description,
+        inputs=[schema_input(i) for i in spec.inputs],
+        outputs=[SOCKET_TYPES[o.kind].Output(display_name=o.name, tooltip=o.tooltip) for o in spec.outputs],
+        is_output_node=spec.is_output_node,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Node behaviour
+
+
+@dataclass
+class SanaGemma:
+    """SANA_GEMMA: a loaded Gemma-2 with its tokenizer, under a ModelPatcher."""
+
+    text_encoder: TextEncoder
+    patcher: comfy.model_patcher.ModelPatcher
+
+
+def run_dit_loader(dit_name: str, dtype: str, variant: str):
+    path = logic.resolve_model_entry(_roots("diffusion_models", "checkpoints"), dit_name)
+    return (load_sana_model(path, logic.DTYPES[dtype], None if variant == "auto" else variant),)
+
+
+def run_gemma_loader(gemma_name: str, dtype: str):
+    path = logic.resolve_model_entry(_roots("text_encoders"), gemma_name)
+    load_device = model_management.text_encoder_device()
+    offload_device = model_management.text_encoder_offload_device()
+    weight_dtype = auto_dtype(logic.DTYPES[dtype], load_device)
+    text_encoder = load_text_encoder(path, dtype=weight_dtype, device=offload_device)
+    holder = ManagedModule(text_encoder.model, offload_device)
+    patcher = comfy.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload_device)
+    return (SanaGemma(text_encoder, patcher),)
+
+
+def _encode(gemma: SanaGemma, text: str, chi, max_tokens: int):
+    if not isinstance(gemma, SanaGemma):
+        raise ValueError("the gemma input must come from 'Gemma Loader (Sana)'")
+    model_management.load_models_gpu([gemma.patcher])
+    return (logic.encode_conditioning(gemma.text_encoder, text, chi=chi, max_tokens=max_tokens),)
+
+
+def run_text_encode(gemma, text: str, chi: str, custom_chi: str, max_tokens: int):
+    return _encode(gemma, text, logic.chi_argument(chi, custom_chi), max_tokens)
+
+
+def run_negative_encode(gemma, text: str, max_tokens: int):
+    return _encode(gemma, text, False, max_tokens)
+
+
+def run_dcae_loader(vae_name: str, dtype: str):
+    path = logic.resolve_model_entry(_roots("vae"), vae_name)
+    device = model_management.vae_device()
+    choice = logic.DTYPES[dtype]
+    weight_dtype = choice if choice is not None else model_management.vae_dtype(device, [torch.bfloat16, torch.float32])
+    dcae = load_dcae(path, dtype=weight_dtype, device=model_management.vae_offload_device())
+    vae = SanaDCAEVAE(dcae, weight_dtype)
+    try:
+        images = logic.preview_fit_images(dcae.spatial_compression)
+        vae.load(images.shape, "encode")
+        factors, bias = logic.fit_latent_rgb_factors(vae.dcae, images)
+        logic.register_preview_factors(dcae.latent_channels, factors, bias)
+    except Exception as error:  # previews are a convenience: never fail the load over them
+        logging.warning("Sana: could not fit latent preview colours for %s: %s", vae_name, error)
+    return (vae,)
+
+
+def _progress(total_hint: int = 1):
+    bar = comfy.utils.ProgressBar(total_hint)
+    # update_absolute also checks for interrupts (ComfyUI's global progress hook).
+    return lambda done, total: bar.update_absolute(done, total)
+
+
+def run_dcae_decode(samples: dict, vae, tile_size: int, tile_overlap: int):
+    latents = samples["samples"]
+    if not isinstance(vae, SanaDCAEVAE):  # another VAE: behave like ComfyUI's own decode nodes
+        if tile_size > 0:
+            f = vae.spacial_compression_decode()
+            return (vae.decode_tiled(latents, tile_x=tile_size // f, tile_y=tile_size // f, overlap=tile_overlap // f),)
+        return (vae.decode(latents),)
+    vae.load(latents.shape, "decode")
+    images = logic.decode_latents(vae.dcae, latents, tile_size, tile_overlap, _progress())
+    return (images.to(model_management.intermediate_device()),)
+
+
+def run_dcae_encode(pixels: torch.Tensor, vae, tile_size: int, tile_overlap: int):
+    if not isinstance(vae, SanaDCAEVAE):
+        return ({"samples": vae.encode(pixels[:, :, :, :3])},)
+    vae.load(tuple(pixels.movedim(-1, 1).shape), "encode")
+    latents = logic.encode_images(vae.dcae, pixels, tile_size, tile_overlap, _progress())
+    return ({"samples": latents.to(model_management.intermediate_device())},)
+
+
+def _shift(model, flow_shift: float) -> float:
+    """The flow shift: the widget's value, or (0 = auto) the MODEL's own shift, which is the
+    variant's trained shift unless a ModelSamplingSD3-style node changed it upstream."""
+    if flow_shift > 0:
+        return float(flow_shift)
+    return float(model.get_model_object("model_sampling").shift)
+
+
+def run_ksampler(model, positive, negative, latent_image: dict, seed: int, steps: int, cfg: float,
+                 flow_shift: float, solver: str, pag_scale: float, denoise: float):
+    dit = sana_dit(model)
+    solver = select_solver(dit, solver)
+    schedule = logic.sana_schedule(solver, steps, _shift(model, flow_shift), denoise)
+    sampler = comfy.samplers.KSAMPLER(
+        logic.sampler_function(solver, schedule.timesteps if solver == FLOW_DPM_SOLVER else None)
+    )
+    if solver == TRIGFLOW:
+        if uses_pag(pag_scale):
+            raise ValueError("PAG needs a flow solver; SANA-Sprint's trigflow sampler has none (set pag_scale to 0)")
+        # Sprint: cfg is the embedded guidance, one conditional pass per step.
+        positive = node_helpers.conditioning_set_values(positive, {"guidance": float(cfg)})
+        negative, cfg = positive, 1.0
+    elif not uses_cfg(cfg):
+        cfg = 1.0  # SANA's rule: guidance <= 1 is one conditional pass, never extrapolation
+    if uses_pag(pag_scale):
+        model = with_pag(model, pag_scale)
+    latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
+    noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
+    x0_output: dict = {}
+    callback = latent_preview.prepare_callback(model, schedule.num_steps, x0_output)
+    samples = comfy.sample.sample_custom(
+        model, noise, cfg, sampler, schedule.sigmas, positive, negative, latent,
+        noise_mask=latent_image.get("noise_mask"), callback=callback,
+        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
+    )
+    out = latent_image.copy()
+    out["samples"] = samples
+    return (out,)
+
+
+def run_sampler(solver: str):
+    return (comfy.samplers.KSAMPLER(logic.sampler_function(solver)),)
+
+
+def run_sigmas(model, solver: str, steps: int, flow_shift: float, denoise: float):
+    solver = select_solver(sana_dit(model), solver)
+    return (logic.sana_schedule(solver, steps, _shift(model, flow_shift), denoise).sigmas,)
+
+
+def run_empty_latent(width: int, height: int, batch_size: int, resolution_bins: str):
+    latent, width, height = logic.empty_latent(
+        width, height, batch_size, resolution_bins, device=model_management.intermediate_device()
+    )
+    return ({"samples": latent}, width, height)
+
+
+RUNNERS: dict[str, Callable[..., tuple]] = {
+    "SanaDiTLoader": run_dit_loader,
+    "SanaGemmaLoader": run_gemma_loader,
+    "SanaGemmaTextEncode": run_text_encode,
+    "SanaGemmaNegativeEncode": run_negative_encode,
+    "SanaDCAELoader": run_dcae_loader,
+    "SanaDCAEDecode": run_dcae_decode,
+    "SanaDCAEEncode": run_dcae_encode,
+    "SanaKSampler": run_ksampler,
+    "SanaSampler": run_sampler,
+    "SanaSigmas": run_sigmas,
+    "SanaEmptyLatentImage": run_empty_latent,
+}
+
+
+def make_node(spec: specs.NodeSpec, run: Callable[..., tuple]) -> type[io.ComfyNode]:
+    """A V3 node class whose schema comes from `spec` and whose execute calls `run`."""
+
+    class SanaNode(io.ComfyNode):
+        @classmethod
+        def define_schema(cls) -> io.Schema:
+            return schema_for(spec)
+
+        @classmethod
+        def execute(cls, **inputs) -> io.NodeOutput:
+            return io.NodeOutput(*run(**inputs))
+
+    SanaNode.__name__ = SanaNode.__qualname__ = spec.node_id
+    return SanaNode
+
+
+NODE_CLASSES: list[type[io.ComfyNode]] = [make_node(spec, RUNNERS[node_id]) for node_id, spec in specs.NODE_SPECS.items()]

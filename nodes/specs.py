@@ -1,0 +1,429 @@
+"""Declarative definitions of every Sana node: ids, widgets in order, defaults, tooltips, outputs.
+
+This module never imports ComfyUI (nor torch), so CI can pin each node's input order and
+validate the shipped workflows against it. Inside ComfyUI, `nodes/comfy_nodes.py` turns each
+`NodeSpec` into a V3 `io.Schema`.
+
+Compatibility rule (workflows store widget values by position): once shipped, a node id and
+the order of its inputs never change. New inputs are appended at the end, optional, with a
+default; `tests/test_nodes_specs.py` pins the current order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+CATEGORY = "Sana"
+
+# Widget kinds: inputs of these kinds take a slot in a UI workflow's `widgets_values`.
+INT, FLOAT, STRING, BOOLEAN, COMBO = "INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"
+WIDGET_KINDS = frozenset({INT, FLOAT, STRING, BOOLEAN, COMBO})
+
+# Socket kinds (links only). SANA_GEMMA is our own type: a loaded Gemma-2 with its tokenizer.
+MODEL, CONDITIONING, LATENT, IMAGE, VAE = "MODEL", "CONDITIONING", "LATENT", "IMAGE", "VAE"
+SAMPLER, SIGMAS, GEMMA = "SAMPLER", "SIGMAS", "SANA_GEMMA"
+
+# Dynamic combo sources: the options are the model files/folders found at schema time.
+DIT_FILES = "dit_files"  # diffusion_models + checkpoints (files and diffusers folders)
+GEMMA_FOLDERS = "gemma_folders"  # text_encoders (Gemma-2 folders)
+VAE_FILES = "vae_files"  # vae (files and diffusers folders)
+
+DTYPE_OPTIONS = ("auto", "bf16", "fp16", "fp32")
+SOLVER_OPTIONS = ("flow_dpm_solver", "flow_euler", "trigflow")
+CHI_OPTIONS = ("preset", "off", "custom")
+RESOLUTION_BIN_OPTIONS = ("off", "512px", "1024px", "2048px", "4096px")
+SEED_MAX = 0xFFFFFFFFFFFFFFFF
+MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One node input. `kind` is a widget kind (INT, FLOAT, STRING, BOOLEAN, COMBO) or a socket type."""
+
+    name: str
+    kind: str
+    tooltip: str
+    default: Any = None
+    min: float | int | None = None
+    max: float | int | None = None
+    step: float | int | None = None
+    round: float | None = None
+    options: tuple[str, ...] | None = None  # static COMBO options
+    options_source: str | None = None  # dynamic COMBO options (model listings)
+    multiline: bool = False
+    dynamic_prompts: bool = False
+    control_after_generate: bool = False
+    optional: bool = False
+
+    @property
+    def is_widget(self) -> bool:
+        return self.kind in WIDGET_KINDS
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    kind: str
+    name: str
+    tooltip: str
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    node_id: str
+    display_name: str
+    description: str
+    inputs: tuple[InputSpec, ...]
+    outputs: tuple[OutputSpec, ...]
+    category: str = CATEGORY
+    is_output_node: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def input_order(self) -> list[str]:
+        """Input names as ComfyUI orders them: required first, then optional, each in spec order."""
+        return [i.name for i in self.inputs if not i.optional] + [i.name for i in self.inputs if i.optional]
+
+    def widget_inputs(self) -> list[InputSpec]:
+        """The inputs that take a widget slot, in the frontend's widget order."""
+        by_name = {i.name: i for i in self.inputs}
+        return [by_name[n] for n in self.input_order() if by_name[n].is_widget]
+
+
+def _dtype(what: str) -> InputSpec:
+    return InputSpec(
+        "dtype",
+        COMBO,
+        f"Weight dtype of the {what}. auto: bf16 on GPUs that support it, else fp32 (fp16 risks overflow in "
+        "SANA's text encoder and DC-AE).",
+        default="auto",
+        options=DTYPE_OPTIONS,
+    )
+
+
+def _tile_inputs(direction: str) -> tuple[InputSpec, InputSpec]:
+    return (
+        InputSpec(
+            "tile_size",
+            INT,
+            f"Tile side in image pixels for the {direction} (a multiple of 32). 0 = automatic: the whole image "
+            "when it fits in free memory, else 1024 px tiles (smaller if memory is tight).",
+            default=0,
+            min=0,
+            max=MAX_RESOLUTION,
+            step=32,
+        ),
+        InputSpec(
+            "tile_overlap",
+            INT,
+            "Overlap between neighbouring tiles in image pixels (a multiple of 32, at most half the tile). "
+            "Wider overlaps blend seams more smoothly.",
+            default=256,
+            min=0,
+            max=4096,
+            step=32,
+        ),
+    )
+
+
+_SOLVER_TOOLTIP = (
+    "flow_dpm_solver: SANA's Flow-DPM-Solver (DPM-Solver++ 2M on the flow, integer timesteps as diffusers). "
+    "flow_euler: the flow-matching Euler sampler. trigflow: SANA-Sprint's few-step sCM sampler (Sprint models only)."
+)
+_SHIFT_TOOLTIP = "Flow shift of the noise schedule. 0 = auto: the model's trained shift (3.0; 6.0 for the 4K model)."
+
+NODE_SPECS: dict[str, NodeSpec] = {}
+
+
+def _add(spec: NodeSpec) -> None:
+    NODE_SPECS[spec.node_id] = spec
+
+
+_add(
+    NodeSpec(
+        "SanaDiTLoader",
+        "Sana DiT Loader",
+        "Loads a SANA, SANA-1.5 or SANA-Sprint DiT (official .pth/.safetensors, diffusers folder or single file, "
+        "ComfyUI-prefixed weights) from models/diffusion_models or models/checkpoints. The variant is detected "
+        "from the weights. Works with ComfyUI's KSampler, SamplerCustomAdvanced, LoRA and ModelSampling nodes.",
+        inputs=(
+            InputSpec(
+                "dit_name",
+                COMBO,
+                "The DiT file or diffusers folder, from models/diffusion_models (or models/checkpoints).",
+                options_source=DIT_FILES,
+            ),
+            _dtype("DiT"),
+            InputSpec(
+                "variant",
+                COMBO,
+                "auto: detect the release from the weights. Pick one only to override detection, e.g. "
+                "sana-1600m-2k / sana-1600m-4k for a bare diffusers file that cannot tell them from 1K.",
+                default="auto",
+                options=(
+                    "auto",
+                    "sana-600m-512",
+                    "sana-600m-1024",
+                    "sana-1600m-512",
+                    "sana-1600m-1024",
+                    "sana-1600m-2k",
+                    "sana-1600m-4k",
+                    "sana1.5-1.6b",
+                    "sana1.5-4.8b",
+                    "sana-sprint-0.6b",
+                    "sana-sprint-1.6b",
+                ),
+            ),
+        ),
+        outputs=(OutputSpec(MODEL, "MODEL", "The SANA DiT as a native ComfyUI flow model."),),
+    )
+)
+
+_add(
+    NodeSpec(
+        "SanaGemmaLoader",
+        "Gemma Loader (Sana)",
+        "Loads SANA's text encoder, a Gemma-2 folder (e.g. gemma-2-2b-it, or a diffusers SANA folder with "
+        "text_encoder/ and tokenizer/) from models/text_encoders. Offline only; managed by ComfyUI's memory manager.",
+        inputs=(
+            InputSpec(
+                "gemma_name",
+                COMBO,
+                "A Gemma-2 folder under models/text_encoders (holding config.json, the weights and the tokenizer).",
+                options_source=GEMMA_FOLDERS,
+            ),
+            _dtype("text encoder"),
+        ),
+        outputs=(OutputSpec(GEMMA, "gemma", "The Gemma-2 text encoder and tokenizer."),),
+    )
+)
+
+_MAX_TOKENS = InputSpec(
+    "max_tokens",
+    INT,
+    "Prompt tokens kept (SANA was trained with 300; the first token plus the last max_tokens - 1).",
+    default=300,
+    min=2,
+    max=4096,
+)
+
+_add(
+    NodeSpec(
+        "SanaGemmaTextEncode",
+        "Gemma CHI Text Encode (Sana)",
+        "Encodes the positive prompt with Gemma-2 and SANA's complex human instruction (CHI), as the official "
+        "pipelines do. The CONDITIONING carries its own attention mask. Encode negative prompts with "
+        "'Gemma Negative Text Encode (Sana)', which never adds the CHI.",
+        inputs=(
+            InputSpec("gemma", GEMMA, "The Gemma-2 text encoder from Gemma Loader (Sana)."),
+            InputSpec("text", STRING, "The prompt.", default="", multiline=True, dynamic_prompts=True),
+            InputSpec(
+                "chi",
+                COMBO,
+                "preset: prepend SANA's default complex human instruction (diffusers' text). off: plain encoding. "
+                "custom: prepend custom_chi instead.",
+                default="preset",
+                options=CHI_OPTIONS,
+            ),
+            InputSpec(
+                "custom_chi",
+                STRING,
+                "The instruction to prepend when chi is 'custom' (ignored otherwise).",
+                default="",
+                multiline=True,
+            ),
+            _MAX_TOKENS,
+        ),
+        outputs=(OutputSpec(CONDITIONING, "CONDITIONING", "Prompt embeddings with their attention mask."),),
+    )
+)
+
+_add(
+    NodeSpec(
+        "SanaGemmaNegativeEncode",
+        "Gemma Negative Text Encode (Sana)",
+        "Encodes a negative (or empty) prompt with Gemma-2 and no CHI, as diffusers' SANA pipelines encode the "
+        "negative prompt.",
+        inputs=(
+            InputSpec("gemma", GEMMA, "The Gemma-2 text encoder from Gemma Loader (Sana)."),
+            InputSpec("text", STRING, "The negative prompt (often empty).", default="", multiline=True, dynamic_prompts=True),
+            _MAX_TOKENS,
+        ),
+        outputs=(OutputSpec(CONDITIONING, "CONDITIONING", "Negative prompt embeddings with their attention mask."),),
+    )
+)
+
+_add(
+    NodeSpec(
+        "SanaDCAELoader",
+        "DC-AE Loader (Sana)",
+        "Loads a DC-AE autoencoder (mit-han-lab original .safetensors/.pth or a diffusers AutoencoderDC folder) "
+        "from models/vae. The result is a native VAE: ComfyUI's VAE Decode, VAE Encode and VAE Decode (Tiled) work "
+        "with it. Also fits the latent-preview colours for this DC-AE.",
+        inputs=(
+            InputSpec(
+                "vae_name",
+                COMBO,
+                "The DC-AE file or diffusers folder under models/vae (e.g. dc-ae-f32c32-sana-1.1-diffusers).",
+                options_source=VAE_FILES,
+            ),
+            _dtype("DC-AE"),
+        ),
+        outputs=(OutputSpec(VAE, "VAE", "The DC-AE as a native ComfyUI VAE."),),
+    )
+)
+
+_add(
+    NodeSpec(
+        "SanaDCAEDecode",
+        "DC-AE Decode (Sana)",
+        "Decodes SANA latents to images with the DC-AE. Tiles automatically when the image would not fit in "
+        "free memory (4K), or with the tile size you set.",
+        inputs=(
+            InputSpec("samples", LATENT, "The latents to decode."),
+            InputSpec("vae", VAE, "The DC-AE from DC-AE Loader (Sana)."),
+            *_tile_inputs("decode"),
+        ),
+        outputs=(OutputSpec(IMAGE, "IMAGE", "The decoded images."),),
+    )
+)
+
+_add(
+    NodeSpec(
+        "SanaDCAEEncode",
+        "DC-AE Encode (Sana)",
+        "Encodes images to SANA latents with the DC-AE (for image-to-image). Images are centre-cropped to a "
+        "multiple of 32 pixels.",
+        inputs=(
+            InputSpec("pixels", IMAGE, "The images to encode."),
+            InputSpec("vae", VAE, "The DC-AE from DC-AE Loader (Sana)."),
+            *_tile_inputs("encode"),
+        ),
+        outputs=(OutputSpec(LATENT, "LATENT", "The image latents."),),
+    )
+)
+
+_add(
+    NodeSpec(
+        "SanaKSampler",
+        "Flow-DPM-Solver KSampler (Sana)",
+        "Samples a SANA model with Flow-DPM-Solver (or Flow-Euler, or Sprint's TrigFlow), classifier-free guidance "
+        "and optional perturbed-attention guidance, the way the official pipelines do. For the same noise it "
+        "gives the same latents as sana.generate. Previews, progress and interrupts come from ComfyUI.",
+        inputs=(
+            InputSpec("model", MODEL, "A SANA model from Sana DiT Loader."),
+            InputSpec("positive", CONDITIONING, "The prompt conditioning (Gemma CHI Text Encode)."),
+            InputSpec("negative", CONDITIONING, "The negative conditioning (Gemma Negative Text Encode); unused by trigflow."),
+            InputSpec("latent_image", LATENT, "The starting latent: Empty Sana Latent, or DC-AE Encode for img2img."),
+            InputSpec(
+                "seed",
+                INT,
+                "Seed of the initial noise (drawn on the CPU, as ComfyUI and sana.generate do).",
+                default=0,
+                min=0,
+                max=SEED_MAX,
+                control_after_generate=True,
+            ),
+            InputSpec("steps", INT, "Number of sampling steps (SANA: 20; Sprint: 1-4).", default=20, min=1, max=10000),
+            InputSpec(
+                "cfg",
+                FLOAT,
+                "Classifier-free guidance scale (SANA: 4.5; <= 1 means a single conditional pass). For trigflow it is "
+                "SANA-Sprint's embedded guidance.",
+                default=4.5,
+                min=0.0,
+                max=100.0,
+                step=0.1,
+                round=0.01,
+            ),
+            InputSpec("flow_shift", FLOAT, _SHIFT_TOOLTIP, default=0.0, min=0.0, max=100.0, step=0.01),
+            InputSpec("solver", COMBO, _SOLVER_TOOLTIP, default="flow_dpm_solver", options=SOLVER_OPTIONS),
+            InputSpec(
+                "pag_scale",
+                FLOAT,
+                "Perturbed-attention guidance scale (0 = off; SANA's PAG pipelines use about 2-3). Adds one extra "
+                "model pass per step, with identity self-attention in NVlabs' PAG block (8 of 20, 14 of 28).",
+                default=0.0,
+                min=0.0,
+                max=20.0,
+                step=0.1,
+                round=0.01,
+            ),
+            InputSpec(
+                "denoise",
+                FLOAT,
+                "Denoising strength: 1.0 for text-to-image; lower keeps more of the input latent (img2img keeps the "
+                "last round(steps*denoise) steps, diffusers' rule).",
+                default=1.0,
+                min=0.01,
+                max=1.0,
+                step=0.01,
+            ),
+        ),
+        outputs=(OutputSpec(LATENT, "LATENT", "The denoised latents."),),
+    )
+)
+
+_add(
+    NodeSpec(
+        "SanaSampler",
+        "Flow-DPM-Solver Sampler (Sana)",
+        "A SAMPLER for SamplerCustom / SamplerCustomAdvanced: Flow-DPM-Solver, Flow-Euler, or SANA-Sprint's "
+        "TrigFlow (which re-noises every step from the noise seed). Pair it with Sana Sigmas of the same solver.",
+        inputs=(InputSpec("solver", COMBO, _SOLVER_TOOLTIP, default="flow_dpm_solver", options=SOLVER_OPTIONS),),
+        outputs=(OutputSpec(SAMPLER, "SAMPLER", "The sampler."),),
+    )
+)
+
+_add(
+    NodeSpec(
+        "SanaSigmas",
+        "Sana Sigmas",
+        "The noise schedule SANA's pipelines use: Flow-DPM-Solver's or Flow-Euler's shifted flow sigmas, or "
+        "SANA-Sprint's TrigFlow steps as flow times. For SamplerCustom / SamplerCustomAdvanced.",
+        inputs=(
+            InputSpec("model", MODEL, "The SANA model (its trained flow shift is the auto shift)."),
+            InputSpec("solver", COMBO, "The solver this schedule is for. " + _SOLVER_TOOLTIP, default="flow_dpm_solver", options=SOLVER_OPTIONS),
+            InputSpec("steps", INT, "Number of sampling steps (SANA: 20; Sprint: 2).", default=20, min=1, max=10000),
+            InputSpec("flow_shift", FLOAT, _SHIFT_TOOLTIP + " Ignored by trigflow.", default=0.0, min=0.0, max=100.0, step=0.01),
+            InputSpec(
+                "denoise",
+                FLOAT,
+                "Denoising strength: 1.0 for text-to-image; lower keeps the last round(steps*denoise) steps.",
+                default=1.0,
+                min=0.01,
+                max=1.0,
+                step=0.01,
+            ),
+        ),
+        outputs=(OutputSpec(SIGMAS, "SIGMAS", "The sigmas, descending to 0."),),
+    )
+)
+
+_add(
+    NodeSpec(
+        "SanaEmptyLatentImage",
+        "Empty Sana Latent",
+        "An empty 32-channel SANA latent (1/32 of the image size). With resolution bins on, the size snaps to "
+        "the nearest trained aspect-ratio bin of that resolution (height and width kept the right way round).",
+        inputs=(
+            InputSpec("width", INT, "Image width in pixels (a multiple of 32).", default=1024, min=32, max=MAX_RESOLUTION, step=32),
+            InputSpec("height", INT, "Image height in pixels (a multiple of 32).", default=1024, min=32, max=MAX_RESOLUTION, step=32),
+            InputSpec("batch_size", INT, "Number of latents in the batch.", default=1, min=1, max=4096),
+            InputSpec(
+                "resolution_bins",
+                COMBO,
+                "Snap to the nearest aspect-ratio bin of the model's training resolution (512px, 1024px, 2048px, "
+                "4096px), or off to use width and height as given.",
+                default="1024px",
+                options=RESOLUTION_BIN_OPTIONS,
+            ),
+        ),
+        outputs=(
+            OutputSpec(LATENT, "LATENT", "The empty latent."),
+            OutputSpec(INT, "width", "The image width used (after snapping)."),
+            OutputSpec(INT, "height", "The image height used (after snapping)."),
+        ),
+    )
+)
+
+__all__ = ["CATEGORY", "InputSpec", "NODE_SPECS", "NodeSpec", "OutputSpec", "WIDGET_KINDS"]

@@ -1,0 +1,121 @@
+"""Shared helpers for the node tests: the extension imported as a package, and tiny random models
+written under the official file names the workflows use.
+
+The nodes import the library relatively (`from ..sana import ...`), as ComfyUI loads the
+extension as a package; tests therefore load the repository root as the package
+`sana_comfy_ext`, so its `nodes` and `sana` subpackages are importable without ComfyUI.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "sana_comfy_ext"
+
+# Official release names (what a user downloads; see workflows/README.md).
+DIT_1024 = "Sana_1600M_1024px_BF16.pth"
+DIT_4K = "Sana_1600M_4Kpx_BF16.pth"
+DIT_SPRINT = "Sana_Sprint_1.6B_1024px.pth"
+DCAE_FOLDER = "dc-ae-f32c32-sana-1.1-diffusers"
+GEMMA_FOLDER = "gemma-2-2b-it"
+
+GEMMA_HIDDEN = 32
+
+
+def extension():
+    """The repository root imported as a package (idempotent)."""
+    if PACKAGE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(PACKAGE, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACKAGE] = module
+        spec.loader.exec_module(module)
+    return sys.modules[PACKAGE]
+
+
+def ext_module(name: str):
+    """`nodes.specs`, `sana.pipeline`, ... of the extension package."""
+    extension()
+    return importlib.import_module(f"{PACKAGE}.{name}")
+
+
+def tiny_dit_config(lib, *, sprint: bool = False, sample_size: int = 32, interpolation_scale: float | None = None,
+                    hidden_size: int = 64, depth: int = 2, cross_heads: int = 2, cross_head_dim: int = 32):
+    """A small SanaDiTConfig paired with the tiny Gemma (32 channels) and a 32-channel DC-AE."""
+    return lib.SanaDiTConfig(
+        hidden_size=hidden_size,
+        depth=depth,
+        cross_attention_heads=cross_heads,
+        cross_attention_head_dim=cross_head_dim,
+        caption_channels=GEMMA_HIDDEN,
+        in_channels=32,
+        out_channels=32,
+        sample_size=sample_size,
+        interpolation_scale=interpolation_scale,
+        qk_norm=sprint,
+        guidance_embeds=sprint,
+        flow_shift=6.0 if sample_size >= 128 else 3.0,
+    )
+
+
+def random_dit(lib, config, seed: int = 0):
+    """A SanaDiT with random weights (perturbed so no zero-initialised layer hides a bug)."""
+    torch.manual_seed(seed)
+    dit = lib.SanaDiT(config).eval()
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return dit
+
+
+def tiny_dcae_config(dcae_module):
+    """A 6-stage (compression 32) SANA-layout DC-AE with 32 latent channels and tiny widths."""
+    return dcae_module.DCAEConfig(
+        latent_channels=32,
+        attention_head_dim=8,
+        encoder_widths=(8, 8, 16, 16, 32, 32),
+        decoder_widths=(8, 8, 16, 16, 32, 32),
+        encoder_depths=(1, 1, 1, 1, 1, 1),
+        decoder_depths=(1, 1, 1, 1, 1, 1),
+        name="tiny-f32c32",
+    )
+
+
+def random_dcae(dcae_module, seed: int = 0):
+    torch.manual_seed(seed)
+    model = dcae_module.build_dcae(tiny_dcae_config(dcae_module)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def write_model_folders(root: Path) -> dict[str, Path]:
+    """Write tiny random models under the official names into ComfyUI-style folders below `root`:
+    diffusion_models/ (the three DiT .pth files), vae/ (the DC-AE diffusers folder) and
+    text_encoders/ (a Gemma-2 causal-LM folder). Official .pth files carry no config, so the DiTs
+    use a released width (1152) at depth 1 for the loader to detect them. Returns the folders."""
+    from tiny_gemma import build_tiny_gemma
+
+    lib = ext_module("sana")
+    dcae_module = ext_module("sana.dcae")
+    dcae_io = ext_module("sana.dcae_io")
+    folders = {name: root / name for name in ("diffusion_models", "vae", "text_encoders")}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    released = dict(hidden_size=1152, depth=1, cross_heads=16, cross_head_dim=72)
+    for name, kwargs, seed in (
+        (DIT_1024, {}, 0),
+        (DIT_4K, {"sample_size": 128, "interpolation_scale": 2.0}, 1),
+        (DIT_SPRINT, {"sprint": True}, 2),
+    ):
+        dit = random_dit(lib, tiny_dit_config(lib, **released, **kwargs), seed).to(torch.bfloat16)
+        lib.save_dit(dit, folders["diffusion_models"] / name, format="official")
+    dcae_io.save_dcae(random_dcae(dcae_module), folders["vae"] / DCAE_FOLDER)
+    build_tiny_gemma(folders["text_encoders"] / GEMMA_FOLDER, hidden_size=GEMMA_HIDDEN, causal_lm=True)
+    return folders

@@ -1,0 +1,277 @@
+"""The extension inside a real ComfyUI (skipped unless COMFYUI_DIR points at a ComfyUI checkout).
+
+`COMFYUI_PYTHON` is the interpreter with ComfyUI's requirements (default: this one); it also
+needs this project's runtime requirements (torch, transformers, safetensors, einops, numpy).
+
+1. `test_shipped_workflows_run_headless`: ComfyUI is started headless on the CPU (127.0.0.1,
+   a free port) with this extension and temporary model folders (extra_model_paths.yaml) holding
+   tiny random checkpoints under the official file names the workflows use. Each workflow is
+   converted UI -> API with the server's own /object_info, shrunk to 256x192 px for CPU time
+   (the 4K workflow keeps a forced tiled decode, with 128 px tiles), queued, and must finish
+   with no node errors and a PNG of the expected size. The server is always killed.
+2. `test_ksampler_node_matches_sana_generate`: in a ComfyUI process (no server), the
+   SanaKSampler node (Flow-DPM-Solver, Flow-DPM-Solver + PAG, Sprint's trigflow) against
+   `sana.generate` on the same noise: ComfyUI starts flow sampling at sigma0 * noise, so the
+   reference gets `latents = sigma0 * noise` (Sprint: the seed, whose stream also gives the
+   per-step noise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+import uuid
+import zlib
+from pathlib import Path
+
+import pytest
+
+from comfy_api_format import to_api_prompt
+from node_fixtures import ROOT, write_model_folders
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
+pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR (and COMFYUI_PYTHON) to run against a real ComfyUI")
+
+STARTUP_TIMEOUT_S = 240
+PROMPT_TIMEOUT_S = 300
+TEST_WIDTH, TEST_HEIGHT = 256, 192
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_png(path: Path, width: int, height: int) -> None:
+    """A small RGB gradient PNG, written without an imaging library."""
+    rows = b"".join(b"\x00" + b"".join(bytes((x * 255 // width, y * 255 // height, 128)) for x in range(width)) for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def extension_already_installed(comfy_dir: Path) -> bool:
+    custom = comfy_dir / "custom_nodes"
+    return custom.is_dir() and any(p.resolve() == ROOT for p in custom.iterdir() if p.is_dir())
+
+
+@pytest.fixture(scope="module")
+def model_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("comfy_models")
+    write_model_folders(root)
+    return root
+
+
+class ComfyServer:
+    def __init__(self, base: Path, model_root: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.output, self.input = base / "output", base / "input"
+        for folder in (self.output, self.input, base / "temp", base / "user"):
+            folder.mkdir(parents=True, exist_ok=True)
+        lines = ["sana_test:", f"    base_path: {model_root}", "    diffusion_models: diffusion_models", "    vae: vae",
+                 "    text_encoders: text_encoders"]
+        if not extension_already_installed(Path(COMFYUI_DIR)):
+            (base / "custom_nodes").mkdir()
+            (base / "custom_nodes" / "sana-comfy").symlink_to(ROOT, target_is_directory=True)
+            lines.append(f"    custom_nodes: {base / 'custom_nodes'}")
+        (base / "extra_model_paths.yaml").write_text("\n".join(lines) + "\n")
+        self.log_path = base / "server.log"
+        command = [
+            COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--disable-auto-launch",
+            "--extra-model-paths-config", str(base / "extra_model_paths.yaml"), "--output-directory", str(self.output),
+            "--input-directory", str(self.input), "--temp-directory", str(base / "temp"), "--user-directory", str(base / "user"),
+            "--database-url", "sqlite:///:memory:", "--preview-method", "auto",
+        ]
+        self.log = open(self.log_path, "w")
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        self.process = subprocess.Popen(command, cwd=COMFYUI_DIR, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            return response.read()
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"ComfyUI exited with {self.process.returncode}:\n{self.log_path.read_text()[-4000:]}")
+            try:
+                if json.loads(self.get("/object_info/SanaKSampler")):
+                    return
+                pytest.fail(f"SanaKSampler is not registered:\n{self.log_path.read_text()[-4000:]}")
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(1)
+        pytest.fail(f"ComfyUI did not start within {STARTUP_TIMEOUT_S} s:\n{self.log_path.read_text()[-4000:]}")
+
+    def queue(self, prompt: dict, workflow: dict) -> dict:
+        body = json.dumps({"prompt": prompt, "client_id": str(uuid.uuid4()), "extra_data": {"extra_pnginfo": {"workflow": workflow}}})
+        request = urllib.request.Request(self.url + "/prompt", data=body.encode(), headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            pytest.fail(f"/prompt refused the workflow: {error.read().decode()}")
+
+    def wait_history(self, prompt_id: str) -> dict:
+        deadline = time.monotonic() + PROMPT_TIMEOUT_S
+        while time.monotonic() < deadline:
+            history = json.loads(self.get(f"/history/{prompt_id}"))
+            if history:
+                return history[prompt_id]
+            if self.process.poll() is not None:
+                pytest.fail(f"ComfyUI died:\n{self.log_path.read_text()[-4000:]}")
+            time.sleep(0.5)
+        pytest.fail(f"prompt {prompt_id} did not finish within {PROMPT_TIMEOUT_S} s")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=20)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, model_root):
+    comfy = ComfyServer(tmp_path_factory.mktemp("comfy_server"), model_root)
+    try:
+        comfy.wait_ready()
+        yield comfy
+    finally:
+        comfy.stop()
+
+
+def shrink_for_cpu(prompt: dict) -> tuple[int, int]:
+    """Sizes that a CPU runs in seconds (the img2img input image is written at this size too);
+    returns the expected output (width, height)."""
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "SanaEmptyLatentImage":
+            inputs.update(width=TEST_WIDTH, height=TEST_HEIGHT, resolution_bins="off")
+        if node["class_type"] == "SanaDCAEDecode" and inputs["tile_size"] > 0:
+            inputs.update(tile_size=128, tile_overlap=32)  # still tiled: 8x6 latents in 4x4 tiles
+    return TEST_WIDTH, TEST_HEIGHT
+
+
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+
+
+def test_extension_imports_cleanly(server):
+    log = server.log_path.read_text()
+    assert "IMPORT FAILED" not in "\n".join(l for l in log.splitlines() if "sana" in l.lower())
+    info = json.loads(server.get("/object_info"))
+    assert {k for k in info if k.startswith("Sana")} >= {"SanaDiTLoader", "SanaKSampler", "SanaDCAELoader", "SanaEmptyLatentImage"}
+    assert info["SanaKSampler"]["category"] == "Sana"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_shipped_workflows_run_headless(server, path):
+    write_png(server.input / "example.png", TEST_WIDTH, TEST_HEIGHT)  # LoadImage's file in the img2img workflow
+    workflow = json.loads(path.read_text())
+    object_info = json.loads(server.get("/object_info"))
+    prompt = to_api_prompt(workflow, object_info)
+    width, height = shrink_for_cpu(prompt)
+    answer = server.queue(prompt, workflow)
+    assert answer.get("node_errors") == {}, answer
+    history = server.wait_history(answer["prompt_id"])
+    errors = [m[1] for m in history["status"]["messages"] if m[0] == "execution_error"]
+    assert history["status"]["status_str"] == "success", errors or history["status"]
+    images = [image for output in history["outputs"].values() for image in output.get("images", [])]
+    assert images, history["outputs"]
+    for image in images:
+        query = f"/view?filename={image['filename']}&subfolder={image['subfolder']}&type={image['type']}"
+        assert png_size(server.get(query)) == (width, height)
+
+
+PARITY_SCRIPT = textwrap.dedent(
+    r'''
+    import importlib.util, json, sys
+    comfy_dir, root, models = sys.argv[1], sys.argv[2], sys.argv[3]
+    sys.argv = [sys.argv[0], "--cpu"]
+    sys.path.insert(0, comfy_dir)
+    import comfy.options
+    comfy.options.enable_args_parsing()
+    import torch
+    import folder_paths
+    for key in ("diffusion_models", "vae", "text_encoders"):
+        folder_paths.add_model_folder_path(key, f"{models}/{key}", is_default=True)
+    spec = importlib.util.spec_from_file_location("sana_comfy_parity", f"{root}/__init__.py", submodule_search_locations=[root])
+    module = importlib.util.module_from_spec(spec); sys.modules[spec.name] = module; spec.loader.exec_module(module)
+    from sana_comfy_parity.nodes import comfy_nodes as cn, logic
+    from sana_comfy_parity.sana.pipeline import generate
+    from sana_comfy_parity.sana.samplers import draw_noise
+    from sana_comfy_parity import sana
+
+    H, W, seed, steps = 192, 256, 5, 8
+    results = {}
+    with torch.inference_mode():
+        (gemma,) = cn.run_gemma_loader("gemma-2-2b-it", "fp32")
+        (vae,) = cn.run_dcae_loader("dc-ae-f32c32-sana-1.1-diffusers", "fp32")
+        positive = cn.run_text_encode(gemma, "a red bicycle", "preset", "", 300)[0]
+        negative = cn.run_negative_encode(gemma, "", 300)[0]
+        latent = cn.run_empty_latent(W, H, 1, "off")[0]
+        for name, dit_file, solver, cfg, pag in (("dpm", "Sana_1600M_1024px_BF16.pth", "flow_dpm_solver", 4.5, 0.0),
+                                                 ("dpm_pag", "Sana_1600M_1024px_BF16.pth", "flow_dpm_solver", 4.5, 2.0),
+                                                 ("euler", "Sana_1600M_1024px_BF16.pth", "flow_euler", 4.5, 0.0),
+                                                 ("sprint", "Sana_Sprint_1.6B_1024px.pth", "trigflow", 4.5, 0.0)):
+            (model,) = cn.run_dit_loader(dit_file, "fp32", "auto")
+            (out,) = cn.run_ksampler(model, positive, negative, latent, seed, 2 if solver == "trigflow" else steps, cfg, 0.0, solver, pag, 1.0)
+            (ours,) = cn.run_dcae_decode(out, vae, 0, 256)
+            dit = sana.load_dit(f"{models}/diffusion_models/{dit_file}", dtype=torch.float32)
+            kwargs = dict(dit=dit, dcae=vae.dcae, text_encoder=gemma.text_encoder, prompt="a red bicycle", height=H, width=W,
+                          resolution_binning=False, guidance_scale=cfg, pag_scale=pag, seed=seed)
+            if solver == "trigflow":
+                reference = generate(steps=2, **kwargs)
+            else:
+                schedule = logic.sana_schedule(solver, steps, dit.config.flow_shift)
+                noise = draw_noise((1, 32, H // 32, W // 32), torch.Generator().manual_seed(seed))
+                reference = generate(steps=steps, solver=solver, latents=schedule.sigmas[0] * noise, **kwargs)
+            results[name] = {"max_abs_diff": float((ours - reference).abs().max()), "std": float(ours.std())}
+        # ComfyUI's own VAE Decode / VAE Decode (Tiled) paths on the DC-AE VAE object.
+        samples = out["samples"]
+        core = vae.decode(samples)
+        results["core_vae_decode"] = {"max_abs_diff": float((core - cn.run_dcae_decode(out, vae, 0, 256)[0]).abs().max()), "std": float(core.std())}
+        core_tiled = vae.decode_tiled(samples, tile_x=4, tile_y=4, overlap=1)
+        ours_tiled = cn.run_dcae_decode(out, vae, 128, 32)[0]
+        results["core_vae_decode_tiled"] = {"max_abs_diff": float((core_tiled - ours_tiled).abs().max()), "std": float(core_tiled.std())}
+    print("PARITY " + json.dumps(results))
+    '''
+)
+
+
+def test_ksampler_node_matches_sana_generate(model_root, tmp_path):
+    script = tmp_path / "parity.py"
+    script.write_text(PARITY_SCRIPT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    run = subprocess.run([COMFYUI_PYTHON, str(script), COMFYUI_DIR, str(ROOT), str(model_root)], cwd=COMFYUI_DIR,
+                         capture_output=True, text=True, timeout=PROMPT_TIMEOUT_S, env=env)
+    line = next((l for l in run.stdout.splitlines() if l.startswith("PARITY ")), None)
+    assert run.returncode == 0 and line, run.stdout[-3000:] + run.stderr[-5000:]
+    results = json.loads(line[len("PARITY "):])
+    print(results)
+    for name, result in results.items():
+        assert result["max_abs_diff"] < 1e-4, (name, result)
+        assert result["std"] > 0.01, (name, result)
