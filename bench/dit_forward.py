@@ -1,6 +1,7 @@
 """DiT forward time and peak memory: ours vs diffusers' SanaTransformer2DModel on the same weights.
 
     python bench/dit_forward.py                         # Sana-0.6B width, 1024px (32×32 latents), fp32 CPU
+    python bench/dit_forward.py --clock cpu                 # CPU seconds instead of wall time (shared machine)
     python bench/dit_forward.py --device cuda --dtype bf16 --latent 128 --batch 16
 
 Each implementation runs in its own process so that peak memory is its own. The caption is 300
@@ -49,7 +50,7 @@ def run_one(args: argparse.Namespace) -> dict:
     torch.save(out.float().cpu()[:, :, :4, :4].clone(), args.sample_out)
     base = current_bytes(device)
     reset_peak(device)
-    median, best = time_it(lambda: forward(x, t, context, mask), device, args.repeats, warmup=0)
+    median, best = time_it(lambda: forward(x, t, context, mask), device, args.repeats, warmup=0, clock=args.clock)
     return {"median_s": median, "min_s": best, "peak_bytes": peak_bytes(device), "weights_resident_bytes": base}
 
 
@@ -64,6 +65,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2, help="alternate the implementations this many times, keep the best")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: process CPU seconds (for shared machines)")
     p.add_argument("--impl", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
     p.add_argument("--caption", type=int, default=None, help=argparse.SUPPRESS)
@@ -88,7 +90,7 @@ def main() -> None:
             for impl in ("diffusers", "ours"):
                 sample = Path(tmp) / f"{impl}.pt"
                 cmd = [sys.executable, __file__, "--impl", impl, "--weights", str(Path(tmp) / "dit"), "--sample-out", str(sample)]
-                for name in ("latent", "batch", "valid_tokens", "dtype", "device", "repeats"):
+                for name in ("latent", "batch", "valid_tokens", "dtype", "device", "repeats", "clock"):
                     cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 r = json.loads(out.strip().splitlines()[-1])
@@ -99,7 +101,7 @@ def main() -> None:
     err = ((ours["sample"] - ref["sample"]).abs().max() / ref["sample"].abs().max()).item()
     print(f"machine: {machine()}")
     print(f"model: {args.preset} depth {cfg.depth}, {args.dtype}, batch {args.batch}, latent {args.latent}², "
-          f"{args.valid_tokens}/300 caption tokens valid")
+          f"{args.valid_tokens}/300 caption tokens valid; clock: {args.clock}")
     for impl in ("diffusers", "ours"):
         r = results[impl]
         print(f"{impl:10s} median {r['median_s'] * 1000:9.1f} ms  min {r['min_s'] * 1000:9.1f} ms  "
