@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .errors import SanaCheckpointError
-from .ops import Linear
+from .ops import Linear, fused
 from .schedules import default_flow_shift
 
 # Linear-attention denominator epsilon; diffusers uses 1e-15 (NVlabs passes 1e-8). Only an
@@ -187,6 +187,9 @@ def variant_name(config: SanaDiTConfig) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Functional pieces (each the PyTorch reference a fused kernel must match)
+#
+# `@fused` routes a call to the Triton kernel of the same name in `sana.kernels` on CUDA (see
+# `sana.ops.fused`, `SANA_KERNELS`); on CPU the body below runs unchanged.
 # --------------------------------------------------------------------------------------------
 
 
@@ -218,6 +221,7 @@ def sincos_pos_embed_2d(
     return torch.cat([sincos_1d(dim // 2, grid_x), sincos_1d(dim // 2, grid_y)], dim=1).float()
 
 
+@fused
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim: statistics in fp32, rounded to a half weight's dtype before the scale."""
     variance = x.float().pow(2).mean(-1, keepdim=True)
@@ -227,6 +231,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y * weight
 
 
+@fused
 def relu_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """ReLU linear attention, `out_i = Σ_j (φq_i·φk_j) v_j / (Σ_j φq_i·φk_j + eps)` per head.
 
@@ -244,6 +249,39 @@ def relu_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hea
     out = torch.matmul(q, kv)  # [B, h, N, D+1]
     out = out[..., :D] / (out[..., D:] + LINEAR_ATTENTION_EPS)
     return out.transpose(1, 2).reshape(B, N, C).to(dtype)
+
+
+@fused
+def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """AdaLN modulate: `shift + LayerNorm(x)·(1 + scale)` in x's dtype; x `[B, N, C]`, shift/scale `[B, 1, C]`."""
+    return torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=eps), 1 + scale).to(x.dtype)
+
+
+@fused
+def residual_layer_norm_modulate(
+    x: torch.Tensor, update: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(x + update, layer_norm_modulate(x + update, ...))`: a residual add and the next norm.
+
+    Without autograd, x is updated in place (callers pass their own buffer) and returned.
+    """
+    x = x + update if torch.is_grad_enabled() else x.add_(update)
+    return x, layer_norm_modulate(x, shift, scale, eps)
+
+
+@fused
+def depthwise_conv_glu(
+    y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, height: int, width: int
+) -> torch.Tensor:
+    """Mix-FFN middle: 3×3 depthwise conv (padding 1) over y `[B, h·w, 2H]` read as a channels-last
+    image, then the GLU gate `value · SiLU(gate)` of its two channel halves → `[B, h·w, H]`."""
+    B, N, channels = y.shape
+    inplace = not torch.is_grad_enabled()  # no autograd graph: reuse the big buffers
+    image = y.view(B, height, width, channels).permute(0, 3, 1, 2)  # [B, 2H, h, w], channels-last strides
+    image = F.conv2d(image, weight, bias, padding=1, groups=channels)  # stays channels-last
+    value, gate = image.chunk(2, dim=1)  # 2 × [B, H, h, w]
+    out = value.mul_(F.silu(gate, inplace=True)) if inplace else value * F.silu(gate)
+    return out.permute(0, 2, 3, 1).reshape(B, N, -1)  # [B, N, H], a view when channels-last
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,14 +406,8 @@ class MixFFN(nn.Module):
         self.point_conv = Linear(mlp_hidden, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        B, N, _ = x.shape
-        inplace = not torch.is_grad_enabled()  # no autograd graph: reuse the big buffers
-        y = F.silu(self.inverted_conv(x), inplace=inplace)  # [B, N, 2H]
-        y = y.view(B, height, width, -1).permute(0, 3, 1, 2)  # [B, 2H, h, w], channels-last strides
-        y = self.depth_conv(y)  # stays channels-last
-        value, gate = y.chunk(2, dim=1)  # 2 × [B, H, h, w]
-        y = value.mul_(F.silu(gate, inplace=True)) if inplace else value * F.silu(gate)
-        y = y.permute(0, 2, 3, 1).reshape(B, N, -1)  # [B, N, H], a view when channels-last
+        y = F.silu(self.inverted_conv(x), inplace=not torch.is_grad_enabled())  # [B, N, 2H]
+        y = depthwise_conv_glu(y, self.depth_conv.weight, self.depth_conv.bias, height, width)  # [B, N, H]
         return self.point_conv(y)
 
 
@@ -404,14 +436,10 @@ class SanaBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.scale_shift_table[None] + t_mod.reshape(B, 6, C)
         ).chunk(6, dim=1)  # 6 × [B, 1, C]
-        y = torch.addcmul(shift_msa, F.layer_norm(x, (C,), eps=self.norm_eps), 1 + scale_msa).to(x.dtype)
-        if torch.is_grad_enabled():
-            x = torch.addcmul(x, gate_msa, self.attn(y))
-            x = x + self.cross_attn(x, context, mask_bias)
-        else:  # x is this forward's own buffer: update it in place
-            x = x.addcmul_(gate_msa, self.attn(y))
-            x = x.add_(self.cross_attn(x, context, mask_bias))
-        y = torch.addcmul(shift_mlp, F.layer_norm(x, (C,), eps=self.norm_eps), 1 + scale_mlp)
+        y = layer_norm_modulate(x, shift_msa, scale_msa, self.norm_eps)
+        # Without autograd x is this forward's own buffer: update it in place.
+        x = torch.addcmul(x, gate_msa, self.attn(y)) if torch.is_grad_enabled() else x.addcmul_(gate_msa, self.attn(y))
+        x, y = residual_layer_norm_modulate(x, self.cross_attn(x, context, mask_bias), shift_mlp, scale_mlp, self.norm_eps)
         mlp_out = self.mlp(y, height, width)
         return torch.addcmul(x, gate_mlp, mlp_out) if torch.is_grad_enabled() else x.addcmul_(gate_mlp, mlp_out)
 
@@ -425,7 +453,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).chunk(2, dim=1)  # 2 × [B, 1, C]
-        return self.linear(torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=self.eps), 1 + scale))
+        return self.linear(layer_norm_modulate(x, shift, scale, self.eps))
 
 
 class SanaDiT(nn.Module):

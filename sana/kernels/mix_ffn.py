@@ -1,0 +1,83 @@
+"""Mix-FFN middle in Triton: the 3×3 depthwise conv and the GLU gate in one pass.
+
+Reference (same signature): `sana.dit.depthwise_conv_glu`. The input is the inverted conv's
+output `[B, N, 2H]` (after its SiLU), read as a channels-last `h × w` image; each program
+computes a tile of pixels × channels for both halves (value channels c, gate channels H + c),
+adds the bias, and writes only `value · SiLU(gate)` `[B, N, H]`: the `[B, N, 2H]` conv output
+of the reference is never stored. The reference's roundings (conv output, SiLU output) to
+the tensor dtype are kept, so 16-bit results differ only by the fp32 summation order.
+
+Forward only: the dispatcher routes calls that need gradients to the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import empty
+
+
+@triton.jit
+def _depthwise_conv_glu_kernel(
+    Y, W, BIAS, OUT, height, width, hidden, stride_yb, stride_yn, stride_ob, stride_on,
+    BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < height * width
+    row = offs_p // width
+    col = offs_p % width
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_h = offs_h < hidden
+    y_base = Y + b * stride_yb
+    value = tl.zeros((BLOCK_P, BLOCK_H), dtype=tl.float32)
+    gate = tl.zeros((BLOCK_P, BLOCK_H), dtype=tl.float32)
+    for tap in tl.static_range(9):  # cross-correlation, padding 1: out[r, c] += w[i, j] · y[r + i − 1, c + j − 1]
+        r = row + (tap // 3 - 1)
+        c = col + (tap % 3 - 1)
+        inside = mask_p & (r >= 0) & (r < height) & (c >= 0) & (c < width)
+        ptrs = y_base + (r * width + c).to(tl.int64)[:, None] * stride_yn + offs_h[None, :]
+        mask = inside[:, None] & mask_h[None, :]
+        w_value = tl.load(W + offs_h * 9 + tap, mask=mask_h, other=0.0).to(tl.float32)
+        w_gate = tl.load(W + (offs_h + hidden) * 9 + tap, mask=mask_h, other=0.0).to(tl.float32)
+        value += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * w_value[None, :]
+        gate += tl.load(ptrs + hidden, mask=mask, other=0.0).to(tl.float32) * w_gate[None, :]
+    if HAS_BIAS:
+        value += tl.load(BIAS + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+        gate += tl.load(BIAS + hidden + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+    dtype = OUT.dtype.element_ty
+    value = value.to(dtype).to(tl.float32)
+    gate = gate.to(dtype).to(tl.float32)
+    silu_gate = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
+    out_ptrs = OUT + b * stride_ob + offs_p.to(tl.int64)[:, None] * stride_on + offs_h[None, :]
+    tl.store(out_ptrs, (value * silu_gate).to(dtype), mask=mask_p[:, None] & mask_h[None, :])
+
+
+def depthwise_conv_glu(
+    y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, height: int, width: int
+) -> torch.Tensor:
+    """Triton `sana.dit.depthwise_conv_glu`: y `[B, h·w, 2H]`, weight `[2H, 1, 3, 3]` → `[B, h·w, H]`."""
+    B, N, channels = y.shape
+    supported = (torch.float32, torch.float16, torch.bfloat16)
+    if (
+        N != height * width or channels % 2 or y.dtype not in supported or y.stride(2) != 1
+        or weight.shape != (channels, 1, 3, 3) or weight.dtype != y.dtype
+        or (bias is not None and (bias.shape != (channels,) or bias.dtype != y.dtype))
+    ):
+        return NotImplemented
+    hidden = channels // 2
+    weight = weight.contiguous()
+    out = empty(B, N, hidden, device=y.device, dtype=y.dtype)
+    block_p, block_h = (16, 32) if y.device.type == "cpu" else (32, 64)
+    if out.numel():
+        grid = (triton.cdiv(N, block_p), triton.cdiv(hidden, block_h), B)
+        _depthwise_conv_glu_kernel[grid](
+            y, weight, weight if bias is None else bias, out, height, width, hidden,
+            y.stride(0), y.stride(1), out.stride(0), out.stride(1),
+            BLOCK_P=block_p, BLOCK_H=block_h, HAS_BIAS=bias is not None, num_warps=4,
+        )
+    return out
