@@ -14,6 +14,7 @@ model. Tensor data is then streamed one tensor at a time:
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -105,17 +106,22 @@ class _SafetensorsFile:
             self.entries[name] = (TensorInfo(shape, dtype), begin, end)
 
     def read(self, name: str) -> torch.Tensor:
-        info, begin, end = self.entries[name]
+        info, _, _ = self.entries[name]
         # An uninitialised buffer filled by one read: no zero-fill, no intermediate copy.
-        buf = torch.empty(end - begin, dtype=torch.uint8)
-        if not len(buf):
-            return torch.empty(info.shape, dtype=info.dtype)
+        out = torch.empty(info.shape, dtype=info.dtype)
+        self.read_into(name, out)
+        return out
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Read `name` straight into `out` (contiguous CPU, same dtype and element count)."""
+        _, begin, end = self.entries[name]
+        if end == begin:
+            return
         with open(self.path, "rb") as f:
             f.seek(self.data_start + begin)
-            got = f.readinto(memoryview(buf.numpy()))
-        if got != len(buf):
+            got = f.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+        if got != end - begin:
             raise SanaCheckpointError(f"{self.path}: truncated while reading key {name!r}")
-        return buf.view(info.dtype).reshape(info.shape)
 
 
 @dataclass
@@ -132,6 +138,7 @@ class CheckpointReader:
     _read: Callable[[str], torch.Tensor]
     config: dict | None = None
     metadata: dict = field(default_factory=dict)
+    _read_into: Callable[[str, torch.Tensor], None] | None = None
 
     def keys(self) -> list[str]:
         return list(self.infos)
@@ -146,12 +153,22 @@ class CheckpointReader:
         """A CPU tensor holding `key`: a fresh buffer, or for `.pth` files the memory-mapped tensor."""
         return self._read(key)
 
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        """Fill `out` (contiguous, CPU, `key`'s dtype and element count) with `key`, without a temporary."""
+        info = self.infos[key]
+        if out.dtype != info.dtype or out.numel() != math.prod(info.shape) or not out.is_contiguous():
+            raise ValueError(f"read_into({key!r}): out is {out.dtype} {list(out.shape)}, the file holds {info.dtype} {list(info.shape)}")
+        if self._read_into is not None:
+            self._read_into(key, out)
+        else:
+            out.copy_(self._read(key).reshape(out.shape))
+
     def renamed(self, rename: Callable[[str], str]) -> CheckpointReader:
         """The same checkpoint seen under new key names (e.g. with a prefix stripped)."""
         mapping = {rename(k): k for k in self.infos}
         if len(mapping) != len(self.infos):
             raise SanaCheckpointError(f"{self.path}: key renaming is not one-to-one")
-        read = self._read
+        read, read_into = self._read, self._read_into
         return CheckpointReader(
             self.path,
             self.container,
@@ -159,6 +176,7 @@ class CheckpointReader:
             lambda k: read(mapping[k]),
             self.config,
             self.metadata,
+            None if read_into is None else (lambda k, out: read_into(mapping[k], out)),
         )
 
 
@@ -173,7 +191,9 @@ def _open_safetensors(files: list[Path], path: Path, container: str, config: dic
                 raise SanaCheckpointError(f"{path}: key {name!r} appears in both {owner[name].path} and {file}")
             owner[name] = st
     infos = {name: st.entries[name][0] for name, st in owner.items()}
-    return CheckpointReader(path, container, infos, lambda k: owner[k].read(k), config, metadata)
+    return CheckpointReader(
+        path, container, infos, lambda k: owner[k].read(k), config, metadata, lambda k, out: owner[k].read_into(k, out)
+    )
 
 
 def _open_torch(path: Path) -> CheckpointReader:
@@ -323,10 +343,20 @@ def assign_state(
             tensor = tensor.to(dtype)
         state[name] = tensor.to(device)
     module.load_state_dict(state, strict=True, assign=True)
+    release_freed_memory()
     left_on_meta = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if left_on_meta:
         raise SanaCheckpointError(f"internal error: tensors left uninitialised: {left_on_meta}")
     return module
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed during a load back to the OS. glibc keeps freed blocks of the sizes a
+    checkpoint's tensors have in its heap, which shows up as resident memory never used again."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:

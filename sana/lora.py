@@ -205,6 +205,16 @@ def _alphas(metadata: dict[str, str]) -> tuple[float | None, dict[str, float], d
     return data.get("lora_alpha"), data.get("alpha_pattern") or {}, data.get("rank_pattern") or {}
 
 
+def lora_alpha(module: str, rank: int, metadata: dict[str, str]) -> float:
+    """The alpha a LoRA file gives `module`: PEFT's `alpha_pattern`, then `lora_alpha`, else the rank
+    (diffusers' rule when a file carries no adapter metadata)."""
+    default_alpha, alpha_pattern, _ = _alphas(metadata)
+    return next(
+        (v for p, v in alpha_pattern.items() if _matches(module, [p])),
+        default_alpha if default_alpha is not None else rank,
+    )
+
+
 def load_lora(model: SanaDiT, path: str | os.PathLike, scale: float = 1.0) -> SanaDiT:
     """Merge a diffusers/PEFT-layout LoRA file into `model`'s weights (in place) and return it.
 
@@ -227,7 +237,6 @@ def load_lora(model: SanaDiT, path: str | os.PathLike, scale: float = 1.0) -> Sa
         pairs.setdefault(match["module"], {})[match["ab"]] = key
     if not pairs:
         raise SanaCheckpointError(f"{path}: no LoRA weights (keys like transformer.transformer_blocks.0.attn1.to_q.lora_A.weight)")
-    lora_alpha, alpha_pattern, _ = _alphas(reader.metadata)
     updates: list[tuple[LoRATarget, torch.Tensor]] = []
     for module, ab in sorted(pairs.items()):
         if module not in targets:
@@ -242,7 +251,7 @@ def load_lora(model: SanaDiT, path: str | os.PathLike, scale: float = 1.0) -> Sa
             raise SanaCheckpointError(
                 f"{path}: {module!r} LoRA shapes A{list(a.shape)} B{list(b.shape)} do not fit a [{out}, {target.in_features}] layer"
             )
-        alpha = next((v for p, v in alpha_pattern.items() if _matches(module, [p])), lora_alpha if lora_alpha is not None else rank)
+        alpha = lora_alpha(module, rank, reader.metadata)
         updates.append((target, (b @ a) * (scale * alpha / rank)))
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -253,4 +262,13 @@ def load_lora(model: SanaDiT, path: str | os.PathLike, scale: float = 1.0) -> Sa
     return model
 
 
-__all__ = ["LoRALinear", "inject_lora", "load_lora", "lora_state_dict", "lora_targets", "merge_lora", "save_lora"]
+__all__ = [
+    "LoRALinear",
+    "inject_lora",
+    "load_lora",
+    "lora_alpha",
+    "lora_state_dict",
+    "lora_targets",
+    "merge_lora",
+    "save_lora",
+]
