@@ -504,8 +504,9 @@ class DCAE(nn.Module):
 
     Both directions run under the caller's grad mode (wrap inference in `torch.inference_mode()`).
     Large inputs are processed image by image, then in blended overlapping tiles, whenever the
-    estimated activation memory exceeds the budget (`memory_budget` argument, else the
-    `memory_budget` attribute, else what the device has free); see `sana/dcae_tiling.py`.
+    estimated activation memory exceeds the budget in bytes (`memory_budget` argument, else the
+    `memory_budget` attribute, else what the device has free; weights and the output tensor are
+    not counted); see `sana/dcae_tiling.py`. `channels_last` feature maps are used inside.
     Tiled output differs slightly from untiled output because the attention is global.
     """
 
