@@ -1,6 +1,13 @@
 import os
 
+import torch
+
 # Nothing in the suite may reach for a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+
+# Without a GPU, Triton kernels run in Triton's interpreter. It must be chosen before anything
+# (diffusers, through torch) imports triton, so it is set here rather than in the kernel tests.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
