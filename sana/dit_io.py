@@ -273,9 +273,18 @@ def resolve_config(
 
 
 def _assemble(reader: CheckpointReader, spec: KeySpec) -> torch.Tensor:
-    parts = [reader.read(key) for key, _ in spec.parts]
-    tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-    return tensor.reshape(spec.shape)
+    if len(spec.parts) == 1:
+        return reader.read(spec.parts[0][0]).reshape(spec.shape)
+    # Fused Q|K|V and K|V: each part is read straight into its rows, with no concatenation temporary.
+    dtypes = {reader.infos[key].dtype for key, _ in spec.parts}
+    if len(dtypes) != 1:
+        raise SanaCheckpointError(f"{reader.path}: {[key for key, _ in spec.parts]} are stored in different dtypes {sorted(map(str, dtypes))}")
+    out = torch.empty(spec.shape, dtype=dtypes.pop())
+    start = 0
+    for key, shape in spec.parts:
+        reader.read_into(key, out[start : start + shape[0]])
+        start += shape[0]
+    return out
 
 
 def load_dit(
@@ -292,6 +301,11 @@ def load_dit(
     Raises `SanaCheckpointError` naming the file and every missing, unexpected or misshapen key.
     """
     reader = strip_prefix(open_checkpoint(path, subfolders=("transformer",)), COMFY_PREFIXES)
+    # W8A8 checkpoints (int8 weights + scales, sana/quant) carry a metadata marker; they have their own loader.
+    from .quant.checkpoint import W8A8_METADATA_KEY, load_w8a8_dit
+
+    if W8A8_METADATA_KEY in reader.metadata:
+        return load_w8a8_dit(reader, dtype=dtype, device=device, config=config)
     layout = detect_layout(reader)
     cfg = resolve_config(reader, layout, config)
     specs = key_specs(cfg, layout)
@@ -340,11 +354,19 @@ def save_dit(
       `.safetensors` file. `pos_embed` (the training-grid table, zeros without PE) and
       `y_embedder.y_embedding` (the loaded one, else zeros) are written so NVlabs' and diffusers'
       converters accept the file.
+    A W8A8 model (`sana.quant.quantize_w8a8`) is written as a W8A8 `.safetensors` file whatever `format`.
     Writes are atomic: a failure never leaves a half-written or clobbered checkpoint.
     """
     if format not in ("diffusers", "official"):
         raise ValueError(f"format must be 'diffusers' or 'official', got {format!r}")
     path = Path(path)
+    # A W8A8 model's int8 weights and scales fit neither layout: it has its own single-file format.
+    from .quant.checkpoint import save_w8a8
+    from .quant.model import is_w8a8
+
+    if is_w8a8(model):
+        save_w8a8(model, path)
+        return
     cfg = model.config
     metadata = {CONFIG_METADATA_KEY: json.dumps(cfg.to_dict()), "format": "pt"}
     tensors = dit_state_dict(model, format)
