@@ -15,6 +15,7 @@ translates ComfyUI's calling conventions:
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -163,6 +164,29 @@ def load_sana_model(path: Path, dtype: torch.dtype | None, variant: str | None) 
     model = SanaBaseModel(model_config, dit, device=offload_device)
     logging.info("Sana DiT %s: variant %s, dtype %s, shift %s", path.name, dit.config.variant, dtype, model_config.sampling_settings)
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+def w8a8_model(model: comfy.model_patcher.ModelPatcher) -> comfy.model_patcher.ModelPatcher:
+    """A new MODEL holding a W8A8 copy of `model`'s SANA DiT; `model` itself is left as it is.
+
+    The input is first loaded as for sampling, so the copy is quantized from the weights ComfyUI
+    would run (weight patches such as LoRAs merged) on the load device; the result is moved to
+    the offload device. Weight patches therefore do not carry over (int8 weights cannot take
+    them); object patches (e.g. ModelSamplingSD3's shift) and model options (e.g. PAG) do."""
+    from ..sana.quant import is_w8a8, quantize_w8a8
+
+    if is_w8a8(sana_dit(model)):
+        raise ValueError("this MODEL is already W8A8-quantized")
+    model_management.load_models_gpu([model])
+    with torch.no_grad():
+        quantized = quantize_w8a8(sana_dit(model)).to(model.offload_device)
+    base = SanaBaseModel(SanaModelConfig(quantized), quantized, device=model.offload_device)
+    patcher = comfy.model_patcher.ModelPatcher(base, load_device=model.load_device, offload_device=model.offload_device)
+    patcher.model_options = copy.deepcopy(model.model_options)
+    for name, obj in model.object_patches.items():
+        patcher.add_object_patch(name, obj)
+    logging.info("Sana W8A8: quantized %d layers of %s", len(quantized.w8a8_plan), quantized.config.variant)
+    return patcher
 
 
 def sana_dit(model: comfy.model_patcher.ModelPatcher) -> SanaDiT:

@@ -29,7 +29,7 @@ from ..sana.pipeline import FLOW_DPM_SOLVER, TRIGFLOW, select_solver
 from ..sana.text_encoder import TextEncoder, load_text_encoder
 from ..sana.samplers import uses_cfg, uses_pag
 from . import logic, specs
-from .comfy_model import ManagedModule, auto_dtype, load_sana_model, sana_dit, with_pag
+from .comfy_model import ManagedModule, auto_dtype, load_sana_model, sana_dit, w8a8_model, with_pag
 from .comfy_vae import SanaDCAEVAE
 
 # --------------------------------------------------------------------------------------------
@@ -62,6 +62,7 @@ DYNAMIC_OPTIONS: dict[str, Callable[[], list[str]]] = {
         _roots("text_encoders"), (), logic.is_gemma_folder, include_files=False
     ),
     specs.VAE_FILES: lambda: logic.list_model_entries(_roots("vae"), folder_paths.supported_pt_extensions, _vae_is_folder),
+    specs.LORA_FILES: lambda: folder_paths.get_filename_list("loras"),
 }
 
 
@@ -256,6 +257,32 @@ def run_empty_latent(width: int, height: int, batch_size: int, resolution_bins: 
     return ({"samples": latent}, width, height)
 
 
+def run_lora_loader(model, lora_name: str, strength: float):
+    import comfy.lora
+
+    from ..sana.checkpoint import open_checkpoint
+
+    path = folder_paths.get_full_path_or_raise("loras", lora_name)
+    dit = sana_dit(model)
+    anchor = dit.x_embedder.proj.weight
+    weight_prefix = next(n for n, p in model.model.named_parameters() if p is anchor)[: -len("x_embedder.proj.weight")]
+    key_map = logic.lora_patch_keys(dit, weight_prefix)
+    lora_state = comfy.utils.load_torch_file(path, safe_load=True)
+    lora_state.update(logic.lora_alpha_entries(lora_state, open_checkpoint(path).metadata))
+    patches = comfy.lora.load_lora(lora_state, key_map)
+    if not patches:
+        raise ValueError(f"{lora_name}: no SANA LoRA weights found (expected keys like transformer.transformer_blocks.0.attn1.to_q.lora_A.weight)")
+    patched = model.clone()
+    applied = patched.add_patches(patches, strength)
+    if len(applied) != len(patches):
+        logging.warning("Sana LoRA Loader: %d of %d LoRA modules matched no weight", len(patches) - len(applied), len(patches))
+    return (patched,)
+
+
+def run_w8a8_quantize(model):
+    return (w8a8_model(model),)
+
+
 RUNNERS: dict[str, Callable[..., tuple]] = {
     "SanaDiTLoader": run_dit_loader,
     "SanaGemmaLoader": run_gemma_loader,
@@ -268,6 +295,8 @@ RUNNERS: dict[str, Callable[..., tuple]] = {
     "SanaSampler": run_sampler,
     "SanaSigmas": run_sigmas,
     "SanaEmptyLatentImage": run_empty_latent,
+    "SanaLoRALoader": run_lora_loader,
+    "SanaW8A8Quantize": run_w8a8_quantize,
 }
 
 

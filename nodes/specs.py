@@ -28,6 +28,7 @@ SAMPLER, SIGMAS, GEMMA = "SAMPLER", "SIGMAS", "SANA_GEMMA"
 DIT_FILES = "dit_files"  # diffusion_models + checkpoints (files and diffusers folders)
 GEMMA_FOLDERS = "gemma_folders"  # text_encoders (Gemma-2 folders)
 VAE_FILES = "vae_files"  # vae (files and diffusers folders)
+LORA_FILES = "lora_files"  # loras
 
 DTYPE_OPTIONS = ("auto", "bf16", "fp16", "fp32")
 SOLVER_OPTIONS = ("flow_dpm_solver", "flow_euler", "trigflow")
@@ -143,8 +144,8 @@ _add(
         "SanaDiTLoader",
         "Sana DiT Loader",
         "Loads a SANA, SANA-1.5 or SANA-Sprint DiT (official .pth/.safetensors, diffusers folder or single file, "
-        "ComfyUI-prefixed weights) from models/diffusion_models or models/checkpoints. The variant is detected "
-        "from the weights. Works with ComfyUI's KSampler, SamplerCustomAdvanced, LoRA and ModelSampling nodes.",
+        "ComfyUI-prefixed weights, or a W8A8 int8 file saved by sana.quant.save_w8a8) from models/diffusion_models "
+        "or models/checkpoints. The variant is detected from the weights. Works with ComfyUI's KSampler, SamplerCustomAdvanced, LoRA and ModelSampling nodes.",
         inputs=(
             InputSpec(
                 "dit_name",
@@ -426,4 +427,43 @@ _add(
     )
 )
 
+_add(
+    NodeSpec(
+        "SanaW8A8Quantize",
+        "W8A8 Quantize (Sana)",
+        "Quantizes a SANA DiT to W8A8 as the SANA paper does: int8 weights per output channel and int8 activations "
+        "per token for the blocks' linear and 1x1-conv layers (Triton int8 GEMMs on CUDA), with norms, linear "
+        "attention, embedders and the final layer kept in high precision and the cross-attention K/V projection "
+        "on float activations. Halves the blocks' weight memory. The input MODEL is left unchanged. Apply LoRAs to "
+        "the float model and save merged weights first: a MODEL with weight patches is refused.",
+        inputs=(InputSpec("model", MODEL, "A SANA model from Sana DiT Loader (float weights)."),),
+        outputs=(OutputSpec(MODEL, "MODEL", "The W8A8 SANA model."),),
+    )
+)
+
 __all__ = ["CATEGORY", "InputSpec", "NODE_SPECS", "NodeSpec", "OutputSpec", "WIDGET_KINDS"]
+
+
+_add(
+    NodeSpec(
+        "SanaLoRALoader",
+        "Sana LoRA Loader",
+        "Applies a SANA LoRA in the diffusers/PEFT key layout (what `python -m trainer dit --lora-rank` and "
+        "diffusers' SANA LoRA trainer write) to a SANA MODEL, through ComfyUI's own weight patches: the input "
+        "model is left unchanged and the strength can be changed without reloading.",
+        inputs=(
+            InputSpec("model", MODEL, "A SANA model from Sana DiT Loader."),
+            InputSpec("lora_name", COMBO, "The LoRA file under models/loras.", options_source=LORA_FILES),
+            InputSpec(
+                "strength",
+                FLOAT,
+                "How strongly the LoRA applies (1.0 = as trained; negative values subtract it).",
+                default=1.0,
+                min=-10.0,
+                max=10.0,
+                step=0.01,
+            ),
+        ),
+        outputs=(OutputSpec(MODEL, "MODEL", "The model with the LoRA applied."),),
+    )
+)

@@ -240,3 +240,49 @@ def test_model_listing_and_resolution(tmp_path):
     (tmp_path / "text_encoders" / "t5").mkdir()
     (tmp_path / "text_encoders" / "t5" / "config.json").write_text('{"model_type": "t5"}')
     assert logic.list_model_entries([tmp_path / "text_encoders"], (), logic.is_gemma_folder, include_files=False) == ["gemma-2-2b-it"]
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA key map (the Sana LoRA Loader hands it to ComfyUI's own LoRA patching)
+
+
+def test_lora_key_map_and_alphas_apply_the_same_update_as_sana_load_lora(tmp_path):
+    lora = ext_module("sana.lora")
+    checkpoint = ext_module("sana.checkpoint")
+    dit = random_dit(lib, tiny_dit_config(lib))
+    C = dit.config.hidden_size
+    key_map = logic.lora_patch_keys(dit, "diffusion_model.dit.")
+    assert key_map["transformer.transformer_blocks.1.attn1.to_k"] == ("diffusion_model.dit.blocks.1.attn.qkv.weight", (0, C, C))
+    assert key_map["transformer_blocks.0.attn2.to_v"] == ("diffusion_model.dit.blocks.0.cross_attn.kv_linear.weight", (0, C, C))
+    assert key_map["transformer.transformer_blocks.0.ff.conv_inverted"] == "diffusion_model.dit.blocks.0.mlp.inverted_conv.weight"
+    assert set(k for k in key_map if not k.startswith("transformer.")) == set(lora.lora_targets(dit))
+
+    # A PEFT-style file whose metadata says lora_alpha = 2r (so the update is 2·B·A, not B·A).
+    rank, g = 2, torch.Generator().manual_seed(3)
+    modules = ["transformer_blocks.0.attn1.to_k", "transformer_blocks.1.attn2.to_v", "transformer_blocks.0.ff.conv_point"]
+    state = {}
+    for module in modules:
+        target = lora.lora_targets(dit)[module]
+        out = target.rows[1] - target.rows[0]
+        state[f"transformer.{module}.lora_A.weight"] = torch.randn(rank, target.in_features, generator=g)
+        state[f"transformer.{module}.lora_B.weight"] = torch.randn(out, rank, generator=g)
+    metadata = {lora.METADATA_KEY: '{"transformer.lora_alpha": 4, "transformer.r": 2}'}
+    path = tmp_path / "lora.safetensors"
+    checkpoint.write_safetensors(path, state, metadata)
+    alphas = logic.lora_alpha_entries(state, checkpoint.open_checkpoint(path).metadata)
+    assert {k: float(v) for k, v in alphas.items()} == {f"transformer.{m}.alpha": 4.0 for m in modules}
+    assert logic.lora_alpha_entries(state, {}) == {k: torch.tensor(2.0) for k in alphas}  # no metadata: alpha = rank
+
+    # ComfyUI's LoRA patch on a (weight, (dim, start, length)) key: W[start:start+length] += s·alpha/r·B·A.
+    strength = 0.7
+    expected = lora.load_lora(random_dit(lib, tiny_dit_config(lib)), path, strength).state_dict()
+    patched = {k: v.clone() for k, v in dit.state_dict().items()}
+    for module in modules:
+        key = key_map[f"transformer.{module}"]
+        weight, (dim, start, length) = (key, (0, 0, None)) if isinstance(key, str) else key
+        name = weight[len("diffusion_model.dit."):]
+        a, b = state[f"transformer.{module}.lora_A.weight"], state[f"transformer.{module}.lora_B.weight"]
+        rows = patched[name].narrow(dim, start, length if length is not None else patched[name].shape[0])
+        rows += strength * float(alphas[f"transformer.{module}.alpha"]) / rank * (b @ a).reshape(rows.shape)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(patched[name], tensor, rtol=1e-5, atol=1e-6)

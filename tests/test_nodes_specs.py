@@ -26,6 +26,8 @@ PINNED_INPUT_ORDER = {
     "SanaSampler": ["solver"],
     "SanaSigmas": ["model", "solver", "steps", "flow_shift", "denoise"],
     "SanaEmptyLatentImage": ["width", "height", "batch_size", "resolution_bins"],
+    "SanaLoRALoader": ["model", "lora_name", "strength"],
+    "SanaW8A8Quantize": ["model"],
 }
 PINNED_OUTPUTS = {
     "SanaDiTLoader": ["MODEL"],
@@ -39,6 +41,8 @@ PINNED_OUTPUTS = {
     "SanaSampler": ["SAMPLER"],
     "SanaSigmas": ["SIGMAS"],
     "SanaEmptyLatentImage": ["LATENT", "INT", "INT"],
+    "SanaLoRALoader": ["MODEL"],
+    "SanaW8A8Quantize": ["MODEL"],
 }
 
 

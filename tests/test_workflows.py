@@ -33,6 +33,7 @@ def test_the_four_workflows_ship():
         "sana_1600m_4k_tiled_decode.json",
         "sana_sprint_1.6b_2step.json",
         "sana_1600m_img2img.json",
+        "sana_1600m_1024px_w8a8.json",
     }
 
 
@@ -137,6 +138,12 @@ def test_each_workflow_does_what_its_name_says():
     assert nodes(img2img, "SanaKSampler")[0]["denoise"] < 1.0
     (encode,) = [k for k, n in img2img.items() if n["class_type"] == "SanaDCAEEncode"]
     assert nodes(img2img, "SanaKSampler")[0]["latent_image"] == [encode, 0]
+
+    w8a8 = by_name["sana_1600m_1024px_w8a8"]
+    (quantize,) = [k for k, n in w8a8.items() if n["class_type"] == "SanaW8A8Quantize"]
+    (loader,) = [k for k, n in w8a8.items() if n["class_type"] == "SanaDiTLoader"]
+    assert w8a8[quantize]["inputs"]["model"] == [loader, 0]
+    assert nodes(w8a8, "SanaKSampler")[0]["model"] == [quantize, 0]
 
 
 def test_api_conversion_of_seed_widgets_skips_the_control_value():
