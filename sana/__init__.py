@@ -9,6 +9,7 @@ Public API:
 - `load_text_encoder(folder, *, dtype=None, device="cpu")`: Gemma-2 with the CHI prompt, `.encode(prompts)`.
 - `sana.schedules`, `sana.samplers`, `sana.resolution`: flow schedules, Flow-DPM-Solver / Flow-Euler /
   TrigFlow samplers with CFG and PAG, and the aspect-ratio bins.
+- `quantize_w8a8(model)`, `save_w8a8`, `load_w8a8`: W8A8 int8 DiT (`load_dit` reads the files too).
 - `SanaCheckpointError`: raised for every unusable checkpoint or input file.
 """
 
@@ -19,6 +20,7 @@ from .dcae_io import load_dcae, save_dcae
 from .errors import SanaCheckpointError
 from .lora import load_lora
 from .pipeline import generate
+from .quant import load_w8a8, quantize_w8a8, save_w8a8
 from .text_encoder import TextEncoder, load_text_encoder
 
 __all__ = [
@@ -34,6 +36,9 @@ __all__ = [
     "load_dit",
     "load_lora",
     "load_text_encoder",
+    "load_w8a8",
+    "quantize_w8a8",
     "save_dcae",
     "save_dit",
+    "save_w8a8",
 ]
