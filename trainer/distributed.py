@@ -44,39 +44,85 @@ def init_world(device: str = "auto") -> World:
 
 
 def wrap_model(model: torch.nn.Module, world: World, strategy: str) -> torch.nn.Module:
-    """DDP (`strategy="ddp"`) or FSDP with one unit per DiT block (`"fsdp"`); unchanged for one process."""
+    """DDP (`strategy="ddp"`) or FSDP2 with one shard group per DiT block (`"fsdp"`); unchanged for one process.
+
+    FSDP2 (`torch.distributed.fsdp.fully_shard`) shards in place: the module keeps its class
+    behaviour and parameter names, its parameters become DTensor shards. It runs on CPU (gloo) too.
+    """
     if not world.distributed:
         return model
     if strategy == "fsdp":
-        from functools import partial
+        from torch.distributed.fsdp import fully_shard
 
-        from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
-        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
-
-        from sana.dit import SanaBlock
-
-        return FullyShardedDataParallel(
-            model,
-            auto_wrap_policy=partial(transformer_auto_wrap_policy, transformer_layer_cls={SanaBlock}),
-            sharding_strategy=ShardingStrategy.FULL_SHARD,
-            device_id=world.device if world.device.type == "cuda" else None,
-            use_orig_params=True,  # keeps parameter names, so LoRA/EMA/optimizer see the usual names
-        )
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        return model
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[world.device] if world.device.type == "cuda" else None)
 
 
-def full_state_dict(wrapped: torch.nn.Module, strategy: str) -> dict[str, torch.Tensor]:
-    """The unsharded state dict (collective under FSDP: every rank must call it)."""
-    if strategy == "fsdp" and isinstance(wrapped, torch.nn.Module) and type(wrapped).__name__ == "FullyShardedDataParallel":
-        from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
 
-        with FullyShardedDataParallel.state_dict_type(
-            wrapped, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=True, rank0_only=False)
-        ):
-            return wrapped.state_dict()
+    return isinstance(model, FSDPModule)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a DTensor shard (a collective: every rank must call it)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` laid out as `like` is: this rank's shard when `like` is a DTensor."""
+    if hasattr(like, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(like.device), like.device_mesh, like.placements)
+    return full
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True)
+
+
+def full_state_dict(wrapped: torch.nn.Module, strategy: str) -> dict[str, torch.Tensor]:
+    """The unsharded state dict (a collective under FSDP: every rank must call it)."""
+    if strategy == "fsdp" and is_sharded(wrapped):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(wrapped, options=_full_options())
     return unwrap(wrapped).state_dict()
+
+
+def load_full_state_dict(wrapped: torch.nn.Module, strategy: str, state: dict[str, torch.Tensor]) -> None:
+    if strategy == "fsdp" and is_sharded(wrapped):
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(wrapped, state, options=_full_options())
+    else:
+        unwrap(wrapped).load_state_dict(state)
+
+
+def optimizer_state_dict(wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer, strategy: str) -> dict:
+    """The optimizer state with whole tensors (a collective under FSDP), so any world size can resume it."""
+    if strategy == "fsdp" and is_sharded(wrapped):
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(wrapped, optimizer, options=_full_options())
+    return optimizer.state_dict()
+
+
+def load_optimizer_state_dict(wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer, strategy: str, state: dict) -> None:
+    if strategy == "fsdp" and is_sharded(wrapped):
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(wrapped, optimizer, state, options=_full_options())
+    else:
+        optimizer.load_state_dict(state)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -100,11 +100,15 @@ class EMA:
             self.shadow[name].lerp_(p.detach().float(), 1 - decay)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
+        """Whole tensors, also when the shadow holds FSDP shards (then a collective: every rank calls it)."""
+        return {"decay": self.decay, "updates": self.updates,
+                "shadow": {k: distributed.full_tensor(v) for k, v in self.shadow.items()}}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, like: dict[str, torch.Tensor] | None = None) -> None:
+        """Load whole tensors; with `like` (the live parameters), each is laid out as its parameter is."""
         self.decay, self.updates = state["decay"], state["updates"]
-        self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
+        self.shadow = {k: (distributed.shard_like(v, like[k]) if like is not None else v).clone()
+                       for k, v in state["shadow"].items()}
 
 
 def sample_sigmas(batch: int, generator: torch.Generator, mean: float, std: float, shift: float) -> torch.Tensor:
@@ -198,11 +202,13 @@ def train_dit(config: DiTTrainConfig) -> dict:
 
         model.requires_grad_(False)
         inject_lora(model, rank=config.lora_rank, alpha=config.lora_alpha or config.lora_rank, targets=config.lora_targets, seed=config.seed)
+    if config.distributed == "fsdp" and config.lora_rank:
+        raise ValueError("LoRA training runs with --distributed ddp; fsdp is for full fine-tunes of models that do not fit one GPU")
+    wrapped = distributed.wrap_model(model, world, config.distributed)
+    # FSDP replaces the parameters by their shards: take them, and the EMA's copies, after wrapping.
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     ema = EMA(trained, config.ema_decay) if config.ema_decay > 0 else None
-    wrapped = distributed.wrap_model(model, world, config.distributed)
-    # Under FSDP the optimizer must see the (flattened, sharded) wrapped parameters.
-    optimizer = make_optimizer([p for p in wrapped.parameters() if p.requires_grad], config)
+    optimizer = make_optimizer(list(trained.values()), config)
     warmup = max(config.warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     autocast_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.mixed_precision]
@@ -216,12 +222,12 @@ def train_dit(config: DiTTrainConfig) -> dict:
     checkpoint = latest_checkpoint(out) if config.resume else None
     if checkpoint is not None:
         state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
-        distributed.unwrap(wrapped).load_state_dict(state["model"]) if config.distributed != "fsdp" else _load_fsdp(wrapped, state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_full_state_dict(wrapped, config.distributed, state["model"])
+        distributed.load_optimizer_state_dict(wrapped, optimizer, config.distributed, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         if ema is not None:
-            ema.load_state_dict(state["ema"])
+            ema.load_state_dict(state["ema"], like=trained)
         set_rng_state(generator, state["rng"])
         step, (epoch, batch_index) = state["step"], state["data_position"]
         if world.is_main:
@@ -261,8 +267,8 @@ def train_dit(config: DiTTrainConfig) -> dict:
             total_loss += loss.detach() / config.grad_accum
         scaler.unscale_(optimizer)
         if config.grad_clip > 0:
-            grad_norm = (wrapped.clip_grad_norm_(config.grad_clip) if hasattr(wrapped, "clip_grad_norm_")
-                         else torch.nn.utils.clip_grad_norm_(trained.values(), config.grad_clip))
+            # Under FSDP the norm is a DTensor; make it whole here, where every rank runs.
+            grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(trained.values(), config.grad_clip))
         else:
             grad_norm = torch.zeros(())
         loss_value = float(distributed.all_reduce_mean(total_loss, world))
@@ -288,12 +294,13 @@ def train_dit(config: DiTTrainConfig) -> dict:
                        "epoch": epoch, "seconds": round(time.time() - started, 3)}
                 with open(out / "loss.jsonl", "a") as log:
                     log.write(json.dumps(row) + "\n")
-        if config.sample_every and step % config.sample_every == 0 and world.is_main:
-            write_samples(model, ema, cache, config, out / "samples" / f"step_{step:07d}.png")
+        # Sharded weights need every rank in the forward passes; only the main rank writes the grid.
+        if config.sample_every and step % config.sample_every == 0 and (world.is_main or distributed.is_sharded(model)):
+            write_samples(model, ema, cache, config, out / "samples" / f"step_{step:07d}.png", write=world.is_main)
         if (config.save_every and step % config.save_every == 0) or step == config.steps:
             state = {
                 "model": distributed.full_state_dict(wrapped, config.distributed),
-                "optimizer": optimizer.state_dict(),
+                "optimizer": distributed.optimizer_state_dict(wrapped, optimizer, config.distributed),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None,
@@ -310,13 +317,6 @@ def train_dit(config: DiTTrainConfig) -> dict:
         plot_loss(out / "loss.jsonl", out / "loss.png")
     # "model" is the trained module itself (this rank's copy), for callers in the same process.
     return {"step": step, "loss": last_loss, "seconds": time.time() - started, "output_dir": str(out), "model": model}
-
-
-def _load_fsdp(wrapped, state: dict) -> None:
-    from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
-
-    with FullyShardedDataParallel.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)):
-        wrapped.load_state_dict(state)
 
 
 def _maybe_no_sync(wrapped, sync: bool):
@@ -350,23 +350,28 @@ def save_checkpoint(out: Path, state: dict, model: SanaDiT, ema: EMA | None, con
         import shutil
 
         shutil.rmtree(stale, ignore_errors=True)
-    export_weights(out, model, ema, config)
+    if distributed.is_sharded(model):  # FSDP shards: export from the whole weights gathered in `state`
+        model = SanaDiT(model.config)
+        model.load_state_dict(state["model"])
+    export_weights(out, model, state["ema"]["shadow"] if state["ema"] is not None else None, config)
     plot_loss(out / "loss.jsonl", out / "loss.png")
 
 
-def export_weights(out: Path, model: SanaDiT, ema: EMA | None, config: DiTTrainConfig) -> None:
-    """`transformer/` (raw) and `transformer_ema/` as diffusers folders, or `lora.safetensors` (+ `_ema`)."""
+def export_weights(out: Path, model: SanaDiT, ema_weights: dict[str, torch.Tensor] | None, config: DiTTrainConfig) -> None:
+    """`transformer/` (raw) and `transformer_ema/` as diffusers folders, or `lora.safetensors` (+ `_ema`).
+
+    `model` holds whole (unsharded) weights; `ema_weights` are the EMA's whole tensors, if any."""
     if config.lora_rank:
         from sana.lora import save_lora
 
         save_lora(model, out / "lora.safetensors")
-        if ema is not None:
-            with _swapped(model, ema.shadow):
+        if ema_weights is not None:
+            with _swapped(model, ema_weights):
                 save_lora(model, out / "lora_ema.safetensors")
         return
     save_dit(model, out / "transformer")
-    if ema is not None:
-        with _swapped(model, ema.shadow):
+    if ema_weights is not None:
+        with _swapped(model, ema_weights):
             save_dit(model, out / "transformer_ema")
 
 
@@ -390,8 +395,10 @@ class _swapped:
                 params[n].copy_(w)
 
 
-def write_samples(model: SanaDiT, ema: EMA | None, cache: LatentCache, config: DiTTrainConfig, path: Path) -> None:
-    """A grid of the cached sample prompts, generated with the EMA weights when there are some."""
+def write_samples(model: SanaDiT, ema: EMA | None, cache: LatentCache, config: DiTTrainConfig, path: Path,
+                  write: bool = True) -> None:
+    """A grid of the cached sample prompts, generated with the EMA weights when there are some.
+    `write=False` runs the sampling only (a non-main rank taking part in sharded forward passes)."""
     if not config.vae or not cache.sample_texts:
         return
     from sana.dcae_io import load_dcae
@@ -402,6 +409,8 @@ def write_samples(model: SanaDiT, ema: EMA | None, cache: LatentCache, config: D
     with _swapped(model, ema.shadow if ema is not None else {}):
         latents = sample_latents(model, cache.sample_texts, cache.null_text, size, steps=config.sample_steps,
                                  guidance_scale=config.sample_guidance, seed=config.seed)
+    if not write:
+        return
     dcae = load_dcae(config.vae, dtype=torch.float32)  # loaded only for the grid, then freed
     images = to_uint8(decode_latents(dcae, latents))
     del dcae
