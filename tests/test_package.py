@@ -41,3 +41,12 @@ def test_library_never_imports_comfyui_or_the_nodes():
 def test_requirements_never_pin_torch():
     lines = [l.strip() for l in (ROOT / "requirements.txt").read_text().splitlines() if l.strip() and not l.startswith("#")]
     assert not any(l.split("=")[0].split(">")[0].split("<")[0].strip() == "torch" for l in lines)
+
+
+def test_root_init_imports_as_a_bare_module():
+    """pytest imports the root __init__.py without a package when the checkout's folder name is not an
+    identifier (e.g. a clone named `sana-comfy`); that must not fail."""
+    spec = importlib.util.spec_from_file_location("__init__", ROOT / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert not hasattr(module, "comfy_entrypoint")
