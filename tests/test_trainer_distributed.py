@@ -32,6 +32,8 @@ if dist.is_initialized():
     dist.all_gather(gathered, flat)
     if world.rank == 0:
         torch.save(gathered, sys.argv[1] + "/gathered.pt")
+    # Let every rank's pending collectives finish before the group (and gloo's threads) go away.
+    dist.barrier()
     dist.destroy_process_group()
 """
 
