@@ -33,7 +33,7 @@ def test_help_documents_every_option(capsys):
             flag = "--" + field.name.replace("_", "-")
             assert flag in text, flag
             assert field.metadata["help"].split()[0] in text
-    for command in ("cache", "preset", "demo", "evaluate"):
+    for command in ("cache", "preset", "pack", "demo", "evaluate"):
         assert "--" in _help(capsys, command)
 
 
@@ -58,3 +58,12 @@ def test_dcae_training_lowers_reconstruction_loss_and_saves(tmp_path):
     assert 0.5 < float(latents.square().mean().sqrt()) < 2.0  # the scaling factor normalises the latents
     head = {id(p) for p in decoder_head_parameters(model)}
     assert head and not any(id(p) in head for p in model.encoder.parameters())
+
+    # Decoder-only phases keep the latent space: the encoder and its scaling factor are untouched.
+    tuned = train_dcae(DCAETrainConfig(output_dir=str(tmp_path / "decoder"), init=result["path"], phase="decoder", steps=2,
+                                       batch_size=4, lr=1e-3, warmup_steps=1, progress=False), images)
+    retrained = load_dcae(tuned["path"])
+    assert retrained.scaling_factor == model.scaling_factor
+    before, after = model.state_dict(), retrained.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("encoder."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))

@@ -8,6 +8,7 @@ Modules:
 - `train_dit`: flow-matching DiT training (full or LoRA), AdamW/CAME, warm-up, clipping, EMA,
   autocast, checkpointing, accumulation, exact resume; DDP/FSDP under torchrun.
 - `train_dcae`: reconstruction training for small DC-AEs.
-- `preset`: the embedded default model (`python -m trainer --preset shapes-tiny`), `demo`, `evaluate`.
+- `preset`: the embedded default model (`python -m trainer --preset shapes-tiny`; shipped packed in
+  `assets/shapes-tiny`), `demo` and `evaluate` (both through `sana.generate`), `pack`.
 - `tiny_models`, `sampling`, `plotting`, `options`, `distributed`: the supporting pieces.
 """

@@ -5,7 +5,8 @@ Commands:
   dit       train the DiT (full fine-tune, or LoRA with --lora-rank) on a cache; torchrun-ready
   dcae      train a small DC-AE (reconstruction loss)
   preset    build the embedded default model (`python -m trainer --preset shapes-tiny` is the same)
-  demo      prompts → PNG grid with a model folder (builds the shapes-tiny model first if missing)
+  pack      copy a built model folder compactly (fp16 DiT / DC-AE), as shipped in assets/shapes-tiny
+  demo      prompts → PNG grid with a model folder (default: the shipped shapes-tiny model)
   evaluate  shapes-world prompt adherence of a model folder on held-out prompts
 """
 
@@ -17,8 +18,9 @@ import sys
 from pathlib import Path
 
 from .options import add_options, build_config
+from .preset import SHIPPED_MODEL_DIR
 
-DEFAULT_MODEL_DIR = "models/shapes-tiny"
+DEFAULT_MODEL_DIR = "models/shapes-tiny"  # where the preset builds a model
 
 
 def _cache_command(args: argparse.Namespace) -> None:
@@ -70,19 +72,25 @@ def main(argv: list[str] | None = None) -> None:
     preset.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=JSON", help="override preset values, e.g. dit_training.steps=100")
     preset.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
+    pack = commands.add_parser("pack", help="copy a model folder compactly for shipping")
+    pack.add_argument("--model", default=DEFAULT_MODEL_DIR, help=f"model folder built by the preset (default: {DEFAULT_MODEL_DIR})")
+    pack.add_argument("--out", default=str(SHIPPED_MODEL_DIR), help=f"folder to write (default: {SHIPPED_MODEL_DIR})")
+    pack.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="storage dtype of the DiT and DC-AE weights (default: float16)")
+
     demo = commands.add_parser("demo", help="prompts → PNG grid")
     demo.add_argument("prompts", nargs="*", help="prompts (default: eight shapes-world prompts)")
-    demo.add_argument("--model", default=DEFAULT_MODEL_DIR, help=f"model folder; built with the shapes-tiny preset if missing (default: {DEFAULT_MODEL_DIR})")
+    demo.add_argument("--model", default=None, help=f"model folder (default: the shipped {SHIPPED_MODEL_DIR}; if it is absent, {DEFAULT_MODEL_DIR}, built with the shapes-tiny preset on first use)")
     demo.add_argument("--out", default="shapes_demo.png", help="PNG to write (default: shapes_demo.png)")
     demo.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     demo.add_argument("--steps", type=int, default=20, help="Flow-DPM-Solver steps (default: 20)")
     demo.add_argument("--guidance", type=float, default=4.5, help="CFG scale (default: 4.5)")
 
     evaluate = commands.add_parser("evaluate", help="shapes-world prompt adherence on held-out prompts")
-    evaluate.add_argument("--model", default=DEFAULT_MODEL_DIR, help="model folder")
+    evaluate.add_argument("--model", default=str(SHIPPED_MODEL_DIR), help=f"model folder (default: {SHIPPED_MODEL_DIR})")
     evaluate.add_argument("--seeds", type=int, default=2, help="images per prompt (default: 2)")
     evaluate.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
     evaluate.add_argument("--guidance", type=float, default=4.5, help="CFG scale (default: 4.5)")
+    evaluate.add_argument("--out-dir", default=None, help="also write evaluation.json and evaluation_grid.png here (default: print only)")
 
     args = parser.parse_args(argv)
     if args.command == "cache":
@@ -102,20 +110,30 @@ def main(argv: list[str] | None = None) -> None:
 
         overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
         print(json.dumps(run_preset(args.name, args.output_dir, progress=not args.no_progress, overrides=overrides), indent=2))
+    elif args.command == "pack":
+        import torch
+
+        from .preset import pack_model
+
+        print(f"wrote {pack_model(args.model, args.out, dtype=getattr(torch, args.dtype))}")
     elif args.command == "demo":
         from .preset import DEFAULT_DEMO_PROMPTS, demo as run_demo, run_preset
 
-        if not (Path(args.model) / "transformer").is_dir():
-            if args.model != DEFAULT_MODEL_DIR:
-                raise SystemExit(f"{args.model} is not a model folder")
-            print(f"{args.model} not found: training the shapes-tiny model first (one time)")
-            run_preset("shapes-tiny", args.model)
-        path = run_demo(args.model, args.prompts or DEFAULT_DEMO_PROMPTS, args.out, seed=args.seed, steps=args.steps, guidance_scale=args.guidance)
+        model = args.model
+        if model is None:
+            model = str(SHIPPED_MODEL_DIR) if (SHIPPED_MODEL_DIR / "transformer").is_dir() else DEFAULT_MODEL_DIR
+        if not (Path(model) / "transformer").is_dir():
+            if model != DEFAULT_MODEL_DIR:
+                raise SystemExit(f"{model} is not a model folder")
+            # Only when the shipped model is absent (an install without the repository's assets/).
+            print(f"{SHIPPED_MODEL_DIR} and {model} not found: training the shapes-tiny model first (one time)")
+            run_preset("shapes-tiny", model)
+        path = run_demo(model, args.prompts or DEFAULT_DEMO_PROMPTS, args.out, seed=args.seed, steps=args.steps, guidance_scale=args.guidance)
         print(f"wrote {path}")
     elif args.command == "evaluate":
         from .preset import evaluate_model
 
-        print(json.dumps(evaluate_model(args.model, seeds=args.seeds, steps=args.steps, guidance_scale=args.guidance), indent=2))
+        print(json.dumps(evaluate_model(args.model, seeds=args.seeds, steps=args.steps, guidance_scale=args.guidance, out_dir=args.out_dir), indent=2))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from sana.checkpoint import write_json, write_safetensors
 from sana.resolution import ASPECT_RATIO_512_BIN, BINS_BY_SAMPLE_SIZE, closest_bin, resize_and_crop
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: null_text encoded without the CHI
 
 
 @dataclass(frozen=True)
@@ -179,10 +179,12 @@ def build_cache(
         encode_text = _text_encoder_fn(text_encoder, max_length, chi)
 
     if not (out / "extras.safetensors").is_file():
-        prompts = ["", *sample_prompts]
-        embeds = encode_text(prompts)
-        tensors = {"null_text": embeds[0]}
-        tensors.update({f"sample_text.{i}": e for i, e in enumerate(embeds[1:])})
+        # The empty prompt is encoded without the CHI, as pipelines encode the negative prompt
+        # (`sana.generate`, diffusers): caption dropout then trains exactly the unconditional
+        # input that classifier-free guidance feeds at sampling time.
+        embeds, mask = text_encoder.encode([""], chi=False, max_length=max_length)
+        tensors = {"null_text": embeds[0, : max(1, int(mask[0].sum()))].float().clone()}
+        tensors.update({f"sample_text.{i}": e for i, e in enumerate(encode_text(list(sample_prompts)))})
         write_safetensors(out / "extras.safetensors", tensors, {"sample_prompts": json.dumps(list(sample_prompts)), "scaling_factor": str(dcae.scaling_factor)})
 
     bar = _progress(len(missing) * shard_size, "caching", progress)

@@ -5,11 +5,15 @@ The preset builds, in `output_dir`, a model folder laid out like a diffusers SAN
 
 1. a tiny Gemma-2 text encoder folder with its own tokenizer (`tiny_models.build_text_encoder`);
 2. a procedurally drawn shapes-world dataset (`shapes.write_dataset`, PNG + .txt captions);
-3. a tiny DC-AE trained on shapes-world images (`train_dcae`);
+3. a tiny f32 DC-AE trained on shapes-world images (`train_dcae`), checked by scoring its
+   reconstructions of held-out scenes with the evaluator (`reconstruction_adherence`);
 4. the latent / text cache (`data.build_cache`), then the DiT trained on it (`train_dit`);
 5. `transformer/` = the EMA weights; `evaluation.json` = prompt adherence on held-out prompts.
 
 Every stage skips itself when its output exists, so an interrupted preset run resumes.
+`pack_model` copies a built folder compactly (fp16 DiT and DC-AE); the copy in
+`assets/shapes-tiny` (`SHIPPED_MODEL_DIR`) is what `python -m trainer demo` uses by default.
+Text to image is `sana.generate` itself (`ShapesModel`), as in the nodes.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +33,9 @@ from sana.checkpoint import write_json
 from . import shapes
 
 PRESETS_DIR = Path(__file__).parent / "presets"
+# The embedded default model: built by the shapes-tiny preset, packed (`pack_model`) and shipped
+# with the repository, so that `python -m trainer demo` needs no training.
+SHIPPED_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "shapes-tiny"
 DEFAULT_DEMO_PROMPTS = (
     "a large red circle on the left",
     "a small blue square at the top",
@@ -101,6 +109,7 @@ def run_preset(name: str, output_dir: str | Path, *, progress: bool = True, over
         shutil.copytree(result["path"], out / "vae.partial", dirs_exist_ok=True)
         (out / "vae.partial").rename(out / "vae")
     timings["dcae"] = time.time() - started
+    reconstruction = reconstruction_adherence(out / "vae", side)
 
     started = time.time()
     from sana.dcae_io import load_dcae
@@ -129,67 +138,88 @@ def run_preset(name: str, output_dir: str | Path, *, progress: bool = True, over
         (out / "transformer.partial").rename(out / "transformer")
     timings["dit"] = time.time() - started
 
-    started = time.time()
-    evaluation = evaluate_model(out, **preset.get("evaluation", {}))
-    timings["evaluation"] = time.time() - started
-    summary = {"preset": name, "timings_s": {k: round(v, 1) for k, v in timings.items()},
-               "total_s": round(sum(timings.values()), 1), "evaluation": evaluation}
-    write_json(out / "preset_summary.json", summary)
     write_json(out / "model_index.json", {"_class_name": "SanaShapesTiny", "preset": name, "text_encoder": "text_encoder",
                                           "vae": "vae", "transformer": "transformer", "image_size": side})
+    started = time.time()
+    evaluation = evaluate_model(out, **preset.get("evaluation", {}), out_dir=out)
+    timings["evaluation"] = time.time() - started
+    summary = {"preset": name, "timings_s": {k: round(v, 1) for k, v in timings.items()},
+               "total_s": round(sum(timings.values()), 1), "dcae_reconstruction": reconstruction, "evaluation": evaluation}
+    write_json(out / "preset_summary.json", summary)
     return summary
 
 
-class TextToImage:
-    """Prompts → images with a model folder (text_encoder/, vae/, transformer/), one model in memory at a time."""
+@dataclass
+class ShapesModel:
+    """A model folder's three parts, loaded once, and the image side it was trained at."""
 
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        for part in ("text_encoder", "vae", "transformer"):
-            if not (self.folder / part).is_dir():
-                raise FileNotFoundError(f"{self.folder} has no {part}/ folder: not a model folder")
+    dit: torch.nn.Module
+    dcae: torch.nn.Module
+    text_encoder: object
+    side: int
 
-    @torch.no_grad()
-    def __call__(self, prompts: Sequence[str], *, seed: int = 0, steps: int = 20, guidance_scale: float = 4.5,
-                 image_size: int | None = None) -> list[np.ndarray]:
+    @classmethod
+    def load(cls, folder: str | Path) -> "ShapesModel":
         from sana.dcae_io import load_dcae
         from sana.dit_io import load_dit
         from sana.text_encoder import load_text_encoder
 
-        from .plotting import to_uint8
-        from .sampling import decode_latents, sample_latents
+        folder = Path(folder)
+        for part in ("text_encoder", "vae", "transformer"):
+            if not (folder / part).is_dir():
+                raise FileNotFoundError(f"{folder} has no {part}/ folder: not a model folder")
+        dit = load_dit(folder / "transformer", dtype=torch.float32)
+        dcae = load_dcae(folder / "vae", dtype=torch.float32)
+        index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() else {}
+        side = index.get("image_size") or dit.config.sample_size * dcae.spatial_compression
+        return cls(dit, dcae, load_text_encoder(folder / "text_encoder", dtype=torch.float32), int(side))
 
-        encoder = load_text_encoder(self.folder / "text_encoder")
-        embeds, mask = encoder.encode(["", *prompts])
-        texts = [e[: max(1, int(m.sum()))].float() for e, m in zip(embeds, mask)]
-        del encoder
-        model = load_dit(self.folder / "transformer", dtype=torch.float32)
-        index = json.loads((self.folder / "model_index.json").read_text()) if (self.folder / "model_index.json").is_file() else {}
-        dcae = load_dcae(self.folder / "vae", dtype=torch.float32)
-        side = image_size or index.get("image_size") or model.config.sample_size * dcae.spatial_compression
-        latent = side // dcae.spatial_compression
-        latents = sample_latents(model, texts[1:], texts[0], (latent, latent), steps=steps, guidance_scale=guidance_scale, seed=seed)
-        del model
-        return to_uint8(decode_latents(dcae, latents))
+    def __call__(self, prompts: Sequence[str], *, seed: int = 0, steps: int = 20, guidance_scale: float = 4.5) -> list[np.ndarray]:
+        """uint8 [side, side, 3] images, one per prompt, with `sana.generate` (the library's text-to-image)."""
+        from sana.pipeline import generate
+
+        # The shapes world's size (e.g. 128 px) is outside SANA's aspect-ratio bins, hence no binning.
+        images = generate(dit=self.dit, dcae=self.dcae, text_encoder=self.text_encoder, prompt=list(prompts),
+                          height=self.side, width=self.side, steps=steps, guidance_scale=guidance_scale, seed=seed,
+                          resolution_binning=False)
+        return list((images * 255).round().byte().numpy())
+
+
+def reconstruction_adherence(vae: str | Path, side: int, *, seed: int = 0) -> dict:
+    """The evaluator's scores on DC-AE reconstructions of the held-out scenes (one jittered
+    render each): what the DiT can reach at best, since it generates in this latent space."""
+    from sana.dcae_io import load_dcae
+
+    dcae = load_dcae(vae, dtype=torch.float32)
+    scenes = shapes.held_out_scenes()
+    rng = np.random.default_rng(seed)
+    pixels = torch.from_numpy(np.stack([shapes.render(s, side, rng) for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        decoded = dcae.decode(dcae.encode(pixels)).clamp(-1, 1)
+    images = list(((decoded + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+    return shapes.evaluate(images, scenes).to_dict()
 
 
 def evaluate_model(folder: str | Path, *, seeds: int = 2, steps: int = 20, guidance_scale: float = 4.5,
-                   scenes: Sequence[shapes.Scene] | None = None, grid: bool = True) -> dict:
-    """Prompt adherence on the held-out scenes (first caption template), `seeds` images each."""
+                   scenes: Sequence[shapes.Scene] | None = None, out_dir: str | Path | None = None) -> dict:
+    """Prompt adherence on the held-out scenes (first caption template), `seeds` images each
+    (seeds 0 .. seeds−1, one batch per seed). With `out_dir`, also writes `evaluation.json` and
+    `evaluation_grid.png` (the first seed's images, labelled) there."""
     scenes = list(scenes) if scenes is not None else shapes.held_out_scenes()
-    generate = TextToImage(folder)
+    model = ShapesModel.load(folder)
     prompts = [shapes.caption(s) for s in scenes]
     images, targets = [], []
     for seed in range(seeds):
-        images += generate(prompts, seed=seed, steps=steps, guidance_scale=guidance_scale)
+        images += model(prompts, seed=seed, steps=steps, guidance_scale=guidance_scale)
         targets += scenes
     result = shapes.evaluate(images, targets).to_dict()
     result.update(prompts="held-out", seeds=seeds, steps=steps, guidance_scale=guidance_scale)
-    if grid:
+    if out_dir is not None:
         from .plotting import image_grid
 
-        image_grid(images[: len(prompts)][:16], prompts[:16], columns=4, scale=2).save(Path(folder) / "evaluation_grid.png")
-    write_json(Path(folder) / "evaluation.json", result)
+        out_dir = Path(out_dir)
+        image_grid(images[: len(prompts)], prompts, columns=6, scale=max(1, 128 // model.side)).save(out_dir / "evaluation_grid.png")
+        write_json(out_dir / "evaluation.json", result)
     return result
 
 
@@ -198,8 +228,30 @@ def demo(folder: str | Path, prompts: Sequence[str], out_png: str | Path, *, see
     """Write a PNG grid of `prompts` (each image labelled with its prompt)."""
     from .plotting import image_grid
 
-    images = TextToImage(folder)(list(prompts), seed=seed, steps=steps, guidance_scale=guidance_scale)
+    images = ShapesModel.load(folder)(list(prompts), seed=seed, steps=steps, guidance_scale=guidance_scale)
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, list(prompts), columns=4, scale=max(1, 128 // images[0].shape[0])).save(out_png)
     return out_png
+
+
+def pack_model(folder: str | Path, out: str | Path, *, dtype: torch.dtype = torch.float16) -> Path:
+    """Copy a model folder's parts to `out` for shipping: the DiT and DC-AE weights cast to
+    `dtype` (halving them; loaders cast back with `dtype=`), the text encoder folder and the
+    small JSON files as they are. Written next to `out` first, then renamed into place."""
+    from sana.dcae_io import load_dcae, save_dcae
+    from sana.dit_io import load_dit, save_dit
+
+    folder, out = Path(folder), Path(out)
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    shutil.copytree(folder / "text_encoder", staging / "text_encoder")
+    save_dcae(load_dcae(folder / "vae", dtype=torch.float32), staging / "vae", dtype=dtype)
+    save_dit(load_dit(folder / "transformer", dtype=torch.float32).to(dtype), staging / "transformer")
+    for name in ("model_index.json", "preset_summary.json"):
+        if (folder / name).is_file():
+            shutil.copy2(folder / name, staging / name)
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    return out

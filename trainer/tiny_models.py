@@ -24,8 +24,15 @@ SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]  # ids 0..4, Gem
 BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
 
 
-def build_tokenizer(folder: str | Path, texts: Iterable[str], *, vocab_size: int = 700):
-    """Train a Gemma-style BPE tokenizer on `texts` + the CHI (both cases) and save it into `folder`."""
+def build_tokenizer(folder: str | Path, texts: Iterable[str], *, vocab_size: int = 700, split_words: bool = True):
+    """Train a Gemma-style BPE tokenizer on `texts` + the CHI (both cases) and save it into `folder`.
+
+    `split_words=True` learns merges within words only (each "▁word" a unit, as Gemma's
+    SentencePiece model does). Without it, BPE on a small, repetitive caption corpus merges
+    whole phrases ("a▁large▁red▁circle▁" as one token), so a held-out combination of words
+    tokenises into pieces never seen in training and the DiT cannot compose colour, shape and
+    position; `tests/tiny_gemma.py` keeps the phrase-merging tokenizer its fixtures were built with.
+    """
     from tokenizers import Tokenizer, normalizers, pre_tokenizers
     from tokenizers.models import BPE
     from tokenizers.trainers import BpeTrainer
@@ -35,7 +42,9 @@ def build_tokenizer(folder: str | Path, texts: Iterable[str], *, vocab_size: int
     corpus += [t.lower() for t in corpus]  # SANA lowercases prompts before tokenising
     tokenizer = Tokenizer(BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tokenizer.normalizer = normalizers.Replace(" ", "▁")
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous")
+    # The normalizer has already turned spaces into "▁", so this split is on word starts.
+    pattern = "▁" if split_words else " "
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(pattern=pattern, behavior="merged_with_next" if split_words else "merged_with_previous")
     trainer = BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + BYTE_TOKENS, show_progress=False)
     tokenizer.train_from_iterator(corpus, trainer=trainer)
     vocab = tokenizer.get_vocab()
@@ -58,13 +67,19 @@ def build_text_encoder(
     head_dim: int = 32,
     vocab_size: int = 700,
     seed: int = 0,
+    causal_lm: bool = False,
+    split_words: bool = True,
 ) -> Path:
-    """Write a tiny Gemma-2 text-encoder folder (deterministic in `seed`); returns the folder."""
-    from transformers import Gemma2Config, Gemma2Model
+    """Write a tiny Gemma-2 text-encoder folder (deterministic in `seed`); returns the folder.
+
+    `causal_lm=True` saves a `Gemma2ForCausalLM` (laid out like google/gemma-2-2b-it);
+    otherwise a bare `Gemma2Model` (like the `text_encoder/` of a diffusers SANA folder).
+    """
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma2Model
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(folder, texts, vocab_size=vocab_size)
+    tokenizer = build_tokenizer(folder, texts, vocab_size=vocab_size, split_words=split_words)
     config = Gemma2Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -78,7 +93,7 @@ def build_text_encoder(
         eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(seed)
-    Gemma2Model(config).eval().save_pretrained(str(folder))
+    (Gemma2ForCausalLM if causal_lm else Gemma2Model)(config).eval().save_pretrained(str(folder))
     return folder
 
 
@@ -123,6 +138,7 @@ def tiny_dit_config(latent_channels: int, caption_channels: int, sample_size: in
         out_channels=latent_channels,
         sample_size=sample_size,
         interpolation_scale=1.0,  # sincos positions: at a few latent tokens, the conv padding alone says too little
-        flow_shift=1.0,
+        # flow_shift stays SANA's 3.0: a saved config does not store it and `load_dit` (hence
+        # `sana.generate` and the nodes) assumes 3.0 below 4K, so training uses the same shift.
         variant="shapes-tiny",
     )

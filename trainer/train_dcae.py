@@ -3,7 +3,9 @@
 Phase 1 of the recipe (low-resolution full training, reconstruction loss) is what a small
 autoencoder needs: L1 + MSE on pixels in [-1, 1] (LPIPS and the phase-3 GAN need pretrained
 networks that cannot be downloaded here; `phase="decoder-head"` trains only the decoder's
-output side, with the latent space frozen, as phase 3 does). AdamW with the paper's phase-1
+output side, with the latent space frozen, as phase 3 does; `phase="decoder"` trains the whole
+decoder with the encoder frozen, which sharpens a small model's edges without moving the
+latents a DiT was trained on). AdamW with the paper's phase-1
 settings scaled for tiny models, warm-up, gradient clipping. After training, the scaling
 factor is set to 1 / RMS of the latents over the data (the spec's rule) and the model is
 saved with `sana.dcae_io.save_dcae`, so `load_dcae` reads it back.
@@ -35,7 +37,7 @@ class DCAETrainConfig:
     init: str = option("", "DC-AE checkpoint to continue from (anything load_dcae reads); empty: --config-json")
     config_json: str = option("", "DCAEConfig JSON (sana.dcae.DCAEConfig.to_json) when training from scratch")
     resolution: int = option(64, "square training crop side (a multiple of the compression)")
-    phase: str = option("full", "full: whole model (phase 1); decoder-head: decoder output side only (phase 3)", choices=["full", "decoder-head"])
+    phase: str = option("full", "full: whole model (phase 1); decoder: whole decoder, encoder frozen; decoder-head: decoder output side only (phase 3)", choices=["full", "decoder", "decoder-head"])
     steps: int = option(1000, "optimizer steps")
     batch_size: int = option(32, "images per step")
     lr: float = option(2e-3, "peak learning rate")
@@ -82,9 +84,9 @@ def train_dcae(config: DCAETrainConfig, images: Callable[[np.random.Generator, i
     model.train()
     if images is None:
         images = _folder_sampler(config)
-    if config.phase == "decoder-head":
+    if config.phase in ("decoder", "decoder-head"):
         model.requires_grad_(False)
-        params = decoder_head_parameters(model)
+        params = decoder_head_parameters(model) if config.phase == "decoder-head" else list(model.decoder.parameters())
         for p in params:
             p.requires_grad_(True)
     else:
@@ -116,9 +118,10 @@ def train_dcae(config: DCAETrainConfig, images: Callable[[np.random.Generator, i
             log.flush()
     log.close()
     model.eval()
-    with torch.no_grad():
-        latents = torch.cat([model.encoder(images(rng, config.batch_size)) for _ in range(4)])
-    model.config = model.config.replace(scaling_factor=round(latent_rms_scaling_factor(latents), 5))
+    if config.phase == "full":  # the other phases keep the latent space, hence its scaling factor
+        with torch.no_grad():
+            latents = torch.cat([model.encoder(images(rng, config.batch_size)) for _ in range(4)])
+        model.config = model.config.replace(scaling_factor=round(latent_rms_scaling_factor(latents), 5))
     save_dcae(model, out / "vae")
     from .plotting import plot_loss
 
