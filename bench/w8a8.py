@@ -109,7 +109,7 @@ def run_quality(args: argparse.Namespace) -> None:
 
 
 def run_memory(args: argparse.Namespace) -> None:
-    print(f"memory: weight bytes of the DiT blocks (parameters + buffers), bf16 vs W8A8 (default keep/weight_only)")
+    print("memory: weight bytes of the DiT blocks (parameters + buffers), bf16 vs W8A8 (default keep/weight_only)")
     for preset in ("sana-600m-1024", "sana-1600m-1024"):
         with torch.device("meta"):
             model = sana.SanaDiT(sana.DIT_PRESETS[preset]).to(torch.bfloat16)

@@ -10,7 +10,6 @@ Flow-Euler) and `sana.generate(seed=seed)` (Sprint, whose per-step noise follows
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from sana.checkpoint import write_json
 from sana.dcae import DCAE, DCAEConfig, latent_rms_scaling_factor
