@@ -271,12 +271,20 @@ def residual_layer_norm_modulate(
 
 @fused
 def depthwise_conv_glu(
-    y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, height: int, width: int
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    height: int,
+    width: int,
+    input_silu: bool = False,
 ) -> torch.Tensor:
     """Mix-FFN middle: 3×3 depthwise conv (padding 1) over y `[B, h·w, 2H]` read as a channels-last
-    image, then the GLU gate `value · SiLU(gate)` of its two channel halves → `[B, h·w, H]`."""
+    image, then the GLU gate `value · SiLU(gate)` of its two channel halves → `[B, h·w, H]`.
+    `input_silu` applies SiLU to y first (the inverted conv's activation)."""
     B, N, channels = y.shape
     inplace = not torch.is_grad_enabled()  # no autograd graph: reuse the big buffers
+    if input_silu:
+        y = F.silu(y, inplace=inplace)
     image = y.view(B, height, width, channels).permute(0, 3, 1, 2)  # [B, 2H, h, w], channels-last strides
     image = F.conv2d(image, weight, bias, padding=1, groups=channels)  # stays channels-last
     value, gate = image.chunk(2, dim=1)  # 2 × [B, H, h, w]
@@ -406,9 +414,9 @@ class MixFFN(nn.Module):
         self.point_conv = Linear(mlp_hidden, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        y = F.silu(self.inverted_conv(x), inplace=not torch.is_grad_enabled())  # [B, N, 2H]
-        y = depthwise_conv_glu(y, self.depth_conv.weight, self.depth_conv.bias, height, width)  # [B, N, H]
-        return self.point_conv(y)
+        y = self.inverted_conv(x)  # [B, N, 2H], before its SiLU (the conv kernel applies it)
+        y = depthwise_conv_glu(y, self.depth_conv.weight, self.depth_conv.bias, height, width, input_silu=True)
+        return self.point_conv(y)  # y: [B, N, H]
 
 
 class SanaBlock(nn.Module):

@@ -219,14 +219,26 @@ def test_norms_full_size():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_depthwise_conv_glu(dtype, bias):
+@pytest.mark.parametrize("input_silu", [False, True])
+def test_depthwise_conv_glu(dtype, bias, input_silu):
     B, height, width, hidden = 2, 5, 7, 40
     y = randn(B, height * width, 2 * hidden, dtype=dtype)
     weight = randn(2 * hidden, 1, 3, 3, dtype=dtype, scale=1 / 3)
     b = randn(2 * hidden, dtype=dtype) if bias else None
-    out = kernels.depthwise_conv_glu(y, weight, b, height, width)
+    out = kernels.depthwise_conv_glu(y, weight, b, height, width, input_silu)
     ref = dit.depthwise_conv_glu.reference
-    check(out, ref(y.clone(), weight, b, height, width), ref(*f64(y, weight, b), height, width), dtype)
+    check(out, ref(y.clone(), weight, b, height, width, input_silu),
+          ref(*f64(y, weight, b), height, width, input_silu), dtype)
+
+
+def test_depthwise_conv_glu_input_silu_is_the_inverted_convs_activation():
+    # The fused SiLU must equal applying it beforehand, border pixels included (padding after SiLU).
+    y = randn(1, 3 * 4, 2 * 8, dtype=torch.float32, scale=3.0)
+    weight, b = randn(16, 1, 3, 3, dtype=torch.float32), randn(16, dtype=torch.float32)
+    fused_silu = kernels.depthwise_conv_glu(y, weight, b, 3, 4, True)
+    silu_first = kernels.depthwise_conv_glu(torch.nn.functional.silu(y), weight, b, 3, 4)
+    torch.testing.assert_close(fused_silu, silu_first, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(fused_silu, kernels.depthwise_conv_glu(y, weight, b, 3, 4), atol=1e-2)
 
 
 @full_size
@@ -234,8 +246,8 @@ def test_depthwise_conv_glu_full_size():
     y = randn(1, 128 * 128, 2 * 5600, dtype=torch.bfloat16)
     weight, b = randn(11200, 1, 3, 3, dtype=torch.bfloat16, scale=1 / 3), randn(11200, dtype=torch.bfloat16)
     ref = dit.depthwise_conv_glu.reference
-    check(kernels.depthwise_conv_glu(y, weight, b, 128, 128), ref(y.clone(), weight, b, 128, 128),
-          ref(*f64(y, weight, b), 128, 128), torch.bfloat16)
+    check(kernels.depthwise_conv_glu(y, weight, b, 128, 128, True), ref(y.clone(), weight, b, 128, 128, True),
+          ref(*f64(y, weight, b), 128, 128, True), torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------------

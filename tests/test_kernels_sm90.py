@@ -34,7 +34,7 @@ KERNELS = [
     (norms._layer_norm_modulate_kernel, dict(X=BF16, UPDATE=BF16, X_OUT=BF16, SHIFT=BF16, SCALE=BF16, Y=BF16, eps="fp32"),
      dict(BLOCK_C=4096, HAS_UPDATE=True), 8),
     (mix_ffn._depthwise_conv_glu_kernel, dict(Y=BF16, W=BF16, BIAS=BF16, OUT=BF16),
-     dict(BLOCK_P=32, BLOCK_H=64, HAS_BIAS=True), 4),
+     dict(BLOCK_P=32, BLOCK_H=64, HAS_BIAS=True, INPUT_SILU=True), 4),
 ]
 
 

@@ -1,11 +1,15 @@
-"""Mix-FFN middle in Triton: the 3×3 depthwise conv and the GLU gate in one pass.
+"""Mix-FFN middle in Triton: the inverted conv's SiLU, the 3×3 depthwise conv and the GLU gate in one pass.
 
 Reference (same signature): `sana.dit.depthwise_conv_glu`. The input is the inverted conv's
-output `[B, N, 2H]` (after its SiLU), read as a channels-last `h × w` image; each program
-computes a tile of pixels × channels for both halves (value channels c, gate channels H + c),
-adds the bias, and writes only `value · SiLU(gate)` `[B, N, H]`: the `[B, N, 2H]` conv output
-of the reference is never stored. The reference's roundings (conv output, SiLU output) to
-the tensor dtype are kept, so 16-bit results differ only by the fp32 summation order.
+output `[B, N, 2H]`, read as a channels-last `h × w` image. With `input_silu` the SiLU is applied
+as each tap is loaded, so the GEMM's activation pass never touches memory: it saves the same
+read and write of `[B, N, 2H]` that a SiLU epilogue in the GEMM would, while the GEMM stays
+cuBLAS's (zero padding commutes with it, SiLU(0) = 0). Each program computes a tile of
+pixels × channels for both halves (value channels c, gate channels H + c), adds the bias, and
+writes only `value · SiLU(gate)` `[B, N, H]`: the `[B, N, 2H]` conv output of the reference is
+never stored. The reference's roundings (conv output, gate SiLU) to the tensor dtype are kept;
+the fused input SiLU stays fp32 where the reference stores it, so 16-bit results differ by the
+fp32 summation order and that one rounding.
 
 Forward only: the dispatcher routes calls that need gradients to the reference.
 """
@@ -22,7 +26,7 @@ from .launch import empty
 @triton.jit
 def _depthwise_conv_glu_kernel(
     Y, W, BIAS, OUT, height, width, hidden, stride_yb, stride_yn, stride_ob, stride_on,
-    BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_SILU: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -44,8 +48,13 @@ def _depthwise_conv_glu_kernel(
         mask = inside[:, None] & mask_h[None, :]
         w_value = tl.load(W + offs_h * 9 + tap, mask=mask_h, other=0.0).to(tl.float32)
         w_gate = tl.load(W + (offs_h + hidden) * 9 + tap, mask=mask_h, other=0.0).to(tl.float32)
-        value += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * w_value[None, :]
-        gate += tl.load(ptrs + hidden, mask=mask, other=0.0).to(tl.float32) * w_gate[None, :]
+        y_value = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        y_gate = tl.load(ptrs + hidden, mask=mask, other=0.0).to(tl.float32)
+        if INPUT_SILU:  # kept in fp32: one rounding fewer than the reference, which stores the SiLU output
+            y_value = y_value * tl.sigmoid(y_value)
+            y_gate = y_gate * tl.sigmoid(y_gate)
+        value += y_value * w_value[None, :]
+        gate += y_gate * w_gate[None, :]
     if HAS_BIAS:
         value += tl.load(BIAS + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
         gate += tl.load(BIAS + hidden + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
@@ -58,7 +67,12 @@ def _depthwise_conv_glu_kernel(
 
 
 def depthwise_conv_glu(
-    y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, height: int, width: int
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    height: int,
+    width: int,
+    input_silu: bool = False,
 ) -> torch.Tensor:
     """Triton `sana.dit.depthwise_conv_glu`: y `[B, h·w, 2H]`, weight `[2H, 1, 3, 3]` → `[B, h·w, H]`."""
     B, N, channels = y.shape
@@ -78,6 +92,7 @@ def depthwise_conv_glu(
         _depthwise_conv_glu_kernel[grid](
             y, weight, weight if bias is None else bias, out, height, width, hidden,
             y.stride(0), y.stride(1), out.stride(0), out.stride(1),
-            BLOCK_P=block_p, BLOCK_H=block_h, HAS_BIAS=bias is not None, num_warps=4,
+            BLOCK_P=block_p, BLOCK_H=block_h, HAS_BIAS=bias is not None,
+            INPUT_SILU=bool(input_silu), num_warps=4,
         )
     return out
