@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .errors import SanaCheckpointError
+from .ops import fused
 
 # Diffusers and the original code both use 1e-15: only an all-zero query or key column feels it.
 LINEAR_ATTENTION_EPS = 1e-15
@@ -225,6 +226,7 @@ def _act(kind: str) -> nn.Module:
     return {"silu": nn.SiLU, "relu": nn.ReLU, "relu6": nn.ReLU6}[kind]()
 
 
+@fused
 def relu_linear_attention_multiscale(qkv: torch.Tensor, head_dim: int, eps: float = LINEAR_ATTENTION_EPS) -> torch.Tensor:
     """ReLU-kernel linear attention over all pixels of a feature map, one group per head and scale.
 

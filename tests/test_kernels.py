@@ -11,6 +11,7 @@ outputs and workspaces poisoned with NaN (an unwritten element fails), and measu
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -128,7 +129,7 @@ def test_relu_linear_attention_multiscale_forward(height, width, channels_last, 
         qkv = qkv.contiguous(memory_format=torch.channels_last)
     out = kernels.relu_linear_attention_multiscale(qkv, head_dim)
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    ref = dcae.relu_linear_attention_multiscale
+    ref = dcae.relu_linear_attention_multiscale.reference
     check(out, ref(qkv, head_dim), ref(qkv.double(), head_dim), dtype)
 
 
@@ -143,7 +144,7 @@ def test_relu_linear_attention_multiscale_backward():
             fn(x, head_dim).backward(grad.to(x.dtype))
         return x.grad
 
-    ref = dcae.relu_linear_attention_multiscale
+    ref = dcae.relu_linear_attention_multiscale.reference
     check(grads(kernels.relu_linear_attention_multiscale, qkv), None, grads(ref, qkv.double()), torch.float32)
 
 
@@ -313,3 +314,31 @@ def test_dit_training_step_with_triton_attention():
             model(x, torch.tensor([500.0, 30.0], device=DEVICE), context).square().mean().backward()
         grads[backend] = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert rel_err(grads["triton"], grads["torch"]) < FP32_TOL
+
+
+def test_dcae_decode_with_triton_attention():
+    """The DC-AE's multi-scale attention routes through the dispatcher like the DiT's kernels."""
+    from sana.dcae import DCAE, DCAE_PRESETS
+
+    widths, depths = (8, 16, 32), (1, 1, 1)
+    config = dataclasses.replace(
+        DCAE_PRESETS["dc-ae-f32c32-sana-1.0"], latent_channels=4, attention_head_dim=4,
+        encoder_widths=widths, decoder_widths=widths, encoder_depths=depths, decoder_depths=depths,
+        encoder_block_types=("ResBlock", "EfficientViTBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock", "EfficientViTBlock"),
+        encoder_qkv_multiscales=((), (5,), (5,)), decoder_qkv_multiscales=((), (5,), (5,)),
+        decoder_norm_types=("rms_norm",) * 3, decoder_act_fns=("silu",) * 3,
+    )
+    torch.manual_seed(0)
+    model = DCAE(config).to(DEVICE).eval()
+    latents = randn(1, 4, 3, 5)  # 3×5 latent: the deepest maps have fewer pixels than a head is wide
+    calls = []
+    triton_attention = kernels.relu_linear_attention_multiscale
+    with ops.use_kernels("torch"):
+        expected = model.decode(latents)
+    with ops.use_kernels("triton"), pytest.MonkeyPatch.context() as patch:
+        patch.setitem(ops._triton_functions, "relu_linear_attention_multiscale",
+                      lambda *a, **k: calls.append(1) or triton_attention(*a, **k))
+        got = model.decode(latents)
+    assert len(calls) == 2  # one per EfficientViT block of the decoder
+    assert rel_err(got, expected) < FP32_TOL
