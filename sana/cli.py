@@ -167,6 +167,7 @@ def command_generate(args: argparse.Namespace) -> int:
             image=image,
             strength=args.strength,
             callback=callback,
+            compile_model=args.compile,
         )
     finally:
         close()
@@ -237,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=int, default=1, help="images per prompt")
     gen.add_argument("--image", default=None, help="input image for image-to-image")
     gen.add_argument("--strength", type=float, default=1.0, help="image-to-image denoising strength in (0, 1]")
+    gen.add_argument("--compile", action="store_true",
+                     help="torch.compile each sampling step as one graph (CUDA graphs on GPU); pays off over many steps")
     gen.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     gen.add_argument("--dtype", choices=list(DTYPES), default=None, help="DiT dtype (default: bf16 on cuda, fp32 on cpu)")
     gen.add_argument("--vae-dtype", choices=list(DTYPES), default=None, help="DC-AE dtype (same default)")

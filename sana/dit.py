@@ -467,14 +467,16 @@ class FinalLayer(nn.Module):
 class SanaDiT(nn.Module):
     """The SANA Linear DiT.
 
-    `forward(x, timestep, context, context_mask=None, guidance=None) -> velocity`:
+    `forward(x, timestep, context, context_mask=None, guidance=None, trim_context=None) -> velocity`:
     - x `[B, in_channels, h, w]` latents (any h, w divisible by the patch size);
     - timestep `[B]`: the values diffusers' `SanaTransformer2DModel` receives (ints ⌊1000σ⌋
       from Flow-DPM-Solver, floats from Flow-Euler, the flow time t ∈ [0, 1] for Sprint);
     - context `[B, L, caption_channels]` text embeddings, any L; context_mask `[B, L]`
       (1 keep, 0 pad) or None;
     - guidance `[B]` the raw guidance scale, Sprint only (multiplied by
-      `config.guidance_embeds_scale` inside, as NVlabs' `cfg_embed_scale`).
+      `config.guidance_embeds_scale` inside, as NVlabs' `cfg_embed_scale`);
+    - trim_context: drop caption columns every row masks out (`trim_padded_context`, one host
+      sync); None follows `self.trim_padded_context`. Never inside `torch.compile`.
     Returns the velocity `[B, out_channels, h, w]` in the model's dtype.
     """
 
@@ -525,6 +527,7 @@ class SanaDiT(nn.Module):
         context: torch.Tensor,
         context_mask: torch.Tensor | None = None,
         guidance: torch.Tensor | None = None,
+        trim_context: bool | None = None,
     ) -> torch.Tensor:
         cfg = self.config
         B, _, H, W = x.shape
@@ -558,7 +561,9 @@ class SanaDiT(nn.Module):
         if context_mask is not None:
             if context_mask.shape != context.shape[:2]:
                 raise ValueError(f"context_mask {list(context_mask.shape)} does not match context {list(context.shape[:2])}")
-            context, context_mask = self._trim_context(context, context_mask)
+            trim = self.trim_padded_context if trim_context is None else trim_context
+            if trim and not torch.compiler.is_compiling():  # the trimmed length is data: not in a graph
+                context, context_mask = trim_padded_context(context, context_mask)
             mask_bias = ((1 - context_mask.to(dtype)) * CROSS_ATTENTION_MASK_BIAS)[:, None, None, :]  # [B, 1, 1, L]
         context = self.attention_y_norm(self.y_embedder.y_proj(context))  # [B, L, C]
 
@@ -572,14 +577,19 @@ class SanaDiT(nn.Module):
         out = out.reshape(B, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4)
         return out.reshape(B, -1, h * p, w * p)
 
-    def _trim_context(self, context: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.trim_padded_context:
-            return context, mask
-        kept = mask.bool()
-        if not bool(kept.any(dim=1).all()):
-            return context, mask  # a fully masked row attends uniformly to everything: keep all
-        last = int(kept.any(dim=0).nonzero().max()) + 1
-        return context[:, :last], mask[:, :last]
+
+
+def trim_padded_context(context: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the trailing caption columns `[B, L, ...]` that every row of `mask` `[B, L]` masks out.
+
+    Exact for the DiT's cross-attention (a masked column's softmax weight is exp(−10000) = 0).
+    Reads the mask on the host, so a sampler calls it once before its loop, not per step.
+    """
+    kept = mask.bool()
+    if not bool(kept.any(dim=1).all()):
+        return context, mask  # a fully masked row attends uniformly to everything: keep all
+    last = int(kept.any(dim=0).nonzero().max()) + 1
+    return context[:, :last], mask[:, :last]
 
 
 @contextmanager

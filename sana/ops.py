@@ -3,8 +3,8 @@
 Each function computes exactly what its plain PyTorch counterpart computes (up to float
 rounding); only the route differs. `fused` routes the model's fusable pieces (linear
 attention, norms + modulate, the Mix-FFN conv + gate) to the Triton kernels of `sana.kernels`
-on CUDA, and to their PyTorch references elsewhere; `SANA_KERNELS=auto|triton|torch` forces
-either.
+on CUDA, and to their PyTorch references elsewhere and inside `torch.compile` graphs;
+`SANA_KERNELS=auto|triton|torch` forces either.
 """
 
 from __future__ import annotations
@@ -106,6 +106,8 @@ def triton_available() -> bool:
 def _routes_to_triton(name: str, tensors: list[torch.Tensor]) -> bool:
     if _kernel_backend == "torch" or not tensors:
         return False
+    if torch.compiler.is_compiling():
+        return False  # inside a compiled graph the compiler fuses the reference itself
     if name not in kernels.DIFFERENTIABLE and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False  # forward-only kernel: training runs the reference
     if _kernel_backend == "auto":

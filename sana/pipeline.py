@@ -17,6 +17,11 @@ Order of work, and why:
    the same as diffusers with `torch.Generator("cpu")`), denoise, decode with the DC-AE, whose
    `decode` tiles by itself when the image would not fit in memory, and resize-and-crop back
    from the resolution bin to the requested size.
+
+The sampling loop never waits on the host: padded caption columns are trimmed once before it
+(`trim_padded_context`), the schedule goes to the device once, Sprint's per-step noise is drawn
+up front, and with `compile_model` each step's model evaluation (the CFG/PAG batch through the
+DiT and the guidance combine) is one `torch.compile` graph (`fullgraph=True`; CUDA graphs on GPU).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from .dit import SanaDiT, perturbed_self_attention
+from .dit import SanaDiT, perturbed_self_attention, trim_padded_context
 from .errors import SanaCheckpointError
 from .resolution import aspect_ratio_bins, closest_bin, resize_and_crop
 from .samplers import (
@@ -274,6 +279,19 @@ def _check_latents(latents: torch.Tensor | None, shape: tuple[int, ...]) -> None
         )
 
 
+def compiled_step(
+    velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], device: torch.device | str
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`velocity(x, t)` (one sampling step's model evaluation) as a single `torch.compile` graph.
+
+    `fullgraph=True` turns any graph break into an error instead of a silent slowdown; on CUDA,
+    "reduce-overhead" replays the step as a CUDA graph. Inside the graph the fused operations
+    take their PyTorch references (see `sana.ops.fused`), which the compiler fuses itself.
+    """
+    mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
+    return torch.compile(velocity, fullgraph=True, dynamic=False, mode=mode)
+
+
 # no_grad, not inference_mode: the returned images must stay ordinary tensors that callers
 # (ComfyUI nodes) may modify in place.
 @torch.no_grad()
@@ -300,6 +318,7 @@ def generate(
     strength: float = 1.0,
     callback: ProgressCallback | None = None,
     pag_layers: Sequence[int] | None = None,
+    compile_model: bool = False,
 ) -> torch.Tensor:
     """Generate images with a SANA DiT; returns float32 [B, height, width, 3] in [0, 1] (CPU).
 
@@ -322,6 +341,8 @@ def generate(
       schedule keeps its last round(steps * strength) steps (diffusers' rule) and starts from
       the encoded image noised to the first kept sigma (angle, for TrigFlow).
     - `callback(step, total, x0)`: after each step, with the current x0 prediction (latents).
+    - `compile_model`: run each step's model evaluation through `compiled_step` (the first
+      call compiles; worth it for many steps or several generations at one size).
 
     Raises `SanaCheckpointError` naming both sides when the parts or inputs do not fit.
     """
@@ -387,10 +408,13 @@ def generate(
             # The scale takes the prompt dtype before the DiT multiplies it by 0.1, as diffusers
             # does (in bf16 that gives 0.44921875 for 4.5, which is what Sprint was tested with).
             guidance = torch.full((batch,), float(guidance_scale)).to(device=device, dtype=text.cond.dtype)
-            context, mask = text.cond.to(dtype), text.cond_mask
+            context, mask = trim_padded_context(text.cond.to(dtype), text.cond_mask)
 
             def sprint_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return dit(x.to(dtype), t, context, mask, guidance)
+                return dit(x.to(dtype), t, context, mask, guidance, trim_context=False)
+
+            if compile_model:
+                sprint_velocity = compiled_step(sprint_velocity, device)
 
             final = trigflow_sampler(
                 sprint_velocity, start, angles, generator=generator, callback=_progress(callback, len(angles) - 1)
@@ -404,13 +428,15 @@ def generate(
             texts = {UNCOND: (text.uncond, text.uncond_mask), COND: (text.cond, text.cond_mask)}
             texts[PERTURBED] = texts[COND]
             context = torch.cat([texts[b][0] for b in branches]).to(dtype)
-            mask = torch.cat([texts[b][1] for b in branches])
+            context, mask = trim_padded_context(context, torch.cat([texts[b][1] for b in branches]))
             timestep_scale = dit.config.timestep_scale
 
             def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return dit(x.to(dtype), t * timestep_scale, context, mask)
+                return dit(x.to(dtype), t * timestep_scale, context, mask, trim_context=False)
 
             velocity = guided_velocity(model, guidance_scale=guidance_scale, pag_scale=pag_scale)
+            if compile_model:
+                velocity = compiled_step(velocity, device)
             sampler = flow_dpm_solver if solver == FLOW_DPM_SOLVER else flow_euler
             final = sampler(velocity, start, schedule, callback=_progress(callback, schedule.num_steps))
 
@@ -426,6 +452,7 @@ __all__ = [
     "ProgressCallback",
     "PromptEmbeddings",
     "check_components",
+    "compiled_step",
     "default_pag_layers",
     "encode_prompts",
     "generate",

@@ -201,13 +201,14 @@ def flow_dpm_solver(
     schedule starts over with a first-order step, as diffusers does with `set_begin_index`.
     Returns float32 latents at sigma = 0.
     """
-    sigmas = schedule.sigmas
+    sigmas = schedule.sigmas  # host-side: the branches below read them without a device sync
     x = latents.float()
     batch = x.shape[0]
+    timesteps = schedule.timesteps.to(device=x.device, dtype=torch.float32)  # one copy, not one per step
     previous_x0: torch.Tensor | None = None
     for i in range(schedule.num_steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        v = velocity(x, schedule.model_timestep(i, batch, x.device)).float()
+        v = velocity(x, timesteps[i].expand(batch)).float()
         x0 = x - sigma * v
         if sigma_next == 0:
             # alpha=1, sigma=0: the first-order update's x coefficient vanishes and it returns
@@ -241,9 +242,10 @@ def flow_euler(
     sigmas = schedule.sigmas
     x = latents.float()
     batch = x.shape[0]
+    timesteps = schedule.timesteps.to(device=x.device, dtype=torch.float32)
     for i in range(schedule.num_steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        v = velocity(x, schedule.model_timestep(i, batch, x.device)).float()
+        v = velocity(x, timesteps[i].expand(batch)).float()
         x_next = x + (sigma_next - sigma) * v
         if callback is not None:
             callback(i, x_next, x - sigma * v)
@@ -306,8 +308,12 @@ def trigflow_sampler(
     batch = x.shape[0]
     # diffusers keeps the SCM angles on the latents' device; trig there gives the same values.
     angles = angles.to(x.device)
+    steps = int(angles.shape[0]) - 1
+    # Drawn before the loop, in the order the loop uses them (the generator serves nothing else),
+    # so that no step waits on a host-to-device copy.
+    step_noise = [draw_noise(x.shape, generator, x.device) for _ in range(steps)]
     x0 = x
-    for i in range(int(angles.shape[0]) - 1):
+    for i in range(steps):
         angle, angle_next = angles[i], angles[i + 1]
         t = flow_time_from_trigflow(angle.expand(batch))
         t4 = t.view(-1, 1, 1, 1)
@@ -317,7 +323,7 @@ def trigflow_sampler(
         prediction = ((1 - 2 * t4) * x_model + (1 - 2 * t4 + 2 * t4**2) * v) / norm
         prediction = prediction * sigma_data
         x0 = torch.cos(angle) * x - torch.sin(angle) * prediction
-        noise = draw_noise(prediction.shape, generator, prediction.device) * sigma_data
+        noise = step_noise[i] * sigma_data
         x = torch.cos(angle_next) * x0 + torch.sin(angle_next) * noise
         if callback is not None:
             callback(i, x, x0 / sigma_data)

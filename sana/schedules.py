@@ -70,10 +70,6 @@ class FlowSchedule:
     def num_steps(self) -> int:
         return int(self.timesteps.shape[0])
 
-    def model_timestep(self, step: int, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """The DiT's `timestep` input for `step`: float32 [batch_size]."""
-        return self.timesteps[step].to(device=device, dtype=torch.float32).expand(batch_size)
-
     def for_strength(self, strength: float) -> FlowSchedule:
         """The tail of this schedule that img2img runs at denoising `strength` in (0, 1].
 

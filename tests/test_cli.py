@@ -77,6 +77,19 @@ def test_generate_two_prompts_writes_what_generate_returns(parts, tmp_path, caps
     assert "flow_dpm_solver, 2 steps" in stderr
 
 
+def test_compile_flag_compiles_the_step(parts, tmp_path, monkeypatch):
+    import sana.pipeline
+
+    compiled = []
+    monkeypatch.setattr(sana.pipeline, "compiled_step", lambda fn, device: compiled.append(device) or fn)
+    plain, with_flag = tmp_path / "plain.png", tmp_path / "compiled.png"
+    assert main(_generate_args(parts, plain, "--prompt", "a cat", "--steps", "2")) == 0
+    assert compiled == []
+    assert main(_generate_args(parts, with_flag, "--prompt", "a cat", "--steps", "2", "--compile")) == 0
+    assert len(compiled) == 1
+    assert torch.equal(_png(plain), _png(with_flag))
+
+
 def test_sprint_and_img2img(parts, tmp_path):
     """--sprint takes TrigFlow's 2 default steps; --image feeds image-to-image."""
     source = torch.rand(1, 4, 4, 3, generator=torch.Generator().manual_seed(1))

@@ -8,6 +8,7 @@ through our loaders. Both sides run in fp32 from the same seed and are compared 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,9 @@ from dit_checkpoints import random_reference
 from sana.dcae_io import load_dcae
 from sana.errors import SanaCheckpointError
 from sana.pipeline import generate, latents_to_images
-from sana.samplers import draw_noise
+from sana.dit import perturbed_self_attention
+from sana.samplers import draw_noise, flow_dpm_solver, flow_euler, guided_velocity, trigflow_sampler
+from sana.schedules import flow_dpm_schedule, flow_euler_schedule, trigflow_schedule
 from sana.text_encoder import COMPLEX_HUMAN_INSTRUCTION
 from tiny_gemma import build_tiny_gemma
 
@@ -429,3 +432,79 @@ def test_sprint_dit_refuses_flow_solvers_and_pag(parts):
         parts.generate(solver="flow_euler", **request)
     with pytest.raises(SanaCheckpointError, match="TrigFlow sampler has no PAG"):
         parts.generate(pag_scale=2.0, **request)
+
+
+@pytest.mark.parametrize("sprint", [False, True])
+def test_compiled_step_matches_eager(parts, sprint, monkeypatch):
+    """`compile_model` traces each step (CFG + PAG batch, or Sprint's guidance) as one graph:
+    `fullgraph=True` fails on any graph break. The eager backend keeps CI fast; it runs the
+    traced graph, so equal images mean the graph computes the step."""
+    import torch._dynamo
+
+    compiled, torch_compile = [], torch.compile
+
+    def compile_eager(fn, **options):
+        assert options["fullgraph"]
+        compiled.append(fn)
+        return torch_compile(fn, backend="eager", fullgraph=True, dynamic=False)
+
+    monkeypatch.setattr(torch, "compile", compile_eager)
+    torch._dynamo.reset()
+    if sprint:
+        kwargs = dict(dit=parts.sprint, prompt=PROMPTS, steps=2, guidance_scale=4.5)
+    else:
+        kwargs = dict(prompt=PROMPTS, steps=3, guidance_scale=4.5, pag_scale=2.0, pag_layers=[1])
+    kwargs.update(height=64, width=64, seed=5, resolution_binning=False)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # one graph serves every step
+        ours = parts.generate(compile_model=True, **kwargs)
+    assert len(compiled) == 1
+    torch.testing.assert_close(ours, parts.generate(**kwargs), rtol=0, atol=1e-6)
+
+
+def test_sampling_loop_never_syncs_with_the_host(parts):
+    """Every step on the meta device, which refuses `.item()`, `bool()` and `nonzero()`: the
+    loop of each sampler, CFG + PAG batching and the DiT forward read nothing back."""
+    dit = copy.deepcopy(parts.dit).to("meta")
+    sprint = copy.deepcopy(parts.sprint).to("meta")
+    latents = torch.randn(2, LATENT_CHANNELS, 8, 8, device="meta")
+    context = torch.randn(6, 7, dit.config.caption_channels, device="meta")
+    mask = torch.ones(6, 7, device="meta")
+    with pytest.raises(RuntimeError, match="meta"):  # the per-step trimming would have synced
+        dit(latents.repeat(3, 1, 1, 1), torch.ones(6, device="meta"), context, mask)
+
+    def model(x, t):
+        return dit(x, t, context, mask, trim_context=False)
+
+    velocity = guided_velocity(model, guidance_scale=4.5, pag_scale=2.0, pag_adaptive_scale=0.1)
+    with perturbed_self_attention(dit, [1], slice(4, 6)), torch.no_grad():
+        for sampler, schedule in ((flow_dpm_solver, flow_dpm_schedule(4, 3.0)), (flow_euler, flow_euler_schedule(3, 3.0))):
+            assert sampler(velocity, latents, schedule).device.type == "meta"
+
+        def sprint_velocity(x, t):
+            return sprint(x, t, context[:2], mask[:2], torch.full((2,), 4.5, device="meta"), trim_context=False)
+
+        out = trigflow_sampler(sprint_velocity, latents, trigflow_schedule(2), generator=torch.Generator().manual_seed(0))
+        assert out.device.type == "meta"
+
+
+def test_compiled_step_with_inductor_matches_eager():
+    """The real compiler (inductor, C++ on CPU) on a CFG step of a tiny DiT: same velocity, and
+    the second timestep reuses the graph."""
+    import torch._dynamo
+
+    from sana.pipeline import compiled_step
+
+    config = sana.SanaDiTConfig(hidden_size=64, depth=2, cross_attention_heads=2, cross_attention_head_dim=32,
+                                caption_channels=24, in_channels=8, out_channels=8)
+    torch.manual_seed(0)
+    dit = sana.SanaDiT(config).eval()
+    context, mask = torch.randn(2, 5, 24), torch.ones(2, 5)
+    mask[0, 3:] = 0
+    velocity = guided_velocity(lambda x, t: dit(x, t, context, mask, trim_context=False), guidance_scale=4.5)
+    x = torch.randn(1, 8, 8, 8)
+    torch._dynamo.reset()
+    step = compiled_step(velocity, "cpu")
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for t in (999.0, 500.0):
+            timestep = torch.full((1,), t)
+            torch.testing.assert_close(step(x, timestep), velocity(x, timestep), rtol=1e-4, atol=2e-5)
