@@ -154,6 +154,18 @@ def run_shapes(args: argparse.Namespace) -> None:
           f"({len(values) - len(finite)} identical)")
     for name, images in (("float", float_images), ("W8A8", w8a8_images)):
         print(f"  adherence {name}: {shapes.evaluate(images, targets).to_dict()}")
+    # Paired view: the same seed and prompt through both models, so a score gap is the images that
+    # changed verdict, not two independent samples.
+    for name in ("colour", "shape", "position", "count"):
+        lost = gained = 0
+        for a, b, scene in zip(float_images, w8a8_images, targets):
+            if name == "position" and scene.count != 1:
+                continue
+            right_float = getattr(shapes.evaluate([a], [scene]), name) == 1
+            right_w8a8 = getattr(shapes.evaluate([b], [scene]), name) == 1
+            lost += right_float and not right_w8a8
+            gained += right_w8a8 and not right_float
+        print(f"  {name}: {lost} images right in float but not in W8A8, {gained} the other way")
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,7 +255,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="quality: device")
     p.add_argument("--trajectory", action="store_true", help="quality: also run a separate W8A8 trajectory")
     p.add_argument("--shapes-model", default=None, help="shapes: model folder (default: assets/shapes-tiny)")
-    p.add_argument("--seeds", type=int, default=2, help="shapes: images per prompt")
+    p.add_argument("--seeds", type=int, default=32,
+                   help="shapes: images per prompt (32: 1152 images, where one image is 0.09 points)")
     p.add_argument("--batch", type=int, default=2, help="speed: batch (2 = one CFG pair)")
     p.add_argument("--repeats", type=int, default=10, help="speed: timed forwards")
     p.add_argument("--only", type=int, default=None, help="speed: only this latent side (32 or 128)")
