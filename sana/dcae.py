@@ -200,6 +200,23 @@ DCAE_PRESETS: dict[str, DCAEConfig] = {
 # ----------------------------------------------------------------------------- primitives
 
 
+@fused
+def rms_norm_2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """RMS norm over the channel dim of x `[B, C, H, W]` (statistics in fp32, no mean removal),
+    then `· weight + bias` `[C]`, then `residual + ·` when a residual `[B, C, H, W]` is given."""
+    x32 = x.float()
+    normed = (x32 * torch.rsqrt(x32.square().mean(dim=1, keepdim=True) + eps)).to(weight.dtype)
+    # One fused op, so that at most two full-size temporaries are alive at once.
+    out = torch.addcmul(bias[:, None, None], normed, weight[:, None, None]).to(x.dtype)
+    return out if residual is None else residual + out
+
+
 class RMSNorm2d(nn.Module):
     """RMS norm over the channel dim of a [B, C, H, W] map, with weight and bias (no mean removal)."""
 
@@ -209,17 +226,19 @@ class RMSNorm2d(nn.Module):
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> same
-        x32 = x.float()
-        normed = (x32 * torch.rsqrt(x32.square().mean(dim=1, keepdim=True) + self.eps)).to(self.weight.dtype)
-        # One fused op, so that at most two full-size temporaries are alive at once.
-        return torch.addcmul(self.bias[:, None, None], normed, self.weight[:, None, None]).to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:  # [B, C, H, W] -> same
+        return rms_norm_2d(x, self.weight, self.bias, self.eps, residual)
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "rms_norm":
         return RMSNorm2d(channels)
     return nn.BatchNorm2d(channels, eps=NORM_EPS, momentum=0.1)
+
+
+def _residual_norm(norm: nn.Module, y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """residual + norm(y); an RMSNorm2d adds the residual in its own pass over memory."""
+    return norm(y, residual) if isinstance(norm, RMSNorm2d) else residual + norm(y)
 
 
 def _act(kind: str) -> nn.Module:
@@ -269,7 +288,7 @@ class ResBlock(nn.Module):
         self.norm = _norm(norm, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.norm(self.conv2(self.nonlinearity(self.conv1(x))))
+        return _residual_norm(self.norm, self.conv2(self.nonlinearity(self.conv1(x))), x)
 
 
 class MultiscaleQKV(nn.Module):
@@ -302,7 +321,7 @@ class MultiscaleLinearAttention(nn.Module):
         if len(self.to_qkv_multiscale):
             qkv = torch.cat([qkv, *(branch(qkv) for branch in self.to_qkv_multiscale)], dim=1)  # [B, 3C(1+S), H, W]
         attended = relu_linear_attention_multiscale(qkv, self.head_dim)  # [B, C(1+S), H, W]
-        return x + self.norm_out(self.to_out(attended))
+        return _residual_norm(self.norm_out, self.to_out(attended), x)
 
 
 class GLUMBConv(nn.Module):
@@ -320,7 +339,7 @@ class GLUMBConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_depth(self.nonlinearity(self.conv_inverted(x)))
         value, gate = h.chunk(2, dim=1)
-        return x + self.norm(self.conv_point(value * self.nonlinearity(gate)))
+        return _residual_norm(self.norm, self.conv_point(value * self.nonlinearity(gate)), x)
 
 
 class EfficientViTBlock(nn.Module):

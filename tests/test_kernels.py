@@ -316,8 +316,8 @@ def test_dit_training_step_with_triton_attention():
     assert rel_err(grads["triton"], grads["torch"]) < FP32_TOL
 
 
-def test_dcae_decode_with_triton_attention():
-    """The DC-AE's multi-scale attention routes through the dispatcher like the DiT's kernels."""
+def test_dcae_decode_with_triton_kernels():
+    """The DC-AE's multi-scale attention and RMSNorm2d (+ residual) route through the dispatcher."""
     from sana.dcae import DCAE, DCAE_PRESETS
 
     widths, depths = (8, 16, 32), (1, 1, 1)
@@ -333,12 +333,45 @@ def test_dcae_decode_with_triton_attention():
     model = DCAE(config).to(DEVICE).eval()
     latents = randn(1, 4, 3, 5)  # 3×5 latent: the deepest maps have fewer pixels than a head is wide
     calls = []
-    triton_attention = kernels.relu_linear_attention_multiscale
     with ops.use_kernels("torch"):
         expected = model.decode(latents)
     with ops.use_kernels("triton"), pytest.MonkeyPatch.context() as patch:
-        patch.setitem(ops._triton_functions, "relu_linear_attention_multiscale",
-                      lambda *a, **k: calls.append(1) or triton_attention(*a, **k))
+        for name in ("relu_linear_attention_multiscale", "rms_norm_2d"):
+            kernel = getattr(kernels, name)
+            patch.setitem(ops._triton_functions, name,
+                          lambda *a, _name=name, _kernel=kernel, **k: calls.append(_name) or _kernel(*a, **k))
         got = model.decode(latents)
-    assert len(calls) == 2  # one per EfficientViT block of the decoder
+    assert calls.count("relu_linear_attention_multiscale") == 2  # one per EfficientViT block of the decoder
+    # Every block's norms (a ResBlock: 1; an EfficientViT block: 2) and the output norm.
+    assert calls.count("rms_norm_2d") == 1 + 2 * 2 + 1
     assert rel_err(got, expected) < FP32_TOL
+
+
+# --------------------------------------------------------------------------------------------
+# DC-AE RMSNorm2d (+ residual)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_2d(dtype, channels_last, with_residual):
+    B, C, H, W = 2, 37, 5, 3  # channels and pixels not multiples of the blocks
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = randn(B, C, H, W, dtype=dtype, scale=2.0).contiguous(memory_format=memory_format)
+    weight, bias = randn(C, dtype=dtype, scale=0.5) + 1, randn(C, dtype=dtype, scale=0.5)
+    residual = randn(B, C, H, W, dtype=dtype) if with_residual else None
+    out = kernels.rms_norm_2d(x, weight, bias, 1e-5, residual)
+    assert out.is_contiguous(memory_format=memory_format)
+    ref = dcae.rms_norm_2d.reference
+    check(out, ref(x, weight, bias, 1e-5, residual), ref(*f64(x, weight, bias), 1e-5, *f64(residual)), dtype)
+
+
+def test_rms_norm_2d_declines_what_it_does_not_take():
+    x, weight = randn(1, 4, 2, 2), randn(4)
+    assert kernels.rms_norm_2d(x, weight, randn(3), 1e-5) is NotImplemented  # bias of the wrong size
+    cropped = randn(1, 4, 2, 3)[..., :2]  # rows 3 apart, pixels 1 apart: no single pixel stride
+    assert kernels.rms_norm_2d(cropped, weight, randn(4), 1e-5) is NotImplemented
+    ref = dcae.rms_norm_2d.reference
+    with ops.use_kernels("triton"):  # declined inputs take the reference through the dispatcher
+        torch.testing.assert_close(dcae.rms_norm_2d(cropped, weight, bias := randn(4), 1e-5),
+                                   ref(cropped, weight, bias, 1e-5))

@@ -4,6 +4,7 @@
 |--------------------------------------------------------|---------------------------------------------|
 | `relu_linear_attention` (forward + backward)           | `sana.dit.relu_linear_attention`            |
 | `relu_linear_attention_multiscale` (forward + backward)| `sana.dcae.relu_linear_attention_multiscale`|
+| `rms_norm_2d` (DC-AE RMSNorm2d + residual add)         | `sana.dcae.rms_norm_2d`                     |
 | `rms_norm`                                             | `sana.dit.rms_norm`                         |
 | `layer_norm_modulate`                                  | `sana.dit.layer_norm_modulate`              |
 | `residual_layer_norm_modulate`                         | `sana.dit.residual_layer_norm_modulate`     |
@@ -25,6 +26,7 @@ _HOMES = {
     "relu_linear_attention": "linear_attention",
     "relu_linear_attention_multiscale": "linear_attention",
     "rms_norm": "norms",
+    "rms_norm_2d": "norms",
     "layer_norm_modulate": "norms",
     "residual_layer_norm_modulate": "norms",
     "depthwise_conv_glu": "mix_ffn",

@@ -62,6 +62,12 @@ def empty(*shape: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor
     return out.fill_(float("nan")) if _poison else out
 
 
+def empty_like(t: torch.Tensor) -> torch.Tensor:
+    """`torch.empty_like` (same memory format) for kernel outputs, NaN-filled while poisoning is on."""
+    out = torch.empty_like(t)
+    return out.fill_(float("nan")) if _poison else out
+
+
 @contextlib.contextmanager
 def poisoned_outputs() -> Iterator[None]:
     global _poison

@@ -1,7 +1,8 @@
-"""RMSNorm and LayerNorm + AdaLN modulate (with the residual add before it) in Triton.
+"""RMSNorm and LayerNorm + AdaLN modulate (with the residual add before it) in Triton, and the
+DC-AE's channel-dim RMSNorm2d with its block's residual add.
 
-References (same signatures): `sana.dit.rms_norm`, `sana.dit.layer_norm_modulate` and
-`sana.dit.residual_layer_norm_modulate`. One program normalises one row of C channels (C ≤
+References (same signatures): `sana.dit.rms_norm`, `sana.dit.layer_norm_modulate`,
+`sana.dit.residual_layer_norm_modulate` and `sana.dcae.rms_norm_2d`. For the DiT norms one program normalises one row of C channels (C ≤
 a few thousand: the row stays in registers), reading x once and writing once, where the
 reference makes three to five passes. Intermediate roundings of the reference are kept
 (LayerNorm's output and `1 + scale` are rounded to the tensor dtype before the modulate, as
@@ -17,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import empty, rows_view
+from .launch import empty, empty_like, rows_view
 
 _MAX_CHANNELS = 16384  # one row per program, held in registers
 
@@ -138,3 +139,81 @@ def residual_layer_norm_modulate(
     x_out = x if not torch.is_grad_enabled() and rows_view(x) is not None else empty(*x.shape, device=x.device, dtype=x.dtype)
     y = _layer_norm_modulate(x, update, x_out, shift, scale, eps)
     return NotImplemented if y is NotImplemented else (x_out, y)
+
+
+# --------------------------------------------------------------------------------------------
+# DC-AE RMSNorm2d: channel-dim RMS norm of a feature map, with bias and the block's residual add
+
+
+@triton.jit
+def _rms_norm_2d_kernel(
+    X, W, BIAS, RES, OUT, channels, pixels, eps,
+    stride_xb, stride_xc, stride_xp, stride_rb, stride_rc, stride_rp, stride_ob, stride_oc, stride_op,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+):
+    b = tl.program_id(1).to(tl.int64)
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < pixels
+    x_base = X + b * stride_xb + offs_p.to(tl.int64)[:, None] * stride_xp
+    square_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for c0 in range(0, channels, BLOCK_C):  # pass 1: the per-pixel mean square over all channels
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask = mask_p[:, None] & (offs_c < channels)[None, :]
+        x = tl.load(x_base + offs_c.to(tl.int64)[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+        square_sum += tl.sum(x * x, axis=1)
+    inv_rms = tl.rsqrt(square_sum / channels + eps)
+    for c0 in range(0, channels, BLOCK_C):  # pass 2: normalise, affine, residual
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < channels
+        mask = mask_p[:, None] & mask_c[None, :]
+        x = tl.load(x_base + offs_c.to(tl.int64)[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+        normed = (x * inv_rms[:, None]).to(W.dtype.element_ty).to(tl.float32)  # the reference's cast to the weight dtype
+        w = tl.load(W + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        bias = tl.load(BIAS + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        y = (normed * w[None, :] + bias[None, :]).to(OUT.dtype.element_ty)
+        if HAS_RESIDUAL:  # added in the output dtype, as the reference's `residual + y`
+            res_ptrs = RES + b * stride_rb + offs_p.to(tl.int64)[:, None] * stride_rp + offs_c.to(tl.int64)[None, :] * stride_rc
+            y = (tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32) + y.to(tl.float32)).to(OUT.dtype.element_ty)
+        out_ptrs = OUT + b * stride_ob + offs_p.to(tl.int64)[:, None] * stride_op + offs_c.to(tl.int64)[None, :] * stride_oc
+        tl.store(out_ptrs, y, mask=mask)
+
+
+def _pixel_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """(batch, channel, pixel) strides of `[B, C, H, W]` whose H·W pixels form one stride (NCHW or channels-last)."""
+    _, _, height, width = t.shape
+    if height > 1 and t.stride(2) != width * t.stride(3):
+        return None
+    return t.stride(0), t.stride(1), t.stride(3)
+
+
+def rms_norm_2d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Triton `sana.dcae.rms_norm_2d`: x `[B, C, H, W]` (NCHW or channels-last) → same shape and layout.
+
+    Two reads of x (the mean square, then the normalisation) and one write, with the residual
+    read in the second pass; the reference makes about six full passes and, for a 16-bit map,
+    holds an fp32 copy of it (8.6 GB for the 128-channel stage of a 4096² decode).
+    """
+    supported = (torch.float32, torch.float16, torch.bfloat16)
+    if (
+        x.ndim != 4 or x.dtype not in supported or weight.dtype not in supported or bias.dtype != weight.dtype
+        or weight.shape != (x.shape[1],) or bias.shape != weight.shape
+        or (residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype))
+    ):
+        return NotImplemented
+    B, C, H, W = x.shape
+    out = empty_like(x)  # the layout of x (channels-last stays channels-last)
+    strides = [_pixel_strides(t) for t in (x, out, residual if residual is not None else x)]
+    if any(s is None for s in strides):
+        return NotImplemented
+    (sxb, sxc, sxp), (sob, soc, sop), (srb, src, srp) = strides
+    if out.numel():
+        block_p, block_c = (16, 16) if x.device.type == "cpu" else (64, 32)
+        grid = (triton.cdiv(H * W, block_p), B)
+        _rms_norm_2d_kernel[grid](
+            x, weight.contiguous(), bias.contiguous(), residual if residual is not None else x, out, C, H * W, eps,
+            sxb, sxc, sxp, srb, src, srp, sob, soc, sop,
+            BLOCK_P=block_p, BLOCK_C=block_c, HAS_RESIDUAL=residual is not None, num_warps=4,
+        )
+    return out
