@@ -516,8 +516,10 @@ class SanaDiT(nn.Module):
             cfg = self.config
             table = sincos_pos_embed_2d(
                 cfg.hidden_size, height, width, cfg.sample_size // cfg.patch_size, cfg.interpolation_scale, device
-            )
-            self._pos_embed_cache[key] = table[None]
+            )[None]
+            if torch.compiler.is_compiling():
+                return table  # filling the cache inside a graph would make the next call recompile
+            self._pos_embed_cache[key] = table
         return self._pos_embed_cache[key]
 
     def forward(

@@ -22,6 +22,8 @@ The sampling loop never waits on the host: padded caption columns are trimmed on
 (`trim_padded_context`), the schedule goes to the device once, Sprint's per-step noise is drawn
 up front, and with `compile_model` each step's model evaluation (the CFG/PAG batch through the
 DiT and the guidance combine) is one `torch.compile` graph (`fullgraph=True`; CUDA graphs on GPU).
+Compiled, the caption keeps its fixed padded length instead of being trimmed, so one graph
+serves every prompt of a size and batch.
 """
 
 from __future__ import annotations
@@ -408,7 +410,9 @@ def generate(
             # The scale takes the prompt dtype before the DiT multiplies it by 0.1, as diffusers
             # does (in bf16 that gives 0.44921875 for 4.5, which is what Sprint was tested with).
             guidance = torch.full((batch,), float(guidance_scale)).to(device=device, dtype=text.cond.dtype)
-            context, mask = trim_padded_context(text.cond.to(dtype), text.cond_mask)
+            context, mask = text.cond.to(dtype), text.cond_mask
+            if not compile_model:  # compiled: keep the fixed padded length, one graph for every prompt
+                context, mask = trim_padded_context(context, mask)
 
             def sprint_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                 return dit(x.to(dtype), t, context, mask, guidance, trim_context=False)
@@ -428,7 +432,9 @@ def generate(
             texts = {UNCOND: (text.uncond, text.uncond_mask), COND: (text.cond, text.cond_mask)}
             texts[PERTURBED] = texts[COND]
             context = torch.cat([texts[b][0] for b in branches]).to(dtype)
-            context, mask = trim_padded_context(context, torch.cat([texts[b][1] for b in branches]))
+            mask = torch.cat([texts[b][1] for b in branches])
+            if not compile_model:
+                context, mask = trim_padded_context(context, mask)
             timestep_scale = dit.config.timestep_scale
 
             def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -457,8 +457,12 @@ def test_compiled_step_matches_eager(parts, sprint, monkeypatch):
     kwargs.update(height=64, width=64, seed=5, resolution_binning=False)
     with torch._dynamo.config.patch(error_on_recompile=True):  # one graph serves every step
         ours = parts.generate(compile_model=True, **kwargs)
-    assert len(compiled) == 1
-    torch.testing.assert_close(ours, parts.generate(**kwargs), rtol=0, atol=1e-6)
+        # ... and every prompt: the caption keeps its padded length instead of being trimmed.
+        other = parts.generate(compile_model=True, **{**kwargs, "prompt": [p + " at dusk, long shot" for p in PROMPTS]})
+    assert len(compiled) == 2
+    # Against the trimmed eager run: the padded keys change only the summation order.
+    torch.testing.assert_close(ours, parts.generate(**kwargs), rtol=0, atol=1e-5)
+    assert not torch.allclose(ours, other, atol=1e-3)
 
 
 def test_sampling_loop_never_syncs_with_the_host(parts):
