@@ -8,10 +8,12 @@
 Measures, each against its compute floor:
 - DiT forward (Sana-0.6B and 1.6B released shapes) at 1024² and 4096² (32² and 128² latents), batch
   1 and 16, 300 caption tokens: ours with the Triton kernels (`SANA_KERNELS=auto`), ours with
-  the PyTorch references (`torch`), and diffusers' `SanaTransformer2DModel`;
+  the PyTorch references (`torch`), ours compiled as `generate(compile_model=True)` runs it
+  (one fullgraph `torch.compile` graph replayed as a CUDA graph), and diffusers'
+  `SanaTransformer2DModel`;
 - DC-AE f32c32 decode at 1024² and 4096², untiled, ours vs diffusers' `AutoencoderDC`;
 - end to end at 1024², 20 Flow-DPM-Solver steps with CFG (batch 2 through the DiT), via
-  `bench/pipeline.py --full`, as images/s.
+  `bench/pipeline.py --full --compile` (ours eager, ours compiled, diffusers), as images/s.
 
 Floors: the FLOPs of one call (counted by `torch.utils.flop_counter` on the reference path:
 matmuls, convolutions, attention) over the bf16 matrix-product rate measured here (a large
@@ -189,6 +191,16 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def compiled_forward(dit, x, t, context, mask) -> Callable[[], torch.Tensor]:
+    """Ours as `generate(compile_model=True)` runs it: one fullgraph graph, CUDA graphs on GPU
+    (the first calls compile and record; `timed`'s warm-up absorbs them)."""
+    from sana.pipeline import compiled_step
+
+    torch._dynamo.reset()  # a fresh graph per case: the cases would otherwise exhaust the recompile limit
+    step = compiled_step(lambda x_, t_: dit(x_, t_, context, mask, trim_context=False), x.device)
+    return lambda: step(x, t)
+
+
 def bench_dit(args, device, dtype, rate, rows: list[dict]) -> None:
     from sana import ops
 
@@ -215,14 +227,19 @@ def bench_dit(args, device, dtype, rate, rows: list[dict]) -> None:
                         if impl == "diffusers":
                             fn = lambda: theirs(x, context, t, encoder_attention_mask=mask, return_dict=False)[0]  # noqa: E731
                             backend = "torch"
+                        elif impl == "ours-compiled":
+                            fn = compiled_forward(ours, x, t, context, mask)
+                            backend = "auto"
                         else:
                             fn = lambda: ours(x, t, context, mask)  # noqa: E731
                             backend = "auto" if impl == "ours" else "torch"
+                        # CUDA-graph trees record on the second or third call: keep those untimed.
+                        warmup = max(args.warmup, 3) if impl == "ours-compiled" else args.warmup
                         with ops.use_kernels(backend):
                             outputs[impl] = fn().float()
-                            return timed(fn, device, args.warmup, args.repeats)
+                            return timed(fn, device, warmup, args.repeats)
 
-                    for impl in ("ours", "ours-torch", "diffusers"):
+                    for impl in ("ours", "ours-torch", "ours-compiled", "diffusers"):
                         r = guarded(lambda: run(impl))
                         if "diffusers" in outputs and impl == "diffusers" and "ours" in outputs:
                             r["rel_diff_vs_diffusers"] = rel_diff(outputs["ours"], outputs["diffusers"])
@@ -276,7 +293,7 @@ def bench_end_to_end(args, rate, dit_rows: list[dict], rows: list[dict]) -> None
         print("# end to end: skipped in a dry run (bench/pipeline.py has its own CPU mode)")
         return
     cmd = [sys.executable, str(ROOT / "bench" / "pipeline.py"), "--full", "--device", "cuda", "--dtype", "bf16",
-           "--size", "1024", "--steps", "20", "--cfg", "4.5", "--rounds", str(args.e2e_rounds)]
+           "--size", "1024", "--steps", "20", "--cfg", "4.5", "--rounds", str(args.e2e_rounds), "--compile"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     print(proc.stdout.strip())
     if proc.returncode:
@@ -287,7 +304,7 @@ def bench_end_to_end(args, rate, dit_rows: list[dict], rows: list[dict]) -> None
     per = {r["case"]: r.get("flops") for r in dit_rows if r["impl"] == "ours"}
     dit_b1, decode = per.get("DiT 0.6b 1024² b1"), per.get("DC-AE decode 1024²")
     floor_flops = 20 * 2 * dit_b1 + decode if dit_b1 and decode else None
-    for impl in ("ours", "diffusers"):
+    for impl in ("ours", "ours-compiled", "diffusers"):
         m = re.search(rf"^{impl}\s+([0-9.]+)", proc.stdout, re.MULTILINE)
         if not m:
             continue
@@ -313,7 +330,7 @@ def summarise(case: str, impl: str, r: dict, flops: int | None, rate: float) -> 
 
 
 def format_row(row: dict) -> str:
-    head = f"{row['case']:28s} {row['impl']:11s}"
+    head = f"{row['case']:28s} {row['impl']:13s}"
     if "error" in row:
         return f"{head} {row['error']}"
     text = f"{head} {row['seconds'] * 1000:10.2f} ms  peak +{gib(row['peak_bytes']):>10s}"
@@ -340,6 +357,9 @@ def print_summary(rows: list[dict]) -> None:
             line += f"  x floor {ours['x_floor']:5.2f}"
         if ours.get("peak_bytes") or ref.get("peak_bytes"):
             line += f"  peak +{gib(ours['peak_bytes'])} vs +{gib(ref['peak_bytes'])}"
+        compiled = by.get("ours-compiled", {})
+        if "seconds" in compiled:
+            line += f"  | compiled {compiled['seconds'] * 1000:9.2f}  speed-up {ref['seconds'] / compiled['seconds']:5.2f}x"
         print(line)
 
 

@@ -158,7 +158,7 @@ def run_one(args: argparse.Namespace) -> dict:
     weights = json.loads(args.weights)
     clock = StageClock(device)
     torch.set_grad_enabled(False)
-    if args.impl == "ours":
+    if args.impl in ("ours", "ours-compiled"):
         import sana
         from sana.dcae_io import load_dcae
         from sana.pipeline import generate
@@ -171,7 +171,8 @@ def run_one(args: argparse.Namespace) -> dict:
 
         def run(steps: int) -> torch.Tensor:
             return generate(dit=dit, dcae=dcae, text_encoder=text_encoder, prompt=PROMPT, height=args.size,
-                            width=args.size, steps=steps, guidance_scale=args.cfg, seed=0)
+                            width=args.size, steps=steps, guidance_scale=args.cfg, seed=0,
+                            compile_model=args.impl == "ours-compiled")
     else:
         from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
         from transformers import AutoTokenizer, Gemma2Model
@@ -192,7 +193,9 @@ def run_one(args: argparse.Namespace) -> dict:
                        guidance_scale=args.cfg, generator=torch.Generator().manual_seed(0), output_type="pt").images
             return out.movedim(1, -1)
 
-    run(1)  # warm-up: first-call allocations and kernel selection stay out of the figures
+    # Warm-up: first-call allocations, kernel selection and (compiled) the compile and the CUDA-graph
+    # recording, which needs a few calls, stay out of the figures.
+    run(3 if args.impl == "ours-compiled" else 1)
     clock.start()
     images = run(args.steps)
     result = clock.finish()
@@ -213,7 +216,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--rounds", type=int, default=2, help="alternating runs per implementation; the minimum is reported")
     p.add_argument("--full", action="store_true", help="the released shapes instead of reduced widths")
-    p.add_argument("--impl", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    p.add_argument("--compile", action="store_true", help="also time ours with compile_model=True (ours-compiled)")
+    p.add_argument("--impl", choices=["ours", "ours-compiled", "diffusers"], help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
     p.add_argument("--image-out", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -225,10 +229,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         weights = build_weights(Path(tmp), args.full, sample_size)
         sizes = describe(weights)
-        runs: dict[str, list[dict]] = {"ours": [], "diffusers": []}
+        impls = ("ours", "diffusers") + (("ours-compiled",) if args.compile else ())
+        runs: dict[str, list[dict]] = {impl: [] for impl in impls}
         images: dict[str, torch.Tensor] = {}
         for _ in range(args.rounds):
-            for impl in ("ours", "diffusers"):
+            for impl in impls:
                 image_out = Path(tmp) / f"{impl}.pt"
                 cmd = [sys.executable, __file__, "--impl", impl, "--weights", json.dumps(weights), "--image-out",
                        str(image_out)]
@@ -243,18 +248,22 @@ def main() -> None:
     print(f"models: {sizes}")
     print(f"request: {args.size}x{args.size}, {args.steps} steps Flow-DPM-Solver, CFG {args.cfg}, {args.dtype}, "
           f"{args.device}; min over {args.rounds} alternating runs each")
-    header = f"{'':10s} {'s/image':>8s}" + "".join(f" {s + ' s':>10s} {s + ' peak':>13s}" for s in STAGES)
+    header = f"{'':14s} {'s/image':>8s}" + "".join(f" {s + ' s':>10s} {s + ' peak':>13s}" for s in STAGES)
     print(header)
     best = {}
     for impl, results in runs.items():
         best[impl] = min(r["total_s"] for r in results)
-        row = f"{impl:10s} {best[impl]:8.2f}"
+        row = f"{impl:14s} {best[impl]:8.2f}"
         for stage in STAGES:
             seconds = min(r["stage_s"][stage] for r in results)
             peak = min(r["stage_peak_bytes"][stage] for r in results)
             row += f" {seconds:10.2f} {gib(peak):>13s}"
         print(row)
     print(f"speed-up {best['diffusers'] / best['ours']:.2f}x; max |ours - diffusers| over the images {diff:.2e}")
+    if "ours-compiled" in best:
+        compiled_diff = (images["ours-compiled"] - images["diffusers"]).abs().max().item()
+        print(f"compiled: speed-up {best['diffusers'] / best['ours-compiled']:.2f}x; "
+              f"max |ours-compiled - diffusers| {compiled_diff:.2e}")
 
 
 if __name__ == "__main__":
