@@ -281,6 +281,15 @@ PARITY_SCRIPT = textwrap.dedent(
         results["lora"] = {"max_abs_diff": float((ours - reference).abs().max()), "std": float(ours.std()),
                            "changed_by": float((ours - plain).abs().max())}
         results["lora_leaves_input_model"] = {"max_abs_diff": float((plain - results_dpm_image).abs().max()), "std": float(plain.std())}
+        # ComfyUI's TorchCompileModel path (the whole diffusion_model), with fullgraph so that a graph break fails.
+        from comfy_api.torch_helpers import set_torch_compile_wrapper
+        (model,) = cn.run_dit_loader("Sana_1600M_1024px_BF16.pth", "fp32", "auto")
+        compiled = model.clone()
+        set_torch_compile_wrapper(model=compiled, backend="inductor", fullgraph=True)
+        (out_compiled,) = cn.run_ksampler(compiled, positive, negative, latent, seed, steps, 4.5, 0.0, "flow_dpm_solver", 0.0, 1.0)
+        image_compiled = cn.run_dcae_decode(out_compiled, vae, 0, 256)[0]
+        results["torch_compile_model"] = {"max_abs_diff": float((image_compiled - results_dpm_image).abs().max()),
+                                          "std": float(image_compiled.std())}
         # ComfyUI's own VAE Decode / VAE Decode (Tiled) paths on the DC-AE VAE object.
         samples = out["samples"]
         core = vae.decode(samples)

@@ -167,6 +167,23 @@ def test_trimming_padded_context_is_exact_and_handles_fully_masked_rows(tmp_path
     assert rel_err(got[1], expected[1]) <= 1e-3
 
 
+@pytest.mark.parametrize("variant", ["sana", "sana-1.5"])
+def test_forward_traces_as_one_graph_with_a_mask(tmp_path, variant):
+    """torch.compile(fullgraph=True) of a plain call (trimming on by default, as ComfyUI's
+    TorchCompileModel calls it): inside a graph the data-dependent trim is skipped, not a break."""
+    import torch._dynamo
+
+    ref = random_reference(variant)
+    ref.save_pretrained(tmp_path)
+    ours = sana.load_dit(tmp_path)
+    x, timestep, context, mask = inputs(ref, length=12)
+    mask[:, 8:] = 0
+    torch._dynamo.reset()
+    traced = torch.compile(ours, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        assert rel_err(traced(x, timestep, context, mask), ours(x, timestep, context, mask)) <= 1e-6
+
+
 def test_scalar_timestep_broadcasts(tmp_path):
     ref = random_reference("sana")
     ref.save_pretrained(tmp_path)
