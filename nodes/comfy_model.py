@@ -11,6 +11,9 @@ translates ComfyUI's calling conventions:
   transformer_options[PAG_LAYERS_KEY]. Nothing global is patched.
 - The conditioning's "attention_mask" becomes the DiT's `context_mask`, the conditioning's
   "guidance" (ComfyUI's FluxGuidance node writes it) Sprint's embedded guidance.
+- The padded caption columns are dropped without reading the mask back from the device every
+  step: each cond's kept length is computed once, when ComfyUI prepares the conds, and batched
+  conds take the longest (`ContextLength`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import comfy.model_management as model_management
 import comfy.model_patcher
 import comfy.supported_models_base
 
-from ..sana.dit import SanaDiT, perturbed_self_attention
+from ..sana.dit import SanaDiT, kept_context_length, perturbed_self_attention
 from ..sana.dit_io import load_dit
 from ..sana.pipeline import default_pag_layers
 from .logic import DIT_TIMESTEP_KEY, PAG_LAYERS_KEY, SANA_LATENT_CHANNELS, SANA_LATENT_SCALE, preview_factors
@@ -95,7 +98,8 @@ class SanaDiffusionModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.dit.dtype
 
-    def forward(self, x, timesteps, context=None, control=None, transformer_options={}, context_mask=None, guidance=None, **kwargs):
+    def forward(self, x, timesteps, context=None, control=None, transformer_options={}, context_mask=None, guidance=None,
+                context_length=None, **kwargs):
         dit = self.dit
         batch = x.shape[0]
         override = transformer_options.get(DIT_TIMESTEP_KEY)
@@ -112,11 +116,24 @@ class SanaDiffusionModel(nn.Module):
             guidance = guidance.expand(batch) if guidance.numel() == 1 else guidance
         if context_mask is not None and context_mask.shape[0] != batch:
             context_mask = context_mask.expand(batch, -1)
+        trim = None  # no length known (a mask from elsewhere): the DiT trims by itself
+        if context_length is not None and context_mask is not None:
+            context, context_mask, trim = context[:, :context_length], context_mask[:, :context_length], False
         layers = transformer_options.get(PAG_LAYERS_KEY)
         if layers:
             with perturbed_self_attention(dit, layers, slice(None)):
-                return dit(x, timestep, context, context_mask, guidance)
-        return dit(x, timestep, context, context_mask, guidance)
+                return dit(x, timestep, context, context_mask, guidance, trim_context=trim)
+        return dit(x, timestep, context, context_mask, guidance, trim_context=trim)
+
+
+class ContextLength(comfy.conds.CONDConstant):
+    """A cond's kept caption length (a Python int); conds batched together keep the longest."""
+
+    def can_concat(self, other) -> bool:
+        return True
+
+    def concat(self, others) -> int:
+        return max([self.cond, *(other.cond for other in others)])
 
 
 class SanaBaseModel(comfy.model_base.BaseModel):
@@ -136,6 +153,7 @@ class SanaBaseModel(comfy.model_base.BaseModel):
         mask = kwargs.get("attention_mask")
         if mask is not None:
             out["context_mask"] = comfy.conds.CONDRegular(mask)
+            out["context_length"] = ContextLength(kept_context_length(mask.reshape(-1, mask.shape[-1])))
         if self.diffusion_model.config.guidance_embeds:
             guidance = kwargs.get("guidance", SPRINT_DEFAULT_GUIDANCE)
             if guidance is not None:

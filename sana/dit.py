@@ -581,17 +581,24 @@ class SanaDiT(nn.Module):
 
 
 
+def kept_context_length(mask: torch.Tensor) -> int:
+    """How many leading caption columns of `mask` `[B, L]` (1 keep, 0 pad) some row keeps: the
+    columns after them can be dropped exactly. All L when a row keeps nothing (such a row
+    attends uniformly to every column). Reads the mask on the host."""
+    kept = mask.bool()
+    if not bool(kept.any(dim=1).all()):
+        return mask.shape[1]
+    return int(kept.any(dim=0).nonzero().max()) + 1
+
+
 def trim_padded_context(context: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop the trailing caption columns `[B, L, ...]` that every row of `mask` `[B, L]` masks out.
 
     Exact for the DiT's cross-attention (a masked column's softmax weight is exp(−10000) = 0).
     Reads the mask on the host, so a sampler calls it once before its loop, not per step.
     """
-    kept = mask.bool()
-    if not bool(kept.any(dim=1).all()):
-        return context, mask  # a fully masked row attends uniformly to everything: keep all
-    last = int(kept.any(dim=0).nonzero().max()) + 1
-    return context[:, :last], mask[:, :last]
+    length = kept_context_length(mask)
+    return context[:, :length], mask[:, :length]
 
 
 @contextmanager

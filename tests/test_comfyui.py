@@ -281,6 +281,20 @@ PARITY_SCRIPT = textwrap.dedent(
         results["lora"] = {"max_abs_diff": float((ours - reference).abs().max()), "std": float(ours.std()),
                            "changed_by": float((ours - plain).abs().max())}
         results["lora_leaves_input_model"] = {"max_abs_diff": float((plain - results_dpm_image).abs().max()), "std": float(plain.std())}
+        # The padded caption is cut to the length computed once per sampling: the DiT never trims (and
+        # reads the mask back) by itself during the steps.
+        import sana_comfy_parity.sana.dit as dit_module
+        trim_per_step = dit_module.trim_padded_context
+        def refuse(*args, **kwargs):
+            raise AssertionError("the DiT trimmed the caption during a step")
+        dit_module.trim_padded_context = refuse
+        try:
+            (model,) = cn.run_dit_loader("Sana_1600M_1024px_BF16.pth", "fp32", "auto")
+            (out_cut,) = cn.run_ksampler(model, positive, negative, latent, seed, steps, 4.5, 0.0, "flow_dpm_solver", 0.0, 1.0)
+        finally:
+            dit_module.trim_padded_context = trim_per_step
+        image_cut = cn.run_dcae_decode(out_cut, vae, 0, 256)[0]
+        results["caption_cut_once"] = {"max_abs_diff": float((image_cut - results_dpm_image).abs().max()), "std": float(image_cut.std())}
         # ComfyUI's TorchCompileModel path (the whole diffusion_model), with fullgraph so that a graph break fails.
         from comfy_api.torch_helpers import set_torch_compile_wrapper
         (model,) = cn.run_dit_loader("Sana_1600M_1024px_BF16.pth", "fp32", "auto")
