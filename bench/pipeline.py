@@ -2,6 +2,7 @@
 
     python bench/pipeline.py                          # reduced widths, 512x512, 20 steps, CFG, fp32 CPU
     python bench/pipeline.py --device cuda --dtype bf16 --full --size 1024 --rounds 3
+    python bench/pipeline.py --device cuda --dtype bf16 --full --dit sana-1600m-4k --size 4096 --rounds 1
 
 Reports seconds per image and, per stage (text encoding, denoising, DC-AE decode), the
 stage's wall time and the peak memory inside it (CUDA: peak allocated; CPU: the process's
@@ -55,7 +56,7 @@ FULL_GEMMA = dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26
 # Weights
 
 
-def build_weights(folder: Path, full: bool, sample_size: int) -> dict[str, str]:
+def build_weights(folder: Path, full: bool, sample_size: int, preset: str = "sana-600m-1024") -> dict[str, str]:
     """Random Gemma-2, DiT and DC-AE, each saved in the diffusers layout both sides read."""
     import sana
     from sana.dcae import DCAE, DCAEConfig
@@ -64,7 +65,7 @@ def build_weights(folder: Path, full: bool, sample_size: int) -> dict[str, str]:
 
     gemma = FULL_GEMMA if full else REDUCED_GEMMA
     build_tiny_gemma(folder / "text_encoder", **gemma)
-    dit_config = sana.DIT_PRESETS["sana-600m-1024"].replace(caption_channels=gemma["hidden_size"], sample_size=sample_size)
+    dit_config = sana.DIT_PRESETS[preset].replace(caption_channels=gemma["hidden_size"], sample_size=sample_size)
     if not full:
         dit_config = dit_config.replace(**REDUCED_DIT)
     torch.manual_seed(0)
@@ -216,6 +217,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--rounds", type=int, default=2, help="alternating runs per implementation; the minimum is reported")
     p.add_argument("--full", action="store_true", help="the released shapes instead of reduced widths")
+    p.add_argument("--dit", default="sana-600m-1024", help="the DiT preset (e.g. sana-1600m-4k with --size 4096)")
     p.add_argument("--compile", action="store_true", help="also time ours with compile_model=True (ours-compiled)")
     p.add_argument("--impl", choices=["ours", "ours-compiled", "diffusers"], help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
@@ -227,11 +229,12 @@ def main() -> None:
 
     sample_size = {512: 16, 1024: 32, 2048: 64, 4096: 128}.get(args.size, 32)
     with tempfile.TemporaryDirectory() as tmp:
-        weights = build_weights(Path(tmp), args.full, sample_size)
+        weights = build_weights(Path(tmp), args.full, sample_size, args.dit)
         sizes = describe(weights)
         impls = ("ours", "diffusers") + (("ours-compiled",) if args.compile else ())
         runs: dict[str, list[dict]] = {impl: [] for impl in impls}
         images: dict[str, torch.Tensor] = {}
+        failures: dict[str, str] = {}
         for _ in range(args.rounds):
             for impl in impls:
                 image_out = Path(tmp) / f"{impl}.pt"
@@ -239,10 +242,12 @@ def main() -> None:
                        str(image_out)]
                 for name in ("size", "steps", "cfg", "dtype", "device"):
                     cmd += [f"--{name}", str(getattr(args, name))]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                runs[impl].append(json.loads(out.strip().splitlines()[-1]))
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode:  # e.g. out of memory: reported, and the other side still runs
+                    failures[impl] = (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1]
+                    continue
+                runs[impl].append(json.loads(proc.stdout.strip().splitlines()[-1]))
                 images[impl] = torch.load(image_out)
-    diff = (images["ours"] - images["diffusers"]).abs().max().item()
 
     print(f"machine: {machine()}")
     print(f"models: {sizes}")
@@ -252,6 +257,9 @@ def main() -> None:
     print(header)
     best = {}
     for impl, results in runs.items():
+        if not results:
+            print(f"{impl:14s} failed: {failures.get(impl, '?')}")
+            continue
         best[impl] = min(r["total_s"] for r in results)
         row = f"{impl:14s} {best[impl]:8.2f}"
         for stage in STAGES:
@@ -259,8 +267,12 @@ def main() -> None:
             peak = min(r["stage_peak_bytes"][stage] for r in results)
             row += f" {seconds:10.2f} {gib(peak):>13s}"
         print(row)
-    print(f"speed-up {best['diffusers'] / best['ours']:.2f}x; max |ours - diffusers| over the images {diff:.2e}")
-    if "ours-compiled" in best:
+    peaks = {impl: max(max(r["stage_peak_bytes"].values()) for r in results) for impl, results in runs.items() if results}
+    print("peak over the stages: " + ", ".join(f"{impl} {gib(peak)}" for impl, peak in peaks.items()))
+    if "ours" in best and "diffusers" in best:
+        diff = (images["ours"] - images["diffusers"]).abs().max().item()
+        print(f"speed-up {best['diffusers'] / best['ours']:.2f}x; max |ours - diffusers| over the images {diff:.2e}")
+    if "ours-compiled" in best and "diffusers" in best:
         compiled_diff = (images["ours-compiled"] - images["diffusers"]).abs().max().item()
         print(f"compiled: speed-up {best['diffusers'] / best['ours-compiled']:.2f}x; "
               f"max |ours-compiled - diffusers| {compiled_diff:.2e}")
