@@ -250,6 +250,18 @@ def test_pag_identity_attention_works_on_the_quantized_model():
     assert torch.equal(perturbed[0], plain[0]) and not torch.allclose(perturbed[1], plain[1])
 
 
+def test_quantized_model_traces_as_one_graph():
+    """`compile_model` / ComfyUI's TorchCompileModel on a W8A8 model: no graph break (fullgraph)."""
+    import torch._dynamo
+
+    q = quantize_w8a8(random_dit())
+    x, t, c, m = inputs()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        traced = torch.compile(q, backend="eager", fullgraph=True)(x, t, c, m)
+        assert torch.equal(traced, q(x, t, c, m))
+
+
 def test_weight_memory_of_full_size_blocks_is_at_most_55_percent_of_bf16():
     for preset in ("sana-600m-1024", "sana-1600m-1024"):
         with torch.device("meta"):
