@@ -212,9 +212,15 @@ def rms_norm_2d(
     then `· weight + bias` `[C]`, then `residual + ·` when a residual `[B, C, H, W]` is given."""
     x32 = x.float()
     normed = (x32 * torch.rsqrt(x32.square().mean(dim=1, keepdim=True) + eps)).to(weight.dtype)
+    del x32  # the fp32 copy of a 16-bit map goes before the next full-size allocation
     # One fused op, so that at most two full-size temporaries are alive at once.
     out = torch.addcmul(bias[:, None, None], normed, weight[:, None, None]).to(x.dtype)
-    return out if residual is None else residual + out
+    del normed
+    if residual is None:
+        return out
+    # In place into the fresh `out` (addition commutes exactly) when it has the residual's layout,
+    # so the result keeps the block input's memory format (channels-last) either way.
+    return out.add_(residual) if out.stride() == residual.stride() else residual + out
 
 
 class RMSNorm2d(nn.Module):

@@ -353,17 +353,22 @@ def test_dcae_decode_with_triton_kernels():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("with_residual", [False, True])
-def test_rms_norm_2d(dtype, channels_last, with_residual):
+@pytest.mark.parametrize("residual_layout", [None, "same", "other"])
+def test_rms_norm_2d(dtype, channels_last, residual_layout):
     B, C, H, W = 2, 37, 5, 3  # channels and pixels not multiples of the blocks
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    x = randn(B, C, H, W, dtype=dtype, scale=2.0).contiguous(memory_format=memory_format)
+    formats = [torch.contiguous_format, torch.channels_last]
+    x = randn(B, C, H, W, dtype=dtype, scale=2.0).contiguous(memory_format=formats[channels_last])
     weight, bias = randn(C, dtype=dtype, scale=0.5) + 1, randn(C, dtype=dtype, scale=0.5)
-    residual = randn(B, C, H, W, dtype=dtype) if with_residual else None
+    residual = None
+    if residual_layout is not None:  # "other": the attention's NCHW output normed onto a channels-last input, say
+        residual_format = formats[channels_last != (residual_layout == "other")]
+        residual = randn(B, C, H, W, dtype=dtype).contiguous(memory_format=residual_format)
     out = kernels.rms_norm_2d(x, weight, bias, 1e-5, residual)
-    assert out.is_contiguous(memory_format=memory_format)
     ref = dcae.rms_norm_2d.reference
-    check(out, ref(x, weight, bias, 1e-5, residual), ref(*f64(x, weight, bias), 1e-5, *f64(residual)), dtype)
+    expected = ref(x, weight, bias, 1e-5, residual)
+    assert out.stride() == expected.stride()  # the layout the reference gives: the residual's, else x's
+    assert out.stride() == (residual if residual is not None else x).stride()
+    check(out, expected, ref(*f64(x, weight, bias), 1e-5, *f64(residual)), dtype)
 
 
 def test_rms_norm_2d_declines_what_it_does_not_take():

@@ -189,7 +189,8 @@ def _pixel_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
 def rms_norm_2d(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Triton `sana.dcae.rms_norm_2d`: x `[B, C, H, W]` (NCHW or channels-last) → same shape and layout.
+    """Triton `sana.dcae.rms_norm_2d`: x `[B, C, H, W]` (NCHW or channels-last) → same shape, in the
+    layout of `residual` if given, else of x.
 
     Two reads of x (the mean square, then the normalisation) and one write, with the residual
     read in the second pass; the reference makes about six full passes and, for a 16-bit map,
@@ -203,7 +204,9 @@ def rms_norm_2d(
     ):
         return NotImplemented
     B, C, H, W = x.shape
-    out = empty_like(x)  # the layout of x (channels-last stays channels-last)
+    # The result takes the residual's layout when there is one (the block input's, as the
+    # reference's `residual + ·` does), else x's: channels-last stays channels-last.
+    out = empty_like(residual if residual is not None else x)
     strides = [_pixel_strides(t) for t in (x, out, residual if residual is not None else x)]
     if any(s is None for s in strides):
         return NotImplemented
