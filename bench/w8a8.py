@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import gib, machine, peak_bytes, reset_peak, time_it  # noqa: E402
+from common import current_bytes, gib, machine, peak_bytes, reset_peak, sync, time_it  # noqa: E402
 
 import sana  # noqa: E402
 from sana.quant import block_weight_bytes, quantize_w8a8  # noqa: E402
@@ -172,8 +172,9 @@ def run_shapes(args: argparse.Namespace) -> None:
 # GPU speed
 
 
-def check_kernels(device: torch.device) -> None:
-    """The Triton kernels against their PyTorch references at SANA-1600M sizes, on the GPU."""
+def check_kernels(device: torch.device, dry_run: bool = False) -> None:
+    """The Triton kernels against their PyTorch references at SANA-1600M sizes, on the GPU
+    (a dry run: small sizes on CPU under TRITON_INTERPRET=1)."""
     from sana.quant import ops, triton_ops
 
     def steps(got, want) -> str:
@@ -181,13 +182,14 @@ def check_kernels(device: torch.device) -> None:
         return f"max int8 step difference {int(diff.max())} ({int((diff > 0).sum())} of {diff.numel()} values)"
 
     g = torch.Generator(device=device).manual_seed(0)
-    M, C, H = 2 * 4096 + 7, 2240, 5600
+    M, C, H = (2 * 16 + 7, 64, 96) if dry_run else (2 * 4096 + 7, 2240, 5600)
+    tokens = (M - 7) // 2
     x = torch.randn(M, C, device=device, generator=g).to(torch.bfloat16)
     print(f"  quantize_rows: {steps(triton_ops.quantize_rows(x), ops.quantize_rows_reference(x))}")
     rows = torch.randn(M, 2 * H, device=device, generator=g).to(torch.bfloat16)
     print(f"  glu_quantize: {steps(triton_ops.glu_quantize(rows), ops.glu_quantize_reference(rows))}")
     t_mod = torch.randn(2, 6, C, device=device, generator=g).to(torch.bfloat16)
-    xb = x[: 2 * 4096].view(2, 4096, C)
+    xb = x[: 2 * tokens].view(2, tokens, C)
     print("  layernorm_modulate_quantize: " + steps(
         triton_ops.layernorm_modulate_quantize(xb, t_mod[:, 0], t_mod[:, 1], 1e-6),
         ops.layernorm_modulate_quantize_reference(xb, t_mod[:, 0], t_mod[:, 1], 1e-6),
@@ -201,24 +203,35 @@ def check_kernels(device: torch.device) -> None:
     w_bf16 = w.to(torch.bfloat16)
     for name, fn in (("bf16 matmul", lambda: torch.nn.functional.linear(x, w_bf16, bias)),
                      ("int8 GEMM + epilogue", lambda: triton_ops.int8_linear(a, a_s, w, w_s, bias, torch.bfloat16))):
-        median, _ = time_it(fn, device, 20, warmup=3)
+        median, _ = time_it(fn, device, 1 if dry_run else 20, warmup=0 if dry_run else 3)
         print(f"  {name} [{M}x{C}] x [{C}x{3 * C}]: {median * 1e3:.3f} ms ({2 * M * C * 3 * C / median / 1e12:.0f} TFLOP/s)")
 
 
+# A dry run's DiT: the 1.6B block structure at a width a 2-core CPU runs in seconds.
+DRY_RUN_DIT = dict(hidden_size=64, depth=2, attention_head_dim=32, cross_attention_heads=2, cross_attention_head_dim=32,
+                   caption_channels=48)
+
+
 def run_speed(args: argparse.Namespace) -> None:
-    if not torch.cuda.is_available():
-        print("speed: needs a CUDA GPU (the W8A8 speed-up comes from the Triton int8 GEMMs)")
+    if args.dry_run:  # the same code path on CPU, tiny, fp32: checks the script, measures nothing
+        device, dtype = torch.device("cpu"), torch.float32
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    elif not torch.cuda.is_available():
+        print("speed: needs a CUDA GPU (the W8A8 speed-up comes from the Triton int8 GEMMs); --dry-run checks the script")
         return
-    device, dtype = torch.device("cuda"), torch.bfloat16
+    else:
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        torch.backends.cuda.matmul.allow_tf32 = True
     torch.set_grad_enabled(False)
-    torch.backends.cuda.matmul.allow_tf32 = True
     print(f"machine: {machine()}; SANA_KERNELS={os.environ.get('SANA_KERNELS', 'auto')}")
     if args.kernels_check:
-        check_kernels(device)
+        check_kernels(device, args.dry_run)
     for preset, side in (("sana-1600m-1024", 32), ("sana-1600m-4k", 128)):
         if args.only and side != args.only:
             continue
         cfg = sana.DIT_PRESETS[preset]
+        if args.dry_run:
+            cfg, side = cfg.replace(**DRY_RUN_DIT), side // 8
         torch.manual_seed(0)
         model = sana.SanaDiT(cfg).to(device, dtype).eval()
         x = torch.randn(args.batch, cfg.in_channels, side, side, device=device, dtype=dtype)
@@ -229,11 +242,14 @@ def run_speed(args: argparse.Namespace) -> None:
         for name in ("bf16", "w8a8"):
             if name == "w8a8":
                 model = quantize_w8a8(model, inplace=True)
-                torch.cuda.empty_cache()
-            weights = torch.cuda.memory_allocated()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            sync(device)
+            weights = current_bytes(device)
             outputs[name] = model(x, t, context, mask).float()  # also the autotuning / warm-up pass
             reset_peak(device)
-            median, best = time_it(lambda: model(x, t, context, mask), device, args.repeats, warmup=1)
+            repeats = 1 if args.dry_run else args.repeats
+            median, best = time_it(lambda: model(x, t, context, mask), device, repeats, warmup=0 if args.dry_run else 1)
             results[name] = (median, best, peak_bytes(device), weights, block_weight_bytes(model))
         print(f"{preset} latent {side}² ({side * 32}px), batch {args.batch}: output rel. L2 W8A8 vs bf16 "
               f"{relative_l2(outputs['w8a8'], outputs['bf16']) * 100:.2f}%")
@@ -242,7 +258,8 @@ def run_speed(args: argparse.Namespace) -> None:
                   f"weights {gib(weights)} (blocks {gib(blocks)})")
         print(f"  speed-up {results['bf16'][0] / results['w8a8'][0]:.2f}x")
         del model
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -261,6 +278,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10, help="speed: timed forwards")
     p.add_argument("--only", type=int, default=None, help="speed: only this latent side (32 or 128)")
     p.add_argument("--kernels-check", action="store_true", help="speed: check the Triton kernels first")
+    p.add_argument("--dry-run", action="store_true", help="speed: tiny model on CPU (Triton interpreted), checks the script")
     args = p.parse_args()
     {"quality": run_quality, "memory": run_memory, "shapes": run_shapes, "speed": run_speed}[args.what](args)
 

@@ -1,4 +1,4 @@
-"""`bench/gpu.py` does not rot: its dry run (tiny models on CPU, ours vs diffusers) runs end to end."""
+"""The GPU benches do not rot: their dry runs (tiny models on CPU) run end to end."""
 
 from __future__ import annotations
 
@@ -28,3 +28,14 @@ def test_gpu_bench_dry_run(tmp_path):
 def test_gpu_bench_help():
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--dry-run" in proc.stdout
+
+
+def test_w8a8_speed_bench_dry_run():
+    """`bench/w8a8.py speed` (GPU only for figures) runs its whole path on CPU, kernels check included."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, str(ROOT / "bench" / "w8a8.py"), "speed", "--dry-run", "--kernels-check"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for expected in ("int8_linear: rel. L2 vs reference", "sana-1600m-1024", "sana-1600m-4k", "speed-up"):
+        assert expected in proc.stdout, proc.stdout
+    assert "max int8 step difference 0 " in proc.stdout, proc.stdout  # the fused quantizers agree exactly here
