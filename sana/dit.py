@@ -580,7 +580,6 @@ class SanaDiT(nn.Module):
         return out.reshape(B, -1, h * p, w * p)
 
 
-
 def kept_context_length(mask: torch.Tensor) -> int:
     """How many leading caption columns of `mask` `[B, L]` (1 keep, 0 pad) some row keeps: the
     columns after them can be dropped exactly. All L when a row keeps nothing (such a row
