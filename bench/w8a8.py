@@ -186,8 +186,14 @@ def check_kernels(device: torch.device, dry_run: bool = False) -> None:
     tokens = (M - 7) // 2
     x = torch.randn(M, C, device=device, generator=g).to(torch.bfloat16)
     print(f"  quantize_rows: {steps(triton_ops.quantize_rows(x), ops.quantize_rows_reference(x))}")
-    rows = torch.randn(M, 2 * H, device=device, generator=g).to(torch.bfloat16)
-    print(f"  glu_quantize: {steps(triton_ops.glu_quantize(rows), ops.glu_quantize_reference(rows))}")
+    side = 8 if dry_run else 64  # a 2048² image's latent map: 64 × 64 tokens
+    y = torch.randn(2, side * side, 2 * H, device=device, generator=g).to(torch.bfloat16)
+    dw_weight = (torch.randn(2 * H, 1, 3, 3, device=device, generator=g) / 3).to(torch.bfloat16)
+    dw_bias = torch.randn(2 * H, device=device, generator=g).to(torch.bfloat16)
+    print("  depthwise_conv_glu_quantize: " + steps(
+        [t.reshape(-1) for t in triton_ops.depthwise_conv_glu_quantize(y, dw_weight, dw_bias, side, side)],
+        [t.reshape(-1) for t in ops.depthwise_conv_glu_quantize_reference(y, dw_weight, dw_bias, side, side)],
+    ))
     t_mod = torch.randn(2, 6, C, device=device, generator=g).to(torch.bfloat16)
     xb = x[: 2 * tokens].view(2, tokens, C)
     print("  layernorm_modulate_quantize: " + steps(

@@ -115,10 +115,14 @@ def test_int8_linear_reference_is_exact_int32_accumulation_then_dequantization()
 
 def test_fused_quantizer_references_follow_their_float_definitions():
     g = torch.Generator().manual_seed(0)
-    rows = torch.randn(11, 2 * 9, generator=g)
-    value, gate = rows.chunk(2, dim=1)
-    assert all(torch.equal(p, q) for p, q in zip(ops.glu_quantize_reference(rows),
-                                                 ops.quantize_rows_reference(value * torch.nn.functional.silu(gate))))
+    # The Mix-FFN middle: the float model's SiLU + depthwise conv + GLU (fp32), then per-token int8.
+    y, weight, bias = torch.randn(2, 3 * 4, 2 * 9, generator=g), torch.randn(18, 1, 3, 3, generator=g), torch.randn(18, generator=g)
+    from sana.dit import depthwise_conv_glu
+
+    gated = depthwise_conv_glu.reference(y.clone(), weight, bias, 3, 4, input_silu=True)
+    got = ops.depthwise_conv_glu_quantize_reference(y, weight, bias, 3, 4)
+    want = ops.quantize_rows_reference(gated)
+    assert (got[0].int() - want[0].int()).abs().max() <= 1 and torch.allclose(got[1], want[1], rtol=1e-5)
     x, t_mod = torch.randn(2, 5, 12, generator=g), torch.randn(2, 6, 12, generator=g)
     shift, scale = t_mod[:, 0], t_mod[:, 1]
     modulated = torch.addcmul(shift[:, None], torch.nn.functional.layer_norm(x, (12,), eps=1e-6), 1 + scale[:, None])

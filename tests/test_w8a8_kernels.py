@@ -120,16 +120,21 @@ def test_row_quantizer_matches_the_reference(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_glu_quantizer_matches_the_reference_on_the_depthwise_conv_layout(dtype):
-    """The Mix-FFN input: a channels-last depthwise-conv output [B, 2H, h, w] read as rows [B·N, 2H]."""
+@pytest.mark.parametrize("bias", [True, False])
+def test_depthwise_conv_glu_quantizer_matches_the_reference(dtype, bias):
+    """The Mix-FFN middle from the inverted conv's output: odd image sides, H not a block multiple,
+    a strided (sliced) input, poisoned outputs."""
     g = generator(2)
-    B, H, h, w = 2, 21, 3, 5
-    conv_out = torch.randn(B, h, w, 2 * H, generator=g, device=DEVICE).to(dtype).permute(0, 3, 1, 2)  # channels-last
-    rows = conv_out.permute(0, 2, 3, 1).reshape(B * h * w, 2 * H)
-    assert rows.data_ptr() == conv_out.data_ptr()  # a view: no layout copy before the kernel
+    B, H, h, w = 2, 37, 3, 5
+    y = (torch.randn(B, h * w, 2 * H + 6, generator=g, device=DEVICE) * 2).to(dtype)[..., : 2 * H]
+    weight = (torch.randn(2 * H, 1, 3, 3, generator=g, device=DEVICE) / 3).to(dtype)
+    b = torch.randn(2 * H, generator=g, device=DEVICE).to(dtype) if bias else None
     values, buffer = poisoned_int8(B * h * w, H)
-    got = triton_ops.glu_quantize(rows, out=(values, poisoned_scales(B * h * w)))
-    assert_quantized_equal(got, ops.glu_quantize_reference(rows), "glu_quantize")
+    got_values, got_scales = triton_ops.depthwise_conv_glu_quantize(y, weight, b, h, w, out=(values, poisoned_scales(B * h * w)))
+    want_values, want_scales = ops.depthwise_conv_glu_quantize_reference(y, weight, b, h, w)
+    assert got_values.shape == (B, h * w, H) and got_scales.shape == (B, h * w)
+    assert_quantized_equal((got_values.reshape(-1, H), got_scales.reshape(-1)),
+                           (want_values.reshape(-1, H), want_scales.reshape(-1)), "depthwise_conv_glu_quantize")
     assert (buffer[:, H:] == POISON_INT8).all()
 
 

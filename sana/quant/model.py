@@ -6,7 +6,7 @@ and Mix-FFN's inverted (1×1, C → 2H) and point (1×1, H → C) convs — with
 int8 weights and per-token int8 activations computed on the fly.
 
 What stays in high precision: normalizations, the linear-attention products (ReLU(K)ᵀV and
-its product with Q, fp32 as in the float model), the 3×3 depthwise conv, the embedders
+its product with Q, fp32 as in the float model), the 3×3 depthwise conv (fp32), the embedders
 (patch, timestep, guidance, caption) and the final layer. The cross-attention K|V projection
 keeps high-precision activations (the caption embeddings, as the paper requires) but by default
 stores its weight as int8 (`weight_only`): that halves its memory at the cost of a per-channel
@@ -15,7 +15,9 @@ in bf16 costs 56.5%; pass it in `keep` for the paper's exact setting).
 
 The fusions: the first linear of each branch (attention Q|K|V, Mix-FFN inverted conv) gets its
 int8 input straight from a fused LayerNorm + adaLN-modulate + quantize, and the Mix-FFN point
-conv from a fused GLU-gate + quantize (see `ops.py` for the routes).
+conv from a fused SiLU + depthwise conv + GLU gate + quantize that reads the inverted conv's
+output directly (see `ops.py` for the routes). The depthwise conv stays in fp32 arithmetic inside
+that fusion; only its output is quantized.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch import nn
 from ..dit import MixFFN, SanaBlock, SanaDiT, layer_norm_modulate, residual_layer_norm_modulate
 from .ops import (
     QuantizedActivation,
-    glu_quantize,
+    depthwise_conv_glu_quantize,
     int8_linear,
     layernorm_modulate_quantize,
     quantize_rows,
@@ -113,7 +115,8 @@ def takes_int8(layer: nn.Module) -> bool:
 
 
 class W8A8MixFFN(MixFFN):
-    """MixFFN whose GLU gate emits the point conv's int8 input directly (when the point conv is W8A8).
+    """MixFFN whose middle emits the point conv's int8 input directly (when the point conv is W8A8):
+    SiLU, depthwise conv, GLU gate and per-token quantization in one fused operation.
 
     Same parameters as `MixFFN`; `quantize_w8a8` switches a MixFFN's class to this one.
     """
@@ -121,13 +124,9 @@ class W8A8MixFFN(MixFFN):
     def forward(self, x: torch.Tensor | QuantizedActivation, height: int, width: int) -> torch.Tensor:
         if not takes_int8(self.point_conv):
             return super().forward(x, height, width)
-        B, N, _ = x.shape
-        y = F.silu(self.inverted_conv(x), inplace=not torch.is_grad_enabled())  # [B, N, 2H]
-        y = y.view(B, height, width, -1).permute(0, 3, 1, 2)  # [B, 2H, h, w], channels-last strides
-        y = self.depth_conv(y)
-        rows = y.permute(0, 2, 3, 1).reshape(B * N, -1)  # [B·N, 2H] value | gate, a view when channels-last
-        gated = glu_quantize(rows, x.dtype)  # [B·N, H] int8
-        return self.point_conv(QuantizedActivation(gated.values.view(B, N, -1), gated.scales.view(B, N), x.dtype))
+        y = self.inverted_conv(x)  # [B, N, 2H], before its SiLU
+        gated = depthwise_conv_glu_quantize(y, self.depth_conv.weight, self.depth_conv.bias, height, width)
+        return self.point_conv(gated)  # int8 [B, N, H] with per-token scales
 
 
 class W8A8SanaBlock(SanaBlock):

@@ -6,7 +6,7 @@ channel, activations per token (row), computed on the fly. A row `x` becomes
 so negating a quantized tensor stays exact.
 
 Every function here has one definition in PyTorch (`*_reference`) that the Triton kernels in
-`triton_ops.py` must match; `int8_linear`, `quantize_rows`, `glu_quantize` and
+`triton_ops.py` must match; `int8_linear`, `quantize_rows`, `depthwise_conv_glu_quantize` and
 `layernorm_modulate_quantize` pick the route with the same backend as the model's other fused
 kernels (`sana.ops.kernel_backend()`: `SANA_KERNELS`, or `sana.ops.use_kernels(...)`):
 
@@ -132,13 +132,20 @@ def int8_linear_reference(
     return out.to(out_dtype)
 
 
-def glu_quantize_reference(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mix-FFN's GLU gate then per-row int8: rows `[M, 2H]` (value | gate) → quantized `value · silu(gate)` `[M, H]`.
+def depthwise_conv_glu_quantize_reference(
+    y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, height: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mix-FFN's middle then per-token int8, all in fp32: y `[B, h·w, 2H]` (the inverted conv's
+    output, before its SiLU) → SiLU, 3×3 depthwise conv (padding 1, weight `[2H, 1, 3, 3]`),
+    `value · silu(gate)` of the two channel halves → (int8 `[B, h·w, H]`, fp32 scales `[B, h·w]`).
 
-    The product is formed in fp32 (the fused kernel keeps it in registers), not rounded to the
-    input dtype first.
+    Nothing is rounded to y's dtype on the way (the fused kernel keeps every step in registers).
     """
-    value, gate = rows.float().chunk(2, dim=-1)
+    B, N, channels = y.shape
+    image = torch.nn.functional.silu(y.float()).view(B, height, width, channels).permute(0, 3, 1, 2)
+    conv = torch.nn.functional.conv2d(image, weight.float(), None if bias is None else bias.float(),
+                                      padding=1, groups=channels)  # [B, 2H, h, w]
+    value, gate = conv.permute(0, 2, 3, 1).reshape(B, N, channels).chunk(2, dim=-1)
     return quantize_rows_reference(value * torch.nn.functional.silu(gate))
 
 
@@ -186,13 +193,16 @@ def int8_linear(
     return out.view(*act.shape[:-1], weight.shape[0])
 
 
-def glu_quantize(rows: torch.Tensor, dtype: torch.dtype) -> QuantizedActivation:
-    """Fused GLU gate + per-token int8 for rows `[M, 2H]` (value | gate); `dtype` is the float dtype it stands for."""
-    if use_triton(rows):
-        values, scales = _triton_ops().glu_quantize(rows)
+def depthwise_conv_glu_quantize(
+    y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, height: int, width: int
+) -> QuantizedActivation:
+    """Fused SiLU + depthwise conv + GLU gate + per-token int8 (see the reference): the Mix-FFN's
+    point conv input straight from the inverted conv's output y `[B, h·w, 2H]`."""
+    if use_triton(y):
+        values, scales = _triton_ops().depthwise_conv_glu_quantize(y, weight, bias, height, width)
     else:
-        values, scales = glu_quantize_reference(rows)
-    return QuantizedActivation(values, scales, dtype)
+        values, scales = depthwise_conv_glu_quantize_reference(y, weight, bias, height, width)
+    return QuantizedActivation(values, scales, y.dtype)
 
 
 def layernorm_modulate_quantize(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> QuantizedActivation:

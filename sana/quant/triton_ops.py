@@ -9,8 +9,12 @@ element is written and nothing outside it.
   `acc · a_scale[m] · w_scale[n] + bias[n]` and the cast to the output dtype in the epilogue:
   the int32 tile never goes to memory.
 - `quantize_rows`: per-row absmax and int8, one program per row (the whole row in registers).
-- `glu_quantize`: Mix-FFN's `value · silu(gate)` on the depthwise conv's output rows `[M, 2H]`,
-  quantized in the same pass: the `[M, H]` float product is never written.
+- `depthwise_conv_glu_quantize`: the Mix-FFN's middle from the inverted conv's output `[B, N, 2H]`:
+  SiLU as it loads, the 3×3 depthwise conv, `value · silu(gate)` and per-token int8. Neither the
+  activation, nor the `[B, N, 2H]` conv output, nor the `[B, N, H]` float product is written. A
+  token's scale needs the absmax over all H channels, so each program owns a block of tokens and
+  makes two passes over the channels: the first finds the absmax, the second recomputes the conv
+  (cheap: the loads hit cache) and writes int8.
 - `layernorm_modulate_quantize`: LayerNorm, adaLN `· (1 + scale) + shift` and int8 of a block's
   input, one pass: the modulated float activation is never written.
 
@@ -174,14 +178,51 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, BLOCK:
 
 
 @triton.jit
-def _glu_quantize_kernel(x_ptr, q_ptr, scale_ptr, H, stride_x, stride_q, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < H
-    value = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-    gate = tl.load(x_ptr + row * stride_x + H + offs, mask=mask, other=0.0).to(tl.float32)
-    y = value * (gate / (1.0 + tl.exp(-gate)))  # masked lanes: 0 · silu(0) = 0
-    _quantize_block(y, mask, q_ptr + row * stride_q, scale_ptr + row, offs)
+def _depthwise_conv_glu_quantize_kernel(
+    y_ptr, w_ptr, bias_ptr, q_ptr, scale_ptr,
+    height, width, H, stride_yb, stride_yn, stride_qb, stride_qn,
+    HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    b = tl.program_id(1).to(tl.int64)
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < height * width
+    row = offs_p // width
+    col = offs_p % width
+    y_base = y_ptr + b * stride_yb
+    absmax = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    scale = tl.full((BLOCK_P,), 1.0, dtype=tl.float32)
+    for second_pass in tl.static_range(2):  # 0: per-token absmax; 1: int8 with that scale
+        for h0 in range(0, H, BLOCK_H):
+            offs_h = h0 + tl.arange(0, BLOCK_H)
+            mask_h = offs_h < H
+            value = tl.zeros((BLOCK_P, BLOCK_H), dtype=tl.float32)
+            gate = tl.zeros((BLOCK_P, BLOCK_H), dtype=tl.float32)
+            for tap in tl.static_range(9):  # padding 1: out[r, c] += w[i, j] · silu(y)[r + i − 1, c + j − 1]
+                r = row + (tap // 3 - 1)
+                c = col + (tap % 3 - 1)
+                inside = mask_p & (r >= 0) & (r < height) & (c >= 0) & (c < width)
+                ptrs = y_base + (r * width + c).to(tl.int64)[:, None] * stride_yn + offs_h[None, :]
+                mask = inside[:, None] & mask_h[None, :]
+                y_value = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)  # outside: silu(0) = 0
+                y_gate = tl.load(ptrs + H, mask=mask, other=0.0).to(tl.float32)
+                w_value = tl.load(w_ptr + offs_h * 9 + tap, mask=mask_h, other=0.0).to(tl.float32)
+                w_gate = tl.load(w_ptr + (offs_h + H) * 9 + tap, mask=mask_h, other=0.0).to(tl.float32)
+                value += y_value * tl.sigmoid(y_value) * w_value[None, :]
+                gate += y_gate * tl.sigmoid(y_gate) * w_gate[None, :]
+            if HAS_BIAS:
+                value += tl.load(bias_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+                gate += tl.load(bias_ptr + H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+            out = tl.where(mask_h[None, :], value * (gate * tl.sigmoid(gate)), 0.0)
+            if second_pass == 0:
+                absmax = tl.maximum(absmax, tl.max(tl.abs(out), axis=1))
+            else:
+                q = tl.floor(out / scale[:, None] + 0.5)
+                q = tl.minimum(tl.maximum(q, -INT8_MAX_C), INT8_MAX_C)
+                q_ptrs = q_ptr + b * stride_qb + offs_p.to(tl.int64)[:, None] * stride_qn + offs_h[None, :]
+                tl.store(q_ptrs, q.to(tl.int8), mask=mask_p[:, None] & mask_h[None, :])
+        if second_pass == 0:
+            scale = tl.maximum(absmax, MIN_ABSMAX_C) / INT8_MAX_C
+            tl.store(scale_ptr + b * (height * width) + offs_p, scale, mask=mask_p)
 
 
 @triton.jit
@@ -230,18 +271,28 @@ def quantize_rows(x: torch.Tensor, out=None) -> tuple[torch.Tensor, torch.Tensor
     return values, scales
 
 
-def glu_quantize(rows: torch.Tensor, out=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`glu_quantize_reference` for rows `[M, 2H]` (value | gate, any row stride) → int8 `[M, H]`, scales `[M]`."""
-    rows = _unit_columns(rows)
-    M, two_h = rows.shape
-    if two_h % 2:
-        raise ValueError(f"glu_quantize: rows have {two_h} columns, not value | gate halves")
-    H = two_h // 2
-    values, scales = _outputs(M, H, rows.device, out)
-    if M:
-        block, warps = _row_launch(H)
-        _glu_quantize_kernel[(M,)](rows, values, scales, H, rows.stride(0), values.stride(0), BLOCK=block, num_warps=warps)
-    return values, scales
+def depthwise_conv_glu_quantize(
+    y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, height: int, width: int, out=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`depthwise_conv_glu_quantize_reference`: y `[B, h·w, 2H]` (any batch and token stride) →
+    int8 `[B, h·w, H]`, scales `[B, h·w]`; `out` is an (int8 `[B·h·w, H]`, fp32 `[B·h·w]`) pair."""
+    y = _unit_columns(y)
+    B, N, channels = y.shape
+    if channels % 2 or N != height * width:
+        raise ValueError(f"depthwise_conv_glu_quantize: y {list(y.shape)} is not [B, {height}·{width}, 2H]")
+    if weight.shape != (channels, 1, 3, 3) or (bias is not None and bias.shape != (channels,)):
+        raise ValueError(f"depthwise_conv_glu_quantize: weight {list(weight.shape)} does not fit {channels} channels")
+    H = channels // 2
+    values, scales = _outputs(B * N, H, y.device, out)
+    if values.numel():
+        block_p, block_h = (16, 32) if INTERPRETING else (32, 64)
+        grid = (triton.cdiv(N, block_p), B)
+        _depthwise_conv_glu_quantize_kernel[grid](
+            y, weight.contiguous(), bias if bias is not None else weight, values, scales,
+            height, width, H, y.stride(0), y.stride(1), N * values.stride(0), values.stride(0),
+            HAS_BIAS=bias is not None, BLOCK_P=block_p, BLOCK_H=block_h, num_warps=4,
+        )
+    return values.view(B, N, H), scales.view(B, N)
 
 
 def layernorm_modulate_quantize(
