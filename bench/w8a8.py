@@ -37,6 +37,7 @@ from common import current_bytes, gib, machine, peak_bytes, reset_peak, sync, ti
 
 import sana  # noqa: E402
 from sana.quant import block_weight_bytes, quantize_w8a8  # noqa: E402
+from sana.quant import DEFAULT_KEEP  # noqa: E402
 from sana.samplers import flow_dpm_solver, guided_velocity  # noqa: E402
 from sana.schedules import flow_dpm_schedule  # noqa: E402
 
@@ -139,7 +140,8 @@ def run_shapes(args: argparse.Namespace) -> None:
         return
     torch.set_grad_enabled(False)
     model = ShapesModel.load(folder)
-    quantized = dataclasses.replace(model, dit=quantize_w8a8(model.dit))
+    keep = (*DEFAULT_KEEP, *args.keep)
+    quantized = dataclasses.replace(model, dit=quantize_w8a8(model.dit, keep=keep))
     scenes = shapes.held_out_scenes()
     prompts = [shapes.caption(s) for s in scenes]
     float_images, w8a8_images, targets = [], [], []
@@ -149,9 +151,11 @@ def run_shapes(args: argparse.Namespace) -> None:
         targets += scenes
     values = [psnr(a, b) for a, b in zip(w8a8_images, float_images)]
     finite = [v for v in values if math.isfinite(v)]
-    print(f"shapes: {folder}, {len(values)} images ({len(prompts)} held-out prompts × {args.seeds} seeds), {args.steps} steps")
+    print(f"shapes: {folder}, {len(values)} images ({len(prompts)} held-out prompts × {args.seeds} seeds), {args.steps} steps; "
+          f"kept in float: {', '.join(keep)}")
+    below = sorted(v for v in values if v < 30)
     print(f"  PSNR W8A8 vs float: mean {sum(finite) / max(len(finite), 1):.1f} dB, min {min(values):.1f} dB "
-          f"({len(values) - len(finite)} identical)")
+          f"({len(values) - len(finite)} identical; {len(below)} below 30 dB: {', '.join(f'{v:.1f}' for v in below)})")
     for name, images in (("float", float_images), ("W8A8", w8a8_images)):
         print(f"  adherence {name}: {shapes.evaluate(images, targets).to_dict()}")
     # Paired view: the same seed and prompt through both models, so a score gap is the images that
@@ -278,6 +282,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="quality: device")
     p.add_argument("--trajectory", action="store_true", help="quality: also run a separate W8A8 trajectory")
     p.add_argument("--shapes-model", default=None, help="shapes: model folder (default: assets/shapes-tiny)")
+    p.add_argument("--keep", action="append", default=[], help="shapes: one more fnmatch pattern of layers kept in float")
     p.add_argument("--seeds", type=int, default=32,
                    help="shapes: images per prompt (32: 1152 images, where one image is 0.09 points)")
     p.add_argument("--batch", type=int, default=2, help="speed: batch (2 = one CFG pair)")
