@@ -17,7 +17,7 @@ from test_trainer import world  # noqa: F401  (the shared tiny cache fixture)
 WORKER = """
 import sys, torch
 from trainer.train_dit import DiTTrainConfig, train_dit
-from trainer.distributed import init_world
+from trainer.distributed import init_world, shutdown
 steps = int(sys.argv[5]) if len(sys.argv) > 5 else 3
 cfg = DiTTrainConfig(output_dir=sys.argv[1], cache_dir=sys.argv[2], model=sys.argv[3], steps=steps, batch_size=4,
                      lr=2e-3, save_every=1, log_every=1, progress=False, ema_decay=0.9, seed=0, distributed=sys.argv[4])
@@ -32,9 +32,7 @@ if dist.is_initialized():
     dist.all_gather(gathered, flat)
     if world.rank == 0:
         torch.save(gathered, sys.argv[1] + "/gathered.pt")
-    # Let every rank's pending collectives finish before the group (and gloo's threads) go away.
-    dist.barrier()
-    dist.destroy_process_group()
+shutdown()
 """
 
 
@@ -47,13 +45,20 @@ def _torchrun(nproc: int, out: Path, world, tmp_path: Path, strategy: str = "ddp
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 
+def _failure(run: subprocess.CompletedProcess) -> str:
+    """Every rank's error lines, then the tail: the first rank to fail is not the last to print."""
+    lines = run.stderr.splitlines()
+    errors = [line for line in lines if any(k in line for k in ("Error", "error", "terminate", "Abort", "exitcode"))]
+    return "\n".join(errors[-40:]) + "\n...\n" + "\n".join(lines[-30:])
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_gloo_processes_match_one(world, tmp_path, strategy):  # noqa: F811
     """DDP replicates, FSDP2 shards (one group per block): both must train as one process does."""
     two = _torchrun(2, tmp_path / "two", world, tmp_path, strategy)
-    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.returncode == 0, _failure(two)
     one = _torchrun(1, tmp_path / "one", world, tmp_path)
-    assert one.returncode == 0, one.stderr[-3000:]
+    assert one.returncode == 0, _failure(one)
     ranks = torch.load(tmp_path / "two" / "gathered.pt")
     assert len(ranks) == 2 and torch.equal(ranks[0], ranks[1])
     a = load_dit(tmp_path / "one" / "transformer").state_dict()
@@ -71,11 +76,11 @@ def test_fsdp_resume_reproduces_the_uninterrupted_run(world, tmp_path):  # noqa:
     """Checkpoints hold whole tensors (model, optimizer, EMA): a sharded run resumed at step 2 ends where
     the uninterrupted one does."""
     straight = _torchrun(2, tmp_path / "straight", world, tmp_path, "fsdp", steps=3)
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert straight.returncode == 0, _failure(straight)
     first = _torchrun(2, tmp_path / "resumed", world, tmp_path, "fsdp", steps=2)
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode == 0, _failure(first)
     second = _torchrun(2, tmp_path / "resumed", world, tmp_path, "fsdp", steps=3)
-    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.returncode == 0, _failure(second)
     for folder in ("transformer", "transformer_ema"):
         a = load_dit(tmp_path / "straight" / folder).state_dict()
         b = load_dit(tmp_path / "resumed" / folder).state_dict()

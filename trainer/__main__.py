@@ -96,15 +96,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "cache":
         _cache_command(args)
     elif args.command == "dit":
+        from . import distributed
         from .train_dit import train_dit
 
         summary = train_dit(build_config(DiTTrainConfig, args))
         summary.pop("model")
+        distributed.shutdown()  # under torchrun: leave the process group cleanly
         print(json.dumps(summary))
     elif args.command == "dcae":
+        from . import distributed
         from .train_dcae import train_dcae
 
-        print(json.dumps(train_dcae(build_config(DCAETrainConfig, args))))
+        summary = train_dcae(build_config(DCAETrainConfig, args))
+        distributed.shutdown()
+        print(json.dumps(summary))
     elif args.command == "preset":
         from .preset import run_preset
 

@@ -6,6 +6,7 @@ A plain `python -m trainer ...` (no torchrun environment) is a world of one and 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -127,6 +128,27 @@ def load_optimizer_state_dict(wrapped: torch.nn.Module, optimizer: torch.optim.O
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
+
+
+def shutdown(timeout_s: float = 300.0) -> None:
+    """Leave the process group cleanly (no-op without one); every rank calls it once, at the end.
+
+    A gloo barrier can return on one rank while another still reads its last message: a rank that
+    then tears its connections down resets its peer mid-read, which aborted runs in CI. So after
+    the barrier every rank checks in on the launcher's store, which does not use those
+    connections, and nobody destroys the group until all ranks have.
+    """
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    store, size = dist.distributed_c10d._get_default_store(), dist.get_world_size()
+    store.add("trainer_shutdown", 1)
+    deadline = time.monotonic() + timeout_s
+    while store.add("trainer_shutdown", 0) < size:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"shutdown: not every one of the {size} ranks reached the end within {timeout_s:.0f} s")
+        time.sleep(0.01)
+    dist.destroy_process_group()
 
 
 def barrier(world: World) -> None:
