@@ -24,20 +24,14 @@ from .launch import empty
 
 
 @triton.jit
-def _depthwise_conv_glu_kernel(
-    Y, W, BIAS, OUT, height, width, hidden, stride_yb, stride_yn, stride_ob, stride_on,
+def depthwise_conv_pair(
+    y_base, W, BIAS, row, col, mask_p, offs_h, mask_h, height, width, hidden, stride_yn,
     BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_SILU: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < height * width
-    row = offs_p // width
-    col = offs_p % width
-    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask_h = offs_h < hidden
-    y_base = Y + b * stride_yb
+    """The 3×3 depthwise conv (padding 1) of a channels-last map at pixels (row, col) for value
+    channels `offs_h` and gate channels `hidden + offs_h`: two fp32 `[BLOCK_P, BLOCK_H]` tiles,
+    bias added. `INPUT_SILU` applies SiLU to each input as it loads (zero padding commutes with it).
+    Shared by this module's kernel and the W8A8 one in `sana.quant.triton_ops`."""
     value = tl.zeros((BLOCK_P, BLOCK_H), dtype=tl.float32)
     gate = tl.zeros((BLOCK_P, BLOCK_H), dtype=tl.float32)
     for tap in tl.static_range(9):  # cross-correlation, padding 1: out[r, c] += w[i, j] · y[r + i − 1, c + j − 1]
@@ -50,7 +44,7 @@ def _depthwise_conv_glu_kernel(
         w_gate = tl.load(W + (offs_h + hidden) * 9 + tap, mask=mask_h, other=0.0).to(tl.float32)
         y_value = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         y_gate = tl.load(ptrs + hidden, mask=mask, other=0.0).to(tl.float32)
-        if INPUT_SILU:  # kept in fp32: one rounding fewer than the reference, which stores the SiLU output
+        if INPUT_SILU:  # kept in fp32: one rounding fewer than a reference that stores the SiLU output
             y_value = y_value * tl.sigmoid(y_value)
             y_gate = y_gate * tl.sigmoid(y_gate)
         value += y_value * w_value[None, :]
@@ -58,6 +52,25 @@ def _depthwise_conv_glu_kernel(
     if HAS_BIAS:
         value += tl.load(BIAS + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
         gate += tl.load(BIAS + hidden + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+    return value, gate
+
+
+@triton.jit
+def _depthwise_conv_glu_kernel(
+    Y, W, BIAS, OUT, height, width, hidden, stride_yb, stride_yn, stride_ob, stride_on,
+    BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_SILU: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < height * width
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_h = offs_h < hidden
+    value, gate = depthwise_conv_pair(
+        Y + b * stride_yb, W, BIAS, offs_p // width, offs_p % width, mask_p, offs_h, mask_h, height, width, hidden,
+        stride_yn, BLOCK_P, BLOCK_H, HAS_BIAS, INPUT_SILU,
+    )
     dtype = OUT.dtype.element_ty
     value = value.to(dtype).to(tl.float32)
     gate = gate.to(dtype).to(tl.float32)

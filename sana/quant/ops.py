@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..dit import depthwise_conv_glu
 from ..ops import kernel_backend, triton_available
 
 INT8_MAX = 127
@@ -141,12 +142,11 @@ def depthwise_conv_glu_quantize_reference(
 
     Nothing is rounded to y's dtype on the way (the fused kernel keeps every step in registers).
     """
-    B, N, channels = y.shape
-    image = torch.nn.functional.silu(y.float()).view(B, height, width, channels).permute(0, 3, 1, 2)
-    conv = torch.nn.functional.conv2d(image, weight.float(), None if bias is None else bias.float(),
-                                      padding=1, groups=channels)  # [B, 2H, h, w]
-    value, gate = conv.permute(0, 2, 3, 1).reshape(B, N, channels).chunk(2, dim=-1)
-    return quantize_rows_reference(value * torch.nn.functional.silu(gate))
+    # The float model's reference on fp32 copies (the SiLU makes a fresh tensor, which the
+    # reference may overwrite in place; the caller's y is never touched).
+    gated = depthwise_conv_glu.reference(torch.nn.functional.silu(y.float()), weight.float(),
+                                         None if bias is None else bias.float(), height, width)
+    return quantize_rows_reference(gated)
 
 
 def layernorm_modulate_quantize_reference(

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 from triton import knobs
 
+from ..kernels.mix_ffn import depthwise_conv_pair
 from .ops import INT8_MAX, MIN_ABSMAX
 
 MAX_ROW = 16384
@@ -195,23 +196,10 @@ def _depthwise_conv_glu_quantize_kernel(
         for h0 in range(0, H, BLOCK_H):
             offs_h = h0 + tl.arange(0, BLOCK_H)
             mask_h = offs_h < H
-            value = tl.zeros((BLOCK_P, BLOCK_H), dtype=tl.float32)
-            gate = tl.zeros((BLOCK_P, BLOCK_H), dtype=tl.float32)
-            for tap in tl.static_range(9):  # padding 1: out[r, c] += w[i, j] · silu(y)[r + i − 1, c + j − 1]
-                r = row + (tap // 3 - 1)
-                c = col + (tap % 3 - 1)
-                inside = mask_p & (r >= 0) & (r < height) & (c >= 0) & (c < width)
-                ptrs = y_base + (r * width + c).to(tl.int64)[:, None] * stride_yn + offs_h[None, :]
-                mask = inside[:, None] & mask_h[None, :]
-                y_value = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)  # outside: silu(0) = 0
-                y_gate = tl.load(ptrs + H, mask=mask, other=0.0).to(tl.float32)
-                w_value = tl.load(w_ptr + offs_h * 9 + tap, mask=mask_h, other=0.0).to(tl.float32)
-                w_gate = tl.load(w_ptr + (offs_h + H) * 9 + tap, mask=mask_h, other=0.0).to(tl.float32)
-                value += y_value * tl.sigmoid(y_value) * w_value[None, :]
-                gate += y_gate * tl.sigmoid(y_gate) * w_gate[None, :]
-            if HAS_BIAS:
-                value += tl.load(bias_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-                gate += tl.load(bias_ptr + H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+            value, gate = depthwise_conv_pair(
+                y_base, w_ptr, bias_ptr, row, col, mask_p, offs_h, mask_h, height, width, H, stride_yn,
+                BLOCK_P, BLOCK_H, HAS_BIAS, True,
+            )
             out = tl.where(mask_h[None, :], value * (gate * tl.sigmoid(gate)), 0.0)
             if second_pass == 0:
                 absmax = tl.maximum(absmax, tl.max(tl.abs(out), axis=1))
