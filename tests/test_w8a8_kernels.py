@@ -158,6 +158,14 @@ def test_rows_wider_than_the_kernel_limit_are_refused():
         triton_ops.quantize_rows(torch.zeros(1, triton_ops.MAX_ROW + 1, device=DEVICE))
 
 
+def test_depthwise_conv_glu_quantizer_names_inputs_that_do_not_fit():
+    y, weight = torch.zeros(1, 15, 8, device=DEVICE), torch.zeros(8, 1, 3, 3, device=DEVICE)
+    with pytest.raises(ValueError, match=r"\[1, 15, 8\] is not \[B, 4·4, 2H\]"):  # 15 tokens for a 4×4 map
+        triton_ops.depthwise_conv_glu_quantize(y, weight, None, 4, 4)
+    with pytest.raises(ValueError, match=r"weight \[6, 1, 3, 3\] does not fit 8 channels"):
+        triton_ops.depthwise_conv_glu_quantize(y, weight[:6], None, 3, 5)
+
+
 # --------------------------------------------------------------------------------------------
 # The whole route
 
