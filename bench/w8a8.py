@@ -23,6 +23,7 @@ quantized in place and the W8A8 model runs (Triton kernels: SANA_KERNELS=auto on
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
 import os
@@ -130,6 +131,23 @@ def psnr(a, b) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
+def drawn_right(image, scene) -> bool:
+    """Whether the evaluator finds every attribute the prompt asks for in `image`."""
+    from trainer import shapes
+
+    found = shapes.evaluate([image], [scene])
+    attributes = ("colour", "shape", "count") + (("position",) if scene.count == 1 else ())
+    return all(getattr(found, name) == 1 for name in attributes)
+
+
+def psnr_summary(values: list[float]) -> str:
+    finite = [v for v in values if math.isfinite(v)]
+    below = sorted(v for v in values if v < 30)
+    return (f"mean {sum(finite) / max(len(finite), 1):.1f} dB, min {min(values):.1f} dB "
+            f"({len(values) - len(finite)} identical; {len(below)} below 30 dB"
+            f"{': ' + ', '.join(f'{v:.1f}' for v in below) if below else ''})")
+
+
 def run_shapes(args: argparse.Namespace) -> None:
     from trainer import shapes
     from trainer.preset import SHIPPED_MODEL_DIR, ShapesModel
@@ -142,21 +160,33 @@ def run_shapes(args: argparse.Namespace) -> None:
     model = ShapesModel.load(folder)
     keep = (*DEFAULT_KEEP, *args.keep)
     quantized = dataclasses.replace(model, dit=quantize_w8a8(model.dit, keep=keep))
+    # The yardstick: the same DiT cast to bf16, a perturbation nobody calls a quality loss. Seeds
+    # whose image moves most under bf16 are the ones sitting on a boundary between two outcomes.
+    bf16 = dataclasses.replace(model, dit=copy.deepcopy(model.dit).to(torch.bfloat16))
     scenes = shapes.held_out_scenes()
     prompts = [shapes.caption(s) for s in scenes]
-    float_images, w8a8_images, targets = [], [], []
+    float_images, w8a8_images, bf16_images, targets, seeds = [], [], [], [], []
     for seed in range(args.seeds):
         float_images += model(prompts, seed=seed, steps=args.steps)
         w8a8_images += quantized(prompts, seed=seed, steps=args.steps)
+        bf16_images += bf16(prompts, seed=seed, steps=args.steps)
         targets += scenes
-    values = [psnr(a, b) for a, b in zip(w8a8_images, float_images)]
-    finite = [v for v in values if math.isfinite(v)]
-    print(f"shapes: {folder}, {len(values)} images ({len(prompts)} held-out prompts × {args.seeds} seeds), {args.steps} steps; "
-          f"kept in float: {', '.join(keep)}")
-    below = sorted(v for v in values if v < 30)
-    print(f"  PSNR W8A8 vs float: mean {sum(finite) / max(len(finite), 1):.1f} dB, min {min(values):.1f} dB "
-          f"({len(values) - len(finite)} identical; {len(below)} below 30 dB: {', '.join(f'{v:.1f}' for v in below)})")
-    for name, images in (("float", float_images), ("W8A8", w8a8_images)):
+        seeds += [seed] * len(scenes)
+    w8a8_psnr = [psnr(a, b) for a, b in zip(w8a8_images, float_images)]
+    bf16_psnr = [psnr(a, b) for a, b in zip(bf16_images, float_images)]
+    right = [drawn_right(image, scene) for image, scene in zip(float_images, targets)]
+    print(f"shapes: {folder}, {len(w8a8_psnr)} images ({len(prompts)} held-out prompts × {args.seeds} seeds), "
+          f"{args.steps} steps; kept in float: {', '.join(keep)}")
+    print(f"  PSNR W8A8 vs float: {psnr_summary(w8a8_psnr)}")
+    print(f"  PSNR bf16 DiT vs float (yardstick): {psnr_summary(bf16_psnr)}")
+    print(f"  PSNR W8A8 vs float over the {sum(right)} images the float model draws right: "
+          f"{psnr_summary([v for v, ok in zip(w8a8_psnr, right) if ok])}")
+    lowest = sorted(range(len(w8a8_psnr)), key=w8a8_psnr.__getitem__)[:5]
+    for i in lowest:
+        print(f"    lowest: seed {seeds[i]} {shapes.caption(targets[i])!r}: W8A8 {w8a8_psnr[i]:.1f} dB, "
+              f"bf16 {bf16_psnr[i]:.1f} dB (rank {sorted(bf16_psnr).index(bf16_psnr[i]) + 1} of {len(bf16_psnr)}); "
+              f"float image {'right' if right[i] else 'wrong'}")
+    for name, images in (("float", float_images), ("W8A8", w8a8_images), ("bf16", bf16_images)):
         print(f"  adherence {name}: {shapes.evaluate(images, targets).to_dict()}")
     # Paired view: the same seed and prompt through both models, so a score gap is the images that
     # changed verdict, not two independent samples.

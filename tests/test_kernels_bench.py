@@ -39,3 +39,20 @@ def test_w8a8_speed_bench_dry_run():
     for expected in ("int8_linear: rel. L2 vs reference", "sana-1600m-1024", "sana-1600m-4k", "speed-up"):
         assert expected in proc.stdout, proc.stdout
     assert "max int8 step difference 0 " in proc.stdout, proc.stdout  # the fused quantizers agree exactly here
+
+
+def test_w8a8_shapes_bench_one_seed():
+    """`bench/w8a8.py shapes` on the shipped model, one seed: W8A8 and the bf16 yardstick are both
+    close to the float images (their means are ~47 and ~53 dB over 1152 images)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(ROOT / "bench" / "w8a8.py"), "shapes", "--seeds", "1", "--steps", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    means = {}
+    for line in proc.stdout.splitlines():
+        if "PSNR" in line and "mean" in line:
+            means[line.split(":")[0].strip()] = float(line.split("mean ")[1].split(" dB")[0])
+    assert set(means) == {"PSNR W8A8 vs float", "PSNR bf16 DiT vs float (yardstick)",
+                          next(k for k in means if k.startswith("PSNR W8A8 vs float over"))}, proc.stdout
+    assert all(v > 35 for v in means.values()), means
+    assert proc.stdout.count("lowest: seed 0") == 5 and "adherence bf16" in proc.stdout, proc.stdout
