@@ -386,10 +386,59 @@ class DownBlock(nn.Module):
         return out
 
 
+# Nearest ×2 followed by a 3×3 conv, folded. Output row 2i+a (parity a) reads upsampled rows
+# 2i+a−1, 2i+a, 2i+a+1, which are low-resolution rows (i−1, i, i) for a = 0 and (i, i, i+1) for
+# a = 1: the three kernel rows fold into two. Per output parity pair (a, b) the layer is then a 2×2
+# conv on the low-resolution map, so the 4×-larger upsampled input is never built and each output
+# pixel costs 4 instead of 9 taps. The zero padding agrees: upsampled row −1 is low-res row −1.
+_PARITY_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))  # [parity][2×2 row][3×3 row]
+
+
+def folded_upsample_kernels(weight: torch.Tensor) -> torch.Tensor:
+    """[C_out, C_in, 3, 3] → [2, 2, C_out, C_in, 2, 2]: the 2×2 kernel of each output parity (a, b).
+
+    The taps are summed in fp32 and rounded once to the weight's dtype."""
+    taps = torch.tensor(_PARITY_TAPS, device=weight.device, dtype=torch.float32)  # [2, 2, 3]
+    return torch.einsum("ary,oiyx,bsx->aboirs", taps, weight.float(), taps).to(weight.dtype)
+
+
+def nearest_upsample_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, shortcut_repeats: int = 0
+) -> torch.Tensor:
+    """`conv3x3(nearest×2(x))`, plus the duplicating shortcut when `shortcut_repeats` > 0.
+
+    x [B, C_in, H, W], weight [C_out, C_in, 3, 3] -> [B, C_out, 2H, 2W], in x's memory format.
+    The shortcut is `pixel_shuffle(x.repeat_interleave(shortcut_repeats, 1), 2)`, added per parity
+    without building either 4×-sized tensor.
+    """
+    batch, _, height, width = x.shape
+    out_channels = weight.shape[0]
+    kernels = folded_upsample_kernels(weight)
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    out = torch.empty(batch, out_channels, 2 * height, 2 * width, dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    parities = out.unflatten(2, (height, 2)).unflatten(4, (width, 2))  # [B, C_out, H, 2, W, 2] view
+    for a in range(2):
+        for b in range(2):
+            # padding 1 gives (H+1)×(W+1) positions; parity (a, b) is the window starting at (a, b).
+            phase = F.conv2d(x, kernels[a, b], bias, padding=1)[:, :, a:a + height, b:b + width]
+            if shortcut_repeats:
+                # pixel_shuffle puts input channel 4c + k at output channel c, parity k = 2a + b;
+                # after repeat_interleave that is channel (4c + k) // repeats of x.
+                k, r = 2 * a + b, shortcut_repeats
+                if 4 % r == 0:
+                    phase = phase + x[:, k // r::4 // r]
+                else:
+                    phase = phase + x.index_select(1, (torch.arange(out_channels, device=x.device) * 4 + k) // r)
+            parities[:, :, :, a, :, b] = phase
+    return out
+
+
 class UpBlock(nn.Module):
     """Double the side: nearest ×2 then conv, or conv to 4·C_out then pixel-shuffle; plus the duplicating shortcut.
 
     The shortcut repeats every input channel 4·C_out/C_in times and pixel-shuffles the result.
+    The nearest ×2 + conv variant (SANA's DC-AE) runs folded (`nearest_upsample_conv`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, interpolate: bool, shortcut: bool):
@@ -402,9 +451,8 @@ class UpBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.interpolate:
-            out = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
-        else:
-            out = F.pixel_shuffle(self.conv(x), 2)
+            return nearest_upsample_conv(x, self.conv.weight, self.conv.bias, self.repeats if self.shortcut else 0)
+        out = F.pixel_shuffle(self.conv(x), 2)
         if self.shortcut:
             out = out + F.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2)
         return out

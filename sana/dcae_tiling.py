@@ -123,7 +123,12 @@ def estimate_peak_bytes(config: DCAEConfig, direction: str, batch: int, latent_h
                 continue
             if i < stages - 1:
                 c_in, c_out, p_in = widths[i + 1], widths[i], pixels(i + 1)
-                peak = max(peak, p_in * elem * (c_in + max(4 * c_in + 4 * c_out, 12 * c_out)))
+                if config.upsample_block_type == "interpolate":
+                    # folded nearest ×2 + conv: input, output, one parity's conv output and its sum
+                    upsample = c_in + 4 * c_out + 3 * c_out
+                else:  # conv output, then the shortcut's repeated and shuffled copies
+                    upsample = c_in + 12 * c_out
+                peak = max(peak, p_in * elem * upsample)
             peak = max(peak, _stage_peak(kinds[i], widths[i], pixels(i), elem, len(scales[i])))
         head = widths[0] if depths[0] > 0 else widths[1]
         head_pixels = pixels(0) if depths[0] > 0 else pixels(1)

@@ -22,6 +22,7 @@ from sana.dcae import (
     DownBlock,
     RMSNorm2d,
     UpBlock,
+    nearest_upsample_conv,
     relu_linear_attention_multiscale,
 )
 from sana.dcae_io import (
@@ -256,6 +257,42 @@ def test_resampling_shortcuts_follow_the_spec():
         for i in range(2):
             for j in range(2):
                 assert torch.equal(out[0, m, i::2, j::2], x[0, 2 * m + i])
+
+
+def _upsample_conv_reference(x, weight, bias, repeats):
+    out = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)
+    return out + F.pixel_shuffle(x.repeat_interleave(repeats, dim=1), 2) if repeats else out
+
+
+@pytest.mark.parametrize(("c_in", "c_out", "repeats"), [(6, 3, 2), (4, 4, 4), (8, 2, 1), (2, 4, 8), (4, 3, 3), (5, 7, 0)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_folded_upsample_conv_matches_interpolate_then_conv(c_in, c_out, repeats, channels_last):
+    """The folded nearest ×2 + 3×3 conv (four 2×2 convs on the low-res map) against the layer as
+    written, with every shortcut repeat count (slice and index paths), odd sides, both layouts,
+    forward and backward."""
+    gen = torch.Generator().manual_seed(c_in * 10 + c_out)
+    x = torch.randn(2, c_in, 5, 7, generator=gen)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c_out, c_in, 3, 3, generator=gen) / 4
+    bias = torch.randn(c_out, generator=gen)
+    grad_out = torch.randn(2, c_out, 10, 14, generator=gen)
+    results = []
+    for fn in (nearest_upsample_conv, _upsample_conv_reference):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        out = fn(*leaves, repeats)
+        out.backward(grad_out)
+        results.append((out, *(t.grad for t in leaves)))
+    (got, *got_grads), (want, *want_grads) = results
+    assert got.shape == want.shape == (2, c_out, 10, 14)
+    assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, g, w in zip(("x", "weight", "bias"), got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4, msg=lambda m, name=name: f"grad {name}: {m}")
+    # bf16: the folded taps are summed in fp32 and rounded once, so the error stays bf16-sized.
+    got16 = nearest_upsample_conv(x.bfloat16(), weight.bfloat16(), bias.bfloat16(), repeats).float()
+    want16 = _upsample_conv_reference(x.bfloat16().float(), weight.bfloat16().float(), bias.bfloat16().float(), repeats)
+    assert (got16 - want16).abs().max() <= 2e-2 * want16.abs().max()
 
 
 def test_rms_norm_2d_formula():
@@ -520,12 +557,12 @@ def test_feature_maps_stay_channels_last_through_every_block(sana_model):
     def record(module, inputs, output):
         layouts.append((type(module).__name__, output.is_contiguous(memory_format=torch.channels_last)))
 
-    handles = [m.register_forward_hook(record) for m in ours.decoder.modules() if isinstance(m, (ResBlock, EfficientViTBlock))]
+    handles = [m.register_forward_hook(record) for m in ours.decoder.modules() if isinstance(m, (ResBlock, EfficientViTBlock, UpBlock))]
     try:
         with torch.no_grad():
             ours.decode(torch.randn(1, ours.latent_channels, 3, 5), memory_budget=1 << 40)
     finally:
         for handle in handles:
             handle.remove()
-    assert {name for name, _ in layouts} == {"ResBlock", "EfficientViTBlock"}
+    assert {name for name, _ in layouts} == {"ResBlock", "EfficientViTBlock", "UpBlock"}
     assert all(channels_last for _, channels_last in layouts), layouts

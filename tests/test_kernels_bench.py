@@ -56,3 +56,14 @@ def test_w8a8_shapes_bench_one_seed():
                           next(k for k in means if k.startswith("PSNR W8A8 vs float over"))}, proc.stdout
     assert all(v > 35 for v in means.values()), means
     assert proc.stdout.count("lowest: seed 0") == 5 and "adherence bf16" in proc.stdout, proc.stdout
+
+
+def test_dcae_upsample_bench_runs_small():
+    """`bench/dcae_upsample.py` end to end at a tiny size: both variants agree to fp32 rounding."""
+    cmd = [sys.executable, str(ROOT / "bench" / "dcae_upsample.py"), "--size", "128", "--width-divisor", "16",
+           "--repeats", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("folded") == 6, proc.stdout  # five layers and the decoder
+    difference = float(proc.stdout.split("max rel. difference ")[1].split()[0])
+    assert difference < 1e-5, proc.stdout
