@@ -124,7 +124,7 @@ def estimate_peak_bytes(config: DCAEConfig, direction: str, batch: int, latent_h
             if i < stages - 1:
                 c_in, c_out, p_in = widths[i + 1], widths[i], pixels(i + 1)
                 if config.upsample_block_type == "interpolate":
-                    # folded nearest ×2 + conv: input, output, one parity's conv output and its sum
+                    # folded nearest ×2 + conv: input, output, and one parity's conv output, sum and shortcut
                     upsample = c_in + 4 * c_out + 3 * c_out
                 else:  # conv output, then the shortcut's repeated and shuffled copies
                     upsample = c_in + 12 * c_out
