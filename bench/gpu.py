@@ -20,6 +20,8 @@ matmuls, convolutions, attention) over the bf16 matrix-product rate measured her
 GEMM timed with CUDA events), so "x floor" is how many times slower than a machine that only
 did the necessary arithmetic at the GEMM rate. The copy bandwidth is printed for reference
 (the norms and the depthwise conv are bandwidth-bound; their bytes are not in the floor).
+The FLOPs are our model's: the DC-AE's folded upsampling does 4 instead of 9 taps per output
+pixel, so its floor is below what diffusers' layer-as-written computes (a stricter bar for us).
 
 Timing: CUDA events around each call, `--warmup` untimed calls, median of `--repeats`. Peak
 memory is `torch.cuda.max_memory_allocated` during the timed calls minus what was allocated
