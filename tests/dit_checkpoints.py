@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from diffusers import SanaTransformer2DModel
+from node_fixtures import randomize_at_trained_scale
 from safetensors.torch import save_file
 
 TINY = dict(
@@ -38,18 +39,7 @@ VARIANTS = {
 def random_reference(variant: str, seed: int = 0, **overrides) -> SanaTransformer2DModel:
     """A diffusers model with every parameter random (not diffusers' zero or one init)."""
     torch.manual_seed(seed)
-    model = SanaTransformer2DModel(**{**TINY, **VARIANTS[variant], **overrides}).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif "scale_shift_table" in name:
-                p.copy_(0.3 * torch.randn_like(p))
-            elif p.ndim > 1:  # fan-in scaled, like a trained network's activations
-                p.copy_(torch.randn_like(p) / p[0].numel() ** 0.5)
-            else:
-                p.copy_(0.2 * torch.randn_like(p))
-    return model
+    return randomize_at_trained_scale(SanaTransformer2DModel(**{**TINY, **VARIANTS[variant], **overrides}).eval())
 
 
 def official_state_dict(ref: SanaTransformer2DModel) -> dict[str, torch.Tensor]:

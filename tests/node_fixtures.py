@@ -1,5 +1,5 @@
-"""Shared helpers for the node tests: the extension imported as a package, and tiny random models
-written under the official file names the workflows use.
+"""Shared test helpers: the extension imported as a package, tiny random models (DiT weights at a
+trained scale included) and files written under the official names the workflows use.
 
 The nodes import the library relatively (`from ..sana import ...`), as ComfyUI loads the
 extension as a package; tests therefore load the repository root as the package
@@ -61,6 +61,22 @@ def tiny_dit_config(lib, *, sprint: bool = False, sample_size: int = 32, interpo
         guidance_embeds=sprint,
         flow_shift=6.0 if sample_size >= 128 else 3.0,
     )
+
+
+def randomize_at_trained_scale(model: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter of a SANA DiT (ours or diffusers') random at a trained network's scale:
+    norms near 1, a random AdaLN table, fan-in-scaled weights (not the zero or one inits)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif "scale_shift_table" in name:
+                p.copy_(0.3 * torch.randn_like(p))
+            elif p.ndim > 1:
+                p.copy_(torch.randn_like(p) / p[0].numel() ** 0.5)
+            else:
+                p.copy_(0.2 * torch.randn_like(p))
+    return model
 
 
 def random_dit(lib, config, seed: int = 0):

@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from node_fixtures import randomize_at_trained_scale
 
 import sana
 from sana.checkpoint import open_checkpoint, write_safetensors
@@ -46,18 +47,7 @@ TINY = sana.SanaDiTConfig(
 def random_dit(config: sana.SanaDiTConfig = TINY, seed: int = 0) -> sana.SanaDiT:
     """Every parameter random at a trained network's scale (fan-in-scaled weights, norms near 1)."""
     torch.manual_seed(seed)
-    model = sana.SanaDiT(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif "scale_shift_table" in name:
-                p.copy_(0.3 * torch.randn_like(p))
-            elif p.ndim > 1:
-                p.copy_(torch.randn_like(p) / p[0].numel() ** 0.5)
-            else:
-                p.copy_(0.2 * torch.randn_like(p))
-    return model
+    return randomize_at_trained_scale(sana.SanaDiT(config).eval())
 
 
 def inputs(config: sana.SanaDiTConfig = TINY, batch: int = 2, h: int = 6, w: int = 10, seed: int = 1):
