@@ -353,14 +353,12 @@ def tile_arguments(tile_size: int, tile_overlap: int) -> tuple[int | None, int |
     return tile_size, min(tile_overlap, (tile_size // 2) // 32 * 32)
 
 
-def decode_latents(dcae, latents: torch.Tensor, tile_size: int = 0, tile_overlap: int = 256,
-                   on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """ComfyUI LATENT samples (unscaled DC-AE latents) -> IMAGE [B, H, W, 3] in [0, 1] (float32, CPU).
-
-    `on_step(done, total)` is called before each decoder call (chunk or tile)."""
+def _run_dcae(dcae, direction: str, inputs: torch.Tensor, tile_size: int, tile_overlap: int,
+              on_step: Callable[[int, int], None] | None) -> torch.Tensor:
+    """`dcae.decode` or `dcae.encode` with the node's tile widgets, calling `on_step(done, total)`
+    before each network call (chunk or tile) and once at the end."""
     tile, overlap = tile_arguments(tile_size, tile_overlap)
-    latents = latents.to(device=dcae.device, dtype=dcae.dtype)
-    total = dcae_network_calls(dcae, "decode", tuple(latents.shape), tile, overlap)
+    total = dcae_network_calls(dcae, direction, tuple(inputs.shape), tile, overlap)
     done = [0]
 
     def step() -> None:
@@ -368,10 +366,21 @@ def decode_latents(dcae, latents: torch.Tensor, tile_size: int = 0, tile_overlap
             on_step(min(done[0], total), total)
         done[0] += 1
 
-    with torch.no_grad(), calls_reported(dcae.decoder, step):
-        images = dcae.decode(latents, tile_size=tile, tile_overlap=overlap)
+    network = dcae.decoder if direction == "decode" else dcae.encoder
+    with torch.no_grad(), calls_reported(network, step):
+        out = getattr(dcae, direction)(inputs, tile_size=tile, tile_overlap=overlap)
     if on_step is not None:
         on_step(total, total)
+    return out
+
+
+def decode_latents(dcae, latents: torch.Tensor, tile_size: int = 0, tile_overlap: int = 256,
+                   on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """ComfyUI LATENT samples (unscaled DC-AE latents) -> IMAGE [B, H, W, 3] in [0, 1] (float32, CPU).
+
+    `on_step(done, total)` is called before each decoder call (chunk or tile)."""
+    latents = latents.to(device=dcae.device, dtype=dcae.dtype)
+    images = _run_dcae(dcae, "decode", latents, tile_size, tile_overlap, on_step)
     return (images.float() / 2 + 0.5).clamp(0, 1).movedim(1, -1).cpu()
 
 
@@ -390,20 +399,7 @@ def encode_images(dcae, images: torch.Tensor, tile_size: int = 0, tile_overlap: 
     """IMAGE [B, H, W, 3] in [0, 1] -> unscaled DC-AE latents (float32, CPU), centre-cropped to the compression."""
     images = crop_to_multiple(images[..., :3], dcae.spatial_compression)
     pixels = (images.movedim(-1, 1).float() * 2 - 1).to(device=dcae.device, dtype=dcae.dtype)
-    tile, overlap = tile_arguments(tile_size, tile_overlap)
-    total = dcae_network_calls(dcae, "encode", tuple(pixels.shape), tile, overlap)
-    done = [0]
-
-    def step() -> None:
-        if on_step is not None:
-            on_step(min(done[0], total), total)
-        done[0] += 1
-
-    with torch.no_grad(), calls_reported(dcae.encoder, step):
-        latents = dcae.encode(pixels, tile_size=tile, tile_overlap=overlap)
-    if on_step is not None:
-        on_step(total, total)
-    return latents.float().cpu()
+    return _run_dcae(dcae, "encode", pixels, tile_size, tile_overlap, on_step).float().cpu()
 
 
 # ---------------------------------------------------------------------------------------------
