@@ -131,13 +131,9 @@ def psnr(a, b) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
-def drawn_right(image, scene) -> bool:
-    """Whether the evaluator finds every attribute the prompt asks for in `image`."""
-    from trainer import shapes
-
-    found = shapes.evaluate([image], [scene])
-    attributes = ("colour", "shape", "count") + (("position",) if scene.count == 1 else ())
-    return all(getattr(found, name) == 1 for name in attributes)
+def attributes_asked(scene) -> tuple[str, ...]:
+    """The evaluator's verdicts that apply to `scene` (position only for one object)."""
+    return ("colour", "shape", "count") + (("position",) if scene.count == 1 else ())
 
 
 def psnr_summary(values: list[float]) -> str:
@@ -174,7 +170,11 @@ def run_shapes(args: argparse.Namespace) -> None:
         seeds += [seed] * len(scenes)
     w8a8_psnr = [psnr(a, b) for a, b in zip(w8a8_images, float_images)]
     bf16_psnr = [psnr(a, b) for a, b in zip(bf16_images, float_images)]
-    right = [drawn_right(image, scene) for image, scene in zip(float_images, targets)]
+    # One evaluator verdict per image, reused below: analysing an image is the costly part.
+    float_found = [shapes.evaluate([image], [scene]) for image, scene in zip(float_images, targets)]
+    w8a8_found = [shapes.evaluate([image], [scene]) for image, scene in zip(w8a8_images, targets)]
+    right = [all(getattr(found, name) == 1 for name in attributes_asked(scene))
+             for found, scene in zip(float_found, targets)]
     print(f"shapes: {folder}, {len(w8a8_psnr)} images ({len(prompts)} held-out prompts × {args.seeds} seeds), "
           f"{args.steps} steps; kept in float: {', '.join(keep)}")
     print(f"  PSNR W8A8 vs float: {psnr_summary(w8a8_psnr)}")
@@ -192,11 +192,10 @@ def run_shapes(args: argparse.Namespace) -> None:
     # changed verdict, not two independent samples.
     for name in ("colour", "shape", "position", "count"):
         lost = gained = 0
-        for a, b, scene in zip(float_images, w8a8_images, targets):
-            if name == "position" and scene.count != 1:
+        for a, b, scene in zip(float_found, w8a8_found, targets):
+            if name not in attributes_asked(scene):
                 continue
-            right_float = getattr(shapes.evaluate([a], [scene]), name) == 1
-            right_w8a8 = getattr(shapes.evaluate([b], [scene]), name) == 1
+            right_float, right_w8a8 = getattr(a, name) == 1, getattr(b, name) == 1
             lost += right_float and not right_w8a8
             gained += right_w8a8 and not right_float
         print(f"  {name}: {lost} images right in float but not in W8A8, {gained} the other way")
