@@ -18,20 +18,20 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import machine, sync  # noqa: E402
 
-from sana.dcae import DCAE, DCAE_PRESETS, UpBlock, nearest_upsample_conv  # noqa: E402
+from sana.dcae import (  # noqa: E402
+    DCAE,
+    DCAE_PRESETS,
+    UpBlock,
+    nearest_upsample_conv,
+    nearest_upsample_conv_reference,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def upsample_as_written(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, repeats: int) -> torch.Tensor:
-    out = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)
-    return out + F.pixel_shuffle(x.repeat_interleave(repeats, dim=1), 2) if repeats else out
 
 
 def best_time(fn, device: torch.device, repeats: int) -> float:
@@ -58,7 +58,7 @@ def run_layers(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
         repeats = 4 * c_out // c_in
         with torch.inference_mode():
             folded = best_time(lambda: nearest_upsample_conv(x, weight, bias, repeats), device, args.repeats)
-            written = best_time(lambda: upsample_as_written(x, weight, bias, repeats), device, args.repeats)
+            written = best_time(lambda: nearest_upsample_conv_reference(x, weight, bias, repeats), device, args.repeats)
         print(f"  {c_in:5d} → {c_out:5d} at {2 * side}²: folded {folded * 1000:8.1f} ms, as written {written * 1000:8.1f} ms,"
               f" {written / folded:.2f}×")
 
@@ -74,7 +74,7 @@ def run_decoder(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     folded_forward = UpBlock.forward
 
     def written_forward(self: UpBlock, x: torch.Tensor) -> torch.Tensor:
-        return upsample_as_written(x, self.conv.weight, self.conv.bias, self.repeats if self.shortcut else 0)
+        return nearest_upsample_conv_reference(x, self.conv.weight, self.conv.bias, self.repeats if self.shortcut else 0)
 
     times: dict[str, list[float]] = {"folded": [], "as written": []}
     outputs = {}

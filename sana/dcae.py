@@ -434,6 +434,17 @@ def nearest_upsample_conv(
     return out
 
 
+def nearest_upsample_conv_reference(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, shortcut_repeats: int = 0
+) -> torch.Tensor:
+    """`nearest_upsample_conv` as the layer is written (and as diffusers runs it): the upsampled
+    input, the 3×3 conv, and the repeated, pixel-shuffled shortcut. For tests and benches."""
+    out = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)
+    if shortcut_repeats:
+        out = out + F.pixel_shuffle(x.repeat_interleave(shortcut_repeats, dim=1), 2)
+    return out
+
+
 class UpBlock(nn.Module):
     """Double the side: nearest ×2 then conv, or conv to 4·C_out then pixel-shuffle; plus the duplicating shortcut.
 

@@ -23,6 +23,7 @@ from sana.dcae import (
     RMSNorm2d,
     UpBlock,
     nearest_upsample_conv,
+    nearest_upsample_conv_reference,
     relu_linear_attention_multiscale,
 )
 from sana.dcae_io import (
@@ -259,11 +260,6 @@ def test_resampling_shortcuts_follow_the_spec():
                 assert torch.equal(out[0, m, i::2, j::2], x[0, 2 * m + i])
 
 
-def _upsample_conv_reference(x, weight, bias, repeats):
-    out = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)
-    return out + F.pixel_shuffle(x.repeat_interleave(repeats, dim=1), 2) if repeats else out
-
-
 @pytest.mark.parametrize(("c_in", "c_out", "repeats"), [(6, 3, 2), (4, 4, 4), (8, 2, 1), (2, 4, 8), (4, 3, 3), (5, 7, 0)])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_folded_upsample_conv_matches_interpolate_then_conv(c_in, c_out, repeats, channels_last):
@@ -278,7 +274,7 @@ def test_folded_upsample_conv_matches_interpolate_then_conv(c_in, c_out, repeats
     bias = torch.randn(c_out, generator=gen)
     grad_out = torch.randn(2, c_out, 10, 14, generator=gen)
     results = []
-    for fn in (nearest_upsample_conv, _upsample_conv_reference):
+    for fn in (nearest_upsample_conv, nearest_upsample_conv_reference):
         leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
         out = fn(*leaves, repeats)
         out.backward(grad_out)
@@ -291,7 +287,7 @@ def test_folded_upsample_conv_matches_interpolate_then_conv(c_in, c_out, repeats
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4, msg=lambda m, name=name: f"grad {name}: {m}")
     # bf16: the folded taps are summed in fp32 and rounded once, so the error stays bf16-sized.
     got16 = nearest_upsample_conv(x.bfloat16(), weight.bfloat16(), bias.bfloat16(), repeats).float()
-    want16 = _upsample_conv_reference(x.bfloat16().float(), weight.bfloat16().float(), bias.bfloat16().float(), repeats)
+    want16 = nearest_upsample_conv_reference(x.bfloat16().float(), weight.bfloat16().float(), bias.bfloat16().float(), repeats)
     assert (got16 - want16).abs().max() <= 2e-2 * want16.abs().max()
 
 
