@@ -207,7 +207,11 @@ def sincos_pos_embed_2d(
     """[h·w, dim] fp32 table; the first half encodes the column (x), the second the row (y).
 
     Positions always span [0, base_size / interpolation_scale) whatever the aspect ratio.
+    The angles are float64, which Apple's MPS lacks: there the table is built on the CPU and moved.
     """
+    target = torch.device(device) if device is not None else None
+    if target is not None and target.type == "mps":
+        device = torch.device("cpu")
     rows = torch.arange(height, dtype=torch.float32, device=device) / (height / base_size) / interpolation_scale
     cols = torch.arange(width, dtype=torch.float32, device=device) / (width / base_size) / interpolation_scale
     grid_y, grid_x = torch.meshgrid(rows, cols, indexing="ij")
@@ -218,7 +222,8 @@ def sincos_pos_embed_2d(
         angles = torch.outer(pos.reshape(-1).double(), omega)
         return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
-    return torch.cat([sincos_1d(dim // 2, grid_x), sincos_1d(dim // 2, grid_y)], dim=1).float()
+    table = torch.cat([sincos_1d(dim // 2, grid_x), sincos_1d(dim // 2, grid_y)], dim=1).float()
+    return table if target is None else table.to(target)
 
 
 @fused

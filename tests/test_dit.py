@@ -325,3 +325,30 @@ def test_fp16_parity_and_overflow_clip(tmp_path):
         attn.proj.bias.copy_(torch.tensor([float("inf"), float("-inf")]).repeat(attn.proj.out_features // 2))
         out = attn(torch.randn(1, 4, attn.proj.in_features, dtype=torch.float16))
     assert out[..., 0::2].eq(65504).all() and out[..., 1::2].eq(-65504).all()
+
+
+def test_pos_embed_for_mps_is_built_on_the_cpu(monkeypatch):
+    """MPS has no float64 (a known Apple pitfall): for an MPS device the 2K/4K sincos table is built
+    on the CPU and moved, with the CPU table's numbers. This machine has no MPS, so the move is recorded."""
+    from sana.dit import sincos_pos_embed_2d
+
+    expected = sincos_pos_embed_2d(64, 6, 10, 8, 2.0)
+    built_on, moved_to = [], []
+    real_arange, real_to = torch.arange, torch.Tensor.to
+
+    def arange(*args, **kwargs):
+        built_on.append(torch.device(kwargs.get("device") or "cpu").type)
+        return real_arange(*args, **kwargs)
+
+    def to(self, *args, **kwargs):
+        if args and isinstance(args[0], torch.device) and args[0].type == "mps":
+            moved_to.append(args[0].type)
+            return self
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "arange", arange)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    table = sincos_pos_embed_2d(64, 6, 10, 8, 2.0, device="mps")
+    monkeypatch.undo()
+    assert set(built_on) == {"cpu"} and moved_to == ["mps"]
+    assert torch.equal(table, expected)
