@@ -34,6 +34,7 @@ import comfy.supported_models_base
 
 from ..sana.dit import SanaDiT, kept_context_length, perturbed_self_attention
 from ..sana.dit_io import load_dit
+from ..sana.errors import SanaInputError
 from ..sana.pipeline import default_pag_layers
 from .logic import DIT_TIMESTEP_KEY, PAG_LAYERS_KEY, SANA_LATENT_CHANNELS, SANA_LATENT_SCALE, preview_factors
 
@@ -194,7 +195,7 @@ def w8a8_model(model: comfy.model_patcher.ModelPatcher) -> comfy.model_patcher.M
     from ..sana.quant import is_w8a8, quantize_w8a8
 
     if is_w8a8(sana_dit(model)):
-        raise ValueError("this MODEL is already W8A8-quantized")
+        raise SanaInputError("this MODEL is already W8A8-quantized")
     model_management.load_models_gpu([model])
     with torch.no_grad():
         quantized = quantize_w8a8(sana_dit(model)).to(model.offload_device)
@@ -211,7 +212,7 @@ def sana_dit(model: comfy.model_patcher.ModelPatcher) -> SanaDiT:
     """The SanaDiT inside a MODEL, or a clear error when the MODEL is not a SANA one."""
     diffusion_model = getattr(model.model, "diffusion_model", None)
     if not isinstance(diffusion_model, SanaDiffusionModel):
-        raise ValueError("this node needs a SANA model from 'Sana DiT Loader'")
+        raise SanaInputError("this node needs a SANA model from 'Sana DiT Loader'")
     return diffusion_model.dit
 
 

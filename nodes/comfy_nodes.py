@@ -25,6 +25,7 @@ import node_helpers
 from comfy_api.latest import io
 
 from ..sana.dcae_io import load_dcae
+from ..sana.errors import SanaCheckpointError, SanaInputError
 from ..sana.pipeline import FLOW_DPM_SOLVER, TRIGFLOW, select_solver
 from ..sana.text_encoder import TextEncoder, load_text_encoder
 from ..sana.samplers import uses_cfg, uses_pag
@@ -145,7 +146,7 @@ def run_gemma_loader(gemma_name: str, dtype: str):
 
 def _encode(gemma: SanaGemma, text: str, chi, max_tokens: int):
     if not isinstance(gemma, SanaGemma):
-        raise ValueError("the gemma input must come from 'Gemma Loader (Sana)'")
+        raise SanaInputError("the gemma input must come from 'Gemma Loader (Sana)'")
     model_management.load_models_gpu([gemma.patcher])
     return (logic.encode_conditioning(gemma.text_encoder, text, chi=chi, max_tokens=max_tokens),)
 
@@ -219,7 +220,7 @@ def run_ksampler(model, positive, negative, latent_image: dict, seed: int, steps
     )
     if solver == TRIGFLOW:
         if uses_pag(pag_scale):
-            raise ValueError("PAG needs a flow solver; SANA-Sprint's trigflow sampler has none (set pag_scale to 0)")
+            raise SanaInputError("PAG needs a flow solver; SANA-Sprint's trigflow sampler has none (set pag_scale to 0)")
         # Sprint: cfg is the embedded guidance, one conditional pass per step.
         positive = node_helpers.conditioning_set_values(positive, {"guidance": float(cfg)})
         negative, cfg = positive, 1.0
@@ -271,7 +272,7 @@ def run_lora_loader(model, lora_name: str, strength: float):
     lora_state.update(logic.lora_alpha_entries(lora_state, open_checkpoint(path).metadata))
     patches = comfy.lora.load_lora(lora_state, key_map)
     if not patches:
-        raise ValueError(f"{lora_name}: no SANA LoRA weights found (expected keys like transformer.transformer_blocks.0.attn1.to_q.lora_A.weight)")
+        raise SanaCheckpointError(f"{lora_name}: no SANA LoRA weights found (expected keys like transformer.transformer_blocks.0.attn1.to_q.lora_A.weight)")
     patched = model.clone()
     applied = patched.add_patches(patches, strength)
     if len(applied) != len(patches):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..sana.dcae_tiling import plan_tiling, tile_spans
-from ..sana.errors import SanaCheckpointError
+from ..sana.errors import SanaCheckpointError, SanaInputError
 from ..sana.lora import lora_alpha, lora_targets
 from ..sana.pipeline import FLOW_DPM_SOLVER, FLOW_EULER, SOLVERS, TRIGFLOW
 from ..sana.resolution import aspect_ratio_bins, closest_bin
@@ -69,7 +69,7 @@ def chi_argument(chi: str, custom_chi: str = "") -> bool | str:
         return False
     if chi == "custom":
         return custom_chi if custom_chi.strip() else False
-    raise SanaCheckpointError(f"unknown CHI mode {chi!r}; expected preset, off or custom")
+    raise SanaInputError(f"unknown CHI mode {chi!r}; expected preset, off or custom")
 
 
 def encode_conditioning(text_encoder: TextEncoder, text: str, *, chi: bool | str, max_tokens: int) -> list:
@@ -91,7 +91,7 @@ def snap_to_bins(width: int, height: int, resolution_bins: str) -> tuple[int, in
 
     The bin tables are (height, width), so the result keeps a portrait request portrait."""
     if resolution_bins not in RESOLUTION_BIN_SAMPLE_SIZES:
-        raise SanaCheckpointError(f"unknown resolution bins {resolution_bins!r}; expected one of {list(RESOLUTION_BIN_SAMPLE_SIZES)}")
+        raise SanaInputError(f"unknown resolution bins {resolution_bins!r}; expected one of {list(RESOLUTION_BIN_SAMPLE_SIZES)}")
     sample_size = RESOLUTION_BIN_SAMPLE_SIZES[resolution_bins]
     if sample_size is None:
         return width, height
@@ -112,7 +112,7 @@ def empty_latent(
     """(zeros [B, channels, H/compression, W/compression], width, height) after bin snapping."""
     width, height = snap_to_bins(width, height, resolution_bins)
     if width % compression or height % compression:
-        raise SanaCheckpointError(f"image size {width}x{height} is not a multiple of {compression} px (one SANA latent)")
+        raise SanaInputError(f"image size {width}x{height} is not a multiple of {compression} px (one SANA latent)")
     latent = torch.zeros([batch_size, channels, height // compression, width // compression], device=device)
     return latent, width, height
 
@@ -130,7 +130,7 @@ def sana_schedule(solver: str, steps: int, shift: float, denoise: float = 1.0) -
     scaling needs (a Sprint step is a flow step from x_t = (1 - t) x0 + t noise).
     """
     if solver not in SOLVERS:
-        raise SanaCheckpointError(f"unknown solver {solver!r}; expected one of {', '.join(SOLVERS)}")
+        raise SanaInputError(f"unknown solver {solver!r}; expected one of {', '.join(SOLVERS)}")
     start = img2img_start_step(steps, denoise)
     if solver == TRIGFLOW:
         times = flow_time_from_trigflow(trigflow_schedule(steps)[start:])
@@ -180,7 +180,7 @@ def flow_sampler_function(solver: str, dit_timesteps: torch.Tensor | None = None
     aligned with the sigmas, when given; else ⌊1000 σ⌋). Flow-Euler uses ComfyUI's σ·1000.
     """
     if solver not in (FLOW_DPM_SOLVER, FLOW_EULER):
-        raise SanaCheckpointError(f"flow_sampler_function takes {FLOW_DPM_SOLVER} or {FLOW_EULER}, not {solver!r}")
+        raise SanaInputError(f"flow_sampler_function takes {FLOW_DPM_SOLVER} or {FLOW_EULER}, not {solver!r}")
     solve = flow_dpm_solver if solver == FLOW_DPM_SOLVER else flow_euler
 
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
@@ -389,7 +389,7 @@ def crop_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
     h, w = images.shape[1], images.shape[2]
     new_h, new_w = h // multiple * multiple, w // multiple * multiple
     if new_h == 0 or new_w == 0:
-        raise SanaCheckpointError(f"image {w}x{h} is smaller than one DC-AE latent ({multiple} px)")
+        raise SanaInputError(f"image {w}x{h} is smaller than one DC-AE latent ({multiple} px)")
     top, left = (h - new_h) // 2, (w - new_w) // 2
     return images[:, top : top + new_h, left : left + new_w]
 
@@ -459,11 +459,11 @@ def list_model_entries(
 def resolve_model_entry(roots: Iterable[str | os.PathLike], name: str) -> Path:
     """The path of model entry `name` (a file or folder) in the first root that has it.
 
-    Raises `SanaCheckpointError` naming the roots searched when it is nowhere, and for names that
-    climb out of their root."""
+    Raises `SanaCheckpointError` naming the roots searched when it is nowhere, and
+    `SanaInputError` for names that climb out of their root."""
     roots = [Path(r) for r in roots]
     if Path(name).is_absolute() or ".." in Path(name).parts:
-        raise SanaCheckpointError(f"model name {name!r} must be relative to a model folder")
+        raise SanaInputError(f"model name {name!r} must be relative to a model folder")
     for root in roots:
         candidate = root / name
         if candidate.exists():

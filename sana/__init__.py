@@ -10,14 +10,15 @@ Public API:
 - `sana.schedules`, `sana.samplers`, `sana.resolution`: flow schedules, Flow-DPM-Solver / Flow-Euler /
   TrigFlow samplers with CFG and PAG, and the aspect-ratio bins.
 - `quantize_w8a8(model)`, `save_w8a8`, `load_w8a8`: W8A8 int8 DiT (`load_dit` reads the files too).
-- `SanaCheckpointError`: raised for every unusable checkpoint or input file.
+- `SanaError` and its family: `SanaCheckpointError` (a file cannot be used), `SanaInputError`
+  (a value cannot be used; also a `ValueError`), `SanaNonFiniteError` (a stage produced NaN/inf).
 """
 
 from .dit import DIT_PRESETS, SanaDiT, SanaDiTConfig
 from .dit_io import load_dit, save_dit
 from .dcae import DCAE, DCAEConfig
 from .dcae_io import load_dcae, save_dcae
-from .errors import SanaCheckpointError
+from .errors import SanaCheckpointError, SanaError, SanaInputError, SanaNonFiniteError
 from .lora import load_lora
 from .pipeline import generate
 from .quant import load_w8a8, quantize_w8a8, save_w8a8
@@ -28,6 +29,9 @@ __all__ = [
     "DCAEConfig",
     "DIT_PRESETS",
     "SanaCheckpointError",
+    "SanaError",
+    "SanaInputError",
+    "SanaNonFiniteError",
     "SanaDiT",
     "SanaDiTConfig",
     "TextEncoder",

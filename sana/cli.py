@@ -7,8 +7,9 @@
     python -m sana convert vae dc-ae-f32c32-sana-1.1-diffusers/ dc-ae.safetensors --format original
 
 `generate` prints a progress bar (tqdm when installed) and writes PNGs; several images go to
-`out-0.png`, `out-1.png`, ... Unusable files and inputs end with one `error:` line naming what
-is at fault and exit status 1. `convert` reads any supported layout with `sana.load_dit` /
+`out-0.png`, `out-1.png`, ... Unusable files and values (any `sana.errors.SanaError`) end with
+one `error:` line naming what is at fault and exit status 2, as argparse's usage errors do;
+`--debug` shows the traceback as well. `convert` reads any supported layout with `sana.load_dit` /
 `sana.dcae_io.load_dcae` and writes with `sana.save_dit` / `save_dcae`: one key map each.
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import SanaCheckpointError
+from .errors import SanaCheckpointError, SanaError, SanaInputError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 AUTO_SOLVER = "auto"
@@ -32,6 +33,7 @@ AUTO_SOLVER = "auto"
 DEFAULT_FLOW_STEPS = 20
 DEFAULT_SPRINT_STEPS = 2
 PNG_SUFFIXES = (".png",)
+EXIT_ERROR = 2  # argparse's status for bad usage; the CLIs use it for every SanaError too
 
 
 # ---------------------------------------------------------------------------------------
@@ -186,7 +188,7 @@ def command_convert(args: argparse.Namespace) -> int:
 
         fmt = args.format or ("official" if target.suffix.lower() in (".pth", ".pt") else "diffusers")
         if fmt not in ("diffusers", "official"):
-            raise SanaCheckpointError(f"a DiT is written as 'diffusers' or 'official', not {fmt!r}")
+            raise SanaInputError(f"a DiT is written as 'diffusers' or 'official', not {fmt!r}")
         model = sana.load_dit(source, dtype=dtype, config=args.config)
         sana.save_dit(model, target, format=fmt)
         what = f"DiT {model.config.variant}"
@@ -194,7 +196,7 @@ def command_convert(args: argparse.Namespace) -> int:
         from sana.dcae_io import load_dcae, save_dcae
 
         if args.format not in (None, "diffusers", "original"):
-            raise SanaCheckpointError(f"a DC-AE is written as 'diffusers' or 'original', not {args.format!r}")
+            raise SanaInputError(f"a DC-AE is written as 'diffusers' or 'original', not {args.format!r}")
         model = load_dcae(source, dtype=dtype, config=args.config)
         save_dcae(model, target, layout=args.format)
         fmt = args.format or ("diffusers" if not target.suffix else "original")
@@ -209,9 +211,11 @@ def command_convert(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sana", description="SANA text-to-image without ComfyUI.")
+    add_debug_option(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="generate images from a prompt")
+    add_debug_option(gen, top_level=False)
     gen.add_argument("--dit", required=True, help="DiT checkpoint: NVlabs .pth/.safetensors, diffusers folder or file")
     gen.add_argument("--vae", required=True, help="DC-AE checkpoint: original .safetensors or diffusers folder")
     gen.add_argument("--text-encoder", required=True, help="Gemma-2 folder (config, weights, tokenizer)")
@@ -247,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=command_generate)
 
     conv = commands.add_parser("convert", help="rewrite a DiT or DC-AE checkpoint in another layout")
+    add_debug_option(conv, top_level=False)
     conv.add_argument("component", choices=["dit", "vae"])
     conv.add_argument("source", help="any layout the loader reads")
     conv.add_argument("target", help="a folder (diffusers) or a file (.pth / .safetensors)")
@@ -266,14 +271,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_debug_option(parser: argparse.ArgumentParser, *, top_level: bool = True) -> None:
+    """`--debug`, accepted before or after the command name (a subcommand's copy leaves the
+    top level's value alone unless given)."""
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=False if top_level else argparse.SUPPRESS,
+        help="on an error, show the traceback as well as the message",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 1 unusable input, 2 bad usage)."""
+    """Run the command line; returns the exit status (0 ok, 2 bad usage or an unusable file or value)."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except SanaCheckpointError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    except SanaError as error:
+        return report_error(error, debug=args.debug)
 
 
-__all__ = ["build_parser", "main", "output_paths", "read_image", "write_png"]
+def report_error(error: SanaError, *, debug: bool) -> int:
+    """Print `error: <message>` (and the traceback with `debug`) to stderr; the exit status 2."""
+    if debug:
+        import traceback
+
+        traceback.print_exception(error, file=sys.stderr)
+    print(f"error: {error}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+__all__ = ["EXIT_ERROR", "add_debug_option", "build_parser", "main", "output_paths", "read_image", "report_error", "write_png"]

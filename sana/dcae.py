@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .errors import SanaCheckpointError
+from .errors import SanaCheckpointError, SanaInputError
 from .ops import fused
 
 # Diffusers and the original code both use 1e-15: only an all-zero query or key column feels it.
@@ -103,32 +103,32 @@ class DCAEConfig:
         }
         for name, value in per_stage.items():
             if len(value) != n:
-                raise SanaCheckpointError(f"DCAEConfig.{name} has {len(value)} entries, expected {n} (one per stage)")
+                raise SanaInputError(f"DCAEConfig.{name} has {len(value)} entries, expected {n} (one per stage)")
         if n < 2:
-            raise SanaCheckpointError(f"DCAEConfig needs at least 2 stages, got {n}")
+            raise SanaInputError(f"DCAEConfig needs at least 2 stages, got {n}")
         for name in ("encoder_block_types", "decoder_block_types"):
             bad = [t for t in getattr(self, name) if t not in _BLOCK_TYPES]
             if bad:
-                raise SanaCheckpointError(f"DCAEConfig.{name}: unknown block types {bad} (known: {list(_BLOCK_TYPES)})")
+                raise SanaInputError(f"DCAEConfig.{name}: unknown block types {bad} (known: {list(_BLOCK_TYPES)})")
         bad = [t for t in self.decoder_norm_types if t not in _NORM_TYPES]
         if bad:
-            raise SanaCheckpointError(f"DCAEConfig.decoder_norm_types: unknown norms {bad} (known: {list(_NORM_TYPES)})")
+            raise SanaInputError(f"DCAEConfig.decoder_norm_types: unknown norms {bad} (known: {list(_NORM_TYPES)})")
         bad = [t for t in (*self.decoder_act_fns, self.decoder_conv_act_fn) if t not in _ACT_TYPES]
         if bad:
-            raise SanaCheckpointError(f"DCAEConfig: unknown activations {bad} (known: {list(_ACT_TYPES)})")
+            raise SanaInputError(f"DCAEConfig: unknown activations {bad} (known: {list(_ACT_TYPES)})")
         for side in ("encoder", "decoder"):
             widths = getattr(self, f"{side}_widths")
             depths = getattr(self, f"{side}_depths")
             if depths[-1] == 0:
-                raise SanaCheckpointError(f"DCAEConfig.{side}_depths: the deepest stage cannot be empty ({depths})")
+                raise SanaInputError(f"DCAEConfig.{side}_depths: the deepest stage cannot be empty ({depths})")
             for i, (width, depth, kind) in enumerate(zip(widths, depths, getattr(self, f"{side}_block_types"))):
                 if depth and kind == EVIT_BLOCK and width % self.attention_head_dim:
-                    raise SanaCheckpointError(
+                    raise SanaInputError(
                         f"DCAEConfig: {side} stage {i} width {width} is not a multiple of "
                         f"attention_head_dim {self.attention_head_dim}"
                     )
         if self.encoder_widths[-1] % self.latent_channels or self.decoder_widths[-1] % self.latent_channels:
-            raise SanaCheckpointError(
+            raise SanaInputError(
                 f"DCAEConfig: deepest widths {self.encoder_widths[-1]}/{self.decoder_widths[-1]} are not "
                 f"multiples of latent_channels {self.latent_channels}"
             )
@@ -150,7 +150,7 @@ class DCAEConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise SanaCheckpointError(f"DCAEConfig: unknown fields {unknown}")
+            raise SanaInputError(f"DCAEConfig: unknown fields {unknown}")
         return cls(**data)
 
     def replace(self, **changes) -> DCAEConfig:
@@ -584,7 +584,7 @@ class DCAE(nn.Module):
     """A DC-AE: `encode` images to unscaled latents, `decode` them back.
 
     Images are [B, 3, H, W] in [-1, 1]; H and W must be multiples of `spatial_compression`
-    (they are never padded: `encode` raises `SanaCheckpointError` otherwise). Latents are
+    (they are never padded: `encode` raises `SanaInputError` otherwise). Latents are
     [B, c, H/f, W/f] and are *not* multiplied by `scaling_factor`; a diffusion model wants
     `encode(x) * scaling_factor` and `decode(z / scaling_factor)`.
 
@@ -631,16 +631,16 @@ class DCAE(nn.Module):
     def _check_input(self, x: torch.Tensor, channels: int, what: str, multiple: int) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.ndim != 4:
             shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise SanaCheckpointError(f"DC-AE {what}: expected a [B, {channels}, H, W] tensor, found {shape}")
+            raise SanaInputError(f"DC-AE {what}: expected a [B, {channels}, H, W] tensor, found {shape}")
         if x.shape[1] != channels:
-            raise SanaCheckpointError(f"DC-AE {what}: expected {channels} channels, found shape {list(x.shape)}")
+            raise SanaInputError(f"DC-AE {what}: expected {channels} channels, found shape {list(x.shape)}")
         if x.shape[2] % multiple or x.shape[3] % multiple:
-            raise SanaCheckpointError(
+            raise SanaInputError(
                 f"DC-AE {what}: height and width must be multiples of the compression {multiple}, "
                 f"found {x.shape[2]}×{x.shape[3]} (crop or pad the image first)"
             )
         if x.shape[2] == 0 or x.shape[3] == 0:
-            raise SanaCheckpointError(f"DC-AE {what}: empty input of shape {list(x.shape)}")
+            raise SanaInputError(f"DC-AE {what}: empty input of shape {list(x.shape)}")
         return x.to(device=self.device, dtype=self.dtype)
 
     def encode(
@@ -655,7 +655,7 @@ class DCAE(nn.Module):
 
         `tile_size` / `tile_overlap` are in image pixels (multiples of f); giving `tile_size`
         forces tiling when the image is larger, otherwise tiling is chosen from `memory_budget`
-        (bytes). Raises `SanaCheckpointError` when H or W is not a multiple of f.
+        (bytes). Raises `SanaInputError` when H or W is not a multiple of f.
         """
         from .dcae_tiling import run_tiled
 
@@ -693,7 +693,7 @@ def build_dcae(config: DCAEConfig | str, *, device: torch.device | str | None = 
     """A DC-AE with PyTorch's default initialisation (or on the meta device), from a config or preset name."""
     if isinstance(config, str):
         if config not in DCAE_PRESETS:
-            raise SanaCheckpointError(f"unknown DC-AE preset {config!r} (known: {sorted(DCAE_PRESETS)})")
+            raise SanaInputError(f"unknown DC-AE preset {config!r} (known: {sorted(DCAE_PRESETS)})")
         config = DCAE_PRESETS[config]
     if device is None:
         return DCAE(config)

@@ -41,7 +41,7 @@ from .checkpoint import (
     write_torch,
 )
 from .dcae import DCAE, DCAE_PRESETS, EVIT_BLOCK, RESBLOCK, DCAEConfig
-from .errors import SanaCheckpointError
+from .errors import SanaCheckpointError, SanaInputError
 
 ORIGINAL = "original"
 DIFFUSERS = "diffusers"
@@ -465,7 +465,7 @@ def resolve_config(
     path = reader.path
     if isinstance(config, str):
         if config not in DCAE_PRESETS:
-            raise SanaCheckpointError(f"unknown DC-AE preset {config!r} (known: {sorted(DCAE_PRESETS)})")
+            raise SanaInputError(f"unknown DC-AE preset {config!r} (known: {sorted(DCAE_PRESETS)})")
         return DCAE_PRESETS[config]
     if isinstance(config, DCAEConfig):
         return config

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import SanaCheckpointError
+from .errors import SanaInputError
 
 if TYPE_CHECKING:
     from .dcae import DCAE, DCAEConfig
@@ -173,7 +173,7 @@ def default_memory_budget(device: torch.device) -> int:
 
 def _grid_units(value: int, f: int, what: str, smallest: int) -> int:
     if not isinstance(value, int) or value < smallest * f or value % f:
-        raise SanaCheckpointError(
+        raise SanaInputError(
             f"DC-AE {what} must be a multiple of the compression {f} px and at least {smallest * f} px, got {value!r}"
         )
     return value // f
@@ -220,7 +220,7 @@ def plan_tiling(
         # The default overlap keeps its ratio to the tile when the tile is not the default one.
         overlap_units = (DEFAULT_TILE_OVERLAP * tile) // DEFAULT_TILE_SIZE
     if 2 * overlap_units > tile:
-        raise SanaCheckpointError(
+        raise SanaInputError(
             f"DC-AE tile_overlap {overlap_units * f} px is more than half the tile_size {tile * f} px"
         )
     if latent_h <= tile and latent_w <= tile:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .errors import SanaCheckpointError
+from .errors import SanaCheckpointError, SanaInputError
 from .ops import Linear, fused
 from .schedules import default_flow_shift
 
@@ -64,11 +64,11 @@ class SanaDiTConfig:
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.attention_head_dim:
-            raise ValueError(
+            raise SanaInputError(
                 f"hidden_size {self.hidden_size} is not a multiple of attention_head_dim {self.attention_head_dim}"
             )
         if self.cross_attention_heads * self.cross_attention_head_dim != self.hidden_size:
-            raise ValueError(
+            raise SanaInputError(
                 f"cross attention {self.cross_attention_heads}×{self.cross_attention_head_dim} "
                 f"does not span hidden_size {self.hidden_size}"
             )
@@ -92,7 +92,7 @@ class SanaDiTConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown SanaDiTConfig fields: {unknown}")
+            raise SanaInputError(f"unknown SanaDiTConfig fields: {unknown}")
         return cls(**d)
 
     def to_diffusers(self) -> dict[str, Any]:
@@ -128,10 +128,10 @@ class SanaDiTConfig:
         hidden = heads * head_dim
         cross_dim = d.get("cross_attention_dim", hidden)
         if cross_dim != hidden:
-            raise ValueError(f"cross_attention_dim {cross_dim} differs from the hidden size {hidden}: not a SANA DiT")
+            raise SanaInputError(f"cross_attention_dim {cross_dim} differs from the hidden size {hidden}: not a SANA DiT")
         qk_norm = d.get("qk_norm")
         if qk_norm not in (None, "rms_norm_across_heads"):
-            raise ValueError(f"unsupported qk_norm {qk_norm!r} (SANA uses 'rms_norm_across_heads')")
+            raise SanaInputError(f"unsupported qk_norm {qk_norm!r} (SANA uses 'rms_norm_across_heads')")
         sample_size = d.get("sample_size", 32)
         interpolation_scale = d.get("interpolation_scale")
         fields = dict(
@@ -540,11 +540,11 @@ class SanaDiT(nn.Module):
         B, _, H, W = x.shape
         p = cfg.patch_size
         if H % p or W % p:
-            raise ValueError(f"latent size {H}×{W} is not divisible by the patch size {p}")
+            raise SanaInputError(f"latent size {H}×{W} is not divisible by the patch size {p}")
         if x.shape[1] != cfg.in_channels:
-            raise ValueError(f"x has {x.shape[1]} channels, the model expects {cfg.in_channels}")
+            raise SanaInputError(f"x has {x.shape[1]} channels, the model expects {cfg.in_channels}")
         if context.ndim != 3 or context.shape[-1] != cfg.caption_channels:
-            raise ValueError(
+            raise SanaInputError(
                 f"context must be [B, L, {cfg.caption_channels}] (caption_channels), got {list(context.shape)}"
             )
         h, w = H // p, W // p
@@ -558,7 +558,7 @@ class SanaDiT(nn.Module):
         t_emb = self.t_embedder(timestep)  # [B, C]
         if self.cfg_embedder is not None:
             if guidance is None:
-                raise ValueError("this SANA-Sprint model needs `guidance` (the guidance scale, e.g. 4.5)")
+                raise SanaInputError("this SANA-Sprint model needs `guidance` (the guidance scale, e.g. 4.5)")
             guidance = guidance.reshape(-1).expand(B) if guidance.numel() == 1 else guidance.reshape(B)
             t_emb = t_emb + self.cfg_embedder(guidance * cfg.guidance_embeds_scale)
         t_mod = self.t_block(t_emb)  # [B, 6C]
@@ -567,7 +567,7 @@ class SanaDiT(nn.Module):
         mask_bias = None
         if context_mask is not None:
             if context_mask.shape != context.shape[:2]:
-                raise ValueError(f"context_mask {list(context_mask.shape)} does not match context {list(context.shape[:2])}")
+                raise SanaInputError(f"context_mask {list(context_mask.shape)} does not match context {list(context.shape[:2])}")
             trim = self.trim_padded_context if trim_context is None else trim_context
             if trim and not torch.compiler.is_compiling():  # the trimmed length is data: not in a graph
                 context, context_mask = trim_padded_context(context, context_mask)
@@ -620,7 +620,7 @@ def perturbed_self_attention(dit: SanaDiT, layers: Iterable[int], rows: slice) -
     layers = sorted({int(i) for i in layers})
     outside = [i for i in layers if not 0 <= i < depth]
     if outside:
-        raise SanaCheckpointError(f"PAG layers {outside} do not exist: this DiT has blocks 0..{depth - 1}")
+        raise SanaInputError(f"PAG layers {outside} do not exist: this DiT has blocks 0..{depth - 1}")
     attentions = [dit.blocks[i].attn for i in layers]
     previous = [attn.identity_rows for attn in attentions]
     for attn in attentions:

@@ -40,7 +40,7 @@ from .checkpoint import (
 )
 from .dit import DIT_PRESETS, SanaDiT, SanaDiTConfig, sincos_pos_embed_2d, variant_name
 from .schedules import default_flow_shift
-from .errors import SanaCheckpointError
+from .errors import SanaCheckpointError, SanaInputError
 
 Layout = Literal["official", "diffusers"]
 
@@ -236,15 +236,15 @@ def _config_from_argument(config: SanaDiTConfig | dict | str) -> SanaDiTConfig:
         if path.is_file():
             config = json.loads(path.read_text())
         else:
-            raise SanaCheckpointError(f"config={config!r} is neither a preset ({sorted(DIT_PRESETS)}) nor a JSON file")
+            raise SanaInputError(f"config={config!r} is neither a preset ({sorted(DIT_PRESETS)}) nor a JSON file")
     if isinstance(config, dict):
         try:
             if "num_layers" in config or "_class_name" in config:
                 return SanaDiTConfig.from_diffusers(config)
             return SanaDiTConfig.from_dict(config)
         except (TypeError, ValueError) as e:
-            raise SanaCheckpointError(f"config is not a valid SANA DiT config: {e}") from e
-    raise SanaCheckpointError(f"config must be a SanaDiTConfig, dict, preset name or JSON path, got {type(config).__name__}")
+            raise SanaInputError(f"config is not a valid SANA DiT config: {e}") from e
+    raise SanaInputError(f"config must be a SanaDiTConfig, dict, preset name or JSON path, got {type(config).__name__}")
 
 
 def resolve_config(
@@ -358,7 +358,7 @@ def save_dit(
     Writes are atomic: a failure never leaves a half-written or clobbered checkpoint.
     """
     if format not in ("diffusers", "official"):
-        raise ValueError(f"format must be 'diffusers' or 'official', got {format!r}")
+        raise SanaInputError(f"format must be 'diffusers' or 'official', got {format!r}")
     path = Path(path)
     # A W8A8 model's int8 weights and scales fit neither layout: it has its own single-file format.
     from .quant.checkpoint import save_w8a8

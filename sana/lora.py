@@ -32,7 +32,7 @@ from torch import nn
 from .checkpoint import open_checkpoint, write_safetensors
 from .dit import SanaDiT
 from .dit_io import key_specs
-from .errors import SanaCheckpointError
+from .errors import SanaCheckpointError, SanaInputError
 
 PREFIX = "transformer."
 METADATA_KEY = "lora_adapter_metadata"
@@ -131,7 +131,7 @@ def inject_lora(model: SanaDiT, *, rank: int, alpha: float | None = None, target
     patterns = list(targets)
     chosen = [t for t in lora_targets(model).values() if _matches(t.module, patterns)]
     if not chosen:
-        raise ValueError(f"LoRA targets {patterns} match no DiT module (e.g. to_q, to_k, to_v, to_out.0, conv_inverted)")
+        raise SanaInputError(f"LoRA targets {patterns} match no DiT module (e.g. to_q, to_k, to_v, to_out.0, conv_inverted)")
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     for target in chosen:
@@ -168,7 +168,7 @@ def save_lora(model: SanaDiT, path: str | os.PathLike) -> None:
     """Write the adapters as a diffusers-loadable `.safetensors` (atomic)."""
     state = lora_state_dict(model)
     if not state:
-        raise ValueError("the model has no LoRA adapters (call inject_lora first)")
+        raise SanaInputError("the model has no LoRA adapters (call inject_lora first)")
     ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
     modules = sorted({k[len(PREFIX) : -len(".lora_A.weight")] for k in state if k.endswith("lora_A.weight")})
     rank = max(ranks)

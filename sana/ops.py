@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .errors import SanaInputError
 
 # Below this many rows the GEMM is too small for the route to matter.
 _CONV_ROUTE_MIN_ROWS = 64
@@ -58,7 +59,7 @@ KERNEL_BACKENDS = ("auto", "triton", "torch")
 def _backend_from_env() -> str:
     backend = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
     if backend not in KERNEL_BACKENDS:
-        raise ValueError(f"{KERNELS_ENV}={backend!r}: expected one of {', '.join(KERNEL_BACKENDS)}")
+        raise SanaInputError(f"{KERNELS_ENV}={backend!r}: expected one of {', '.join(KERNEL_BACKENDS)}")
     return backend
 
 
@@ -82,7 +83,7 @@ def use_kernels(backend: str) -> Iterator[None]:
     """
     global _kernel_backend
     if backend not in KERNEL_BACKENDS:
-        raise ValueError(f"unknown kernel backend {backend!r}: expected one of {', '.join(KERNEL_BACKENDS)}")
+        raise SanaInputError(f"unknown kernel backend {backend!r}: expected one of {', '.join(KERNEL_BACKENDS)}")
     previous, _kernel_backend = _kernel_backend, backend
     try:
         yield
@@ -125,7 +126,7 @@ def fused(reference: Callable) -> Callable:
     or when the Triton function declines the inputs. `fn.reference` is the undecorated function."""
     name = reference.__name__
     if name not in kernels.__all__:
-        raise ValueError(f"sana.kernels has no Triton function {name!r}")
+        raise SanaInputError(f"sana.kernels has no Triton function {name!r}")
 
     @functools.wraps(reference)
     def dispatch(*args: Any, **kwargs: Any) -> Any:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .dit import SanaDiT, perturbed_self_attention, trim_padded_context
-from .errors import SanaCheckpointError
+from .errors import SanaCheckpointError, SanaInputError
 from .resolution import aspect_ratio_bins, closest_bin, resize_and_crop
 from .samplers import (
     COND,
@@ -98,7 +98,7 @@ def select_solver(dit: SanaDiT, solver: str | None) -> str:
     """The sampler for `dit`: `solver` if given, else TrigFlow for a guidance-embedded
     (SANA-Sprint) DiT and Flow-DPM-Solver for every other one.
 
-    Raises `SanaCheckpointError` for an unknown name, for TrigFlow on a DiT without a guidance
+    Raises `SanaInputError` for an unknown name, for TrigFlow on a DiT without a guidance
     embedding, and for a flow solver on a Sprint DiT (it is a consistency model over TrigFlow
     time, fed the flow time t in [0, 1] rather than 1000 sigma).
     """
@@ -106,14 +106,14 @@ def select_solver(dit: SanaDiT, solver: str | None) -> str:
     if solver is None:
         return TRIGFLOW if sprint else FLOW_DPM_SOLVER
     if solver not in SOLVERS:
-        raise SanaCheckpointError(f"unknown solver {solver!r}; expected one of {', '.join(SOLVERS)} (or None: automatic)")
+        raise SanaInputError(f"unknown solver {solver!r}; expected one of {', '.join(SOLVERS)} (or None: automatic)")
     if solver == TRIGFLOW and not sprint:
-        raise SanaCheckpointError(
+        raise SanaInputError(
             f"solver 'trigflow' needs a SANA-Sprint DiT (guidance embedding); the DiT ({dit.config.variant}) has none: "
             f"use '{FLOW_DPM_SOLVER}' or '{FLOW_EULER}'"
         )
     if solver != TRIGFLOW and sprint:
-        raise SanaCheckpointError(
+        raise SanaInputError(
             f"the DiT ({dit.config.variant}) is a SANA-Sprint model (guidance embedding) and samples only with "
             f"'trigflow', not {solver!r}"
         )
@@ -149,13 +149,13 @@ def generation_size(
     """
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise SanaCheckpointError(f"image {name} must be a positive integer, got {value!r}")
+            raise SanaInputError(f"image {name} must be a positive integer, got {value!r}")
     multiple = dcae.spatial_compression * dit.config.patch_size
     if resolution_binning:
         height, width = closest_bin(height, width, aspect_ratio_bins(dit.config.sample_size))
     if height % multiple or width % multiple:
         where = "the resolution bin" if resolution_binning else "with resolution binning off, the size"
-        raise SanaCheckpointError(
+        raise SanaInputError(
             f"{where} {height}x{width} (height x width) is not a multiple of {multiple} px: the DC-AE compresses by "
             f"{dcae.spatial_compression} and the DiT patch is {dit.config.patch_size}; pick multiples of {multiple} "
             "or turn resolution binning on"
@@ -178,7 +178,7 @@ def images_to_latents(dcae: Autoencoder, images: torch.Tensor, height: int, widt
     if images.ndim == 3:
         images = images[None]
     if images.ndim != 4 or images.shape[-1] != 3:
-        raise SanaCheckpointError(f"image must be [B, H, W, 3] in [0, 1] (ComfyUI IMAGE), got shape {list(images.shape)}")
+        raise SanaInputError(f"image must be [B, H, W, 3] in [0, 1] (ComfyUI IMAGE), got shape {list(images.shape)}")
     pixels = images.movedim(-1, 1).float()
     if tuple(pixels.shape[-2:]) != (height, width):
         pixels = F.interpolate(pixels, size=(height, width), mode="bilinear", align_corners=False)
@@ -275,7 +275,7 @@ def _progress(callback: ProgressCallback | None, total: int):
 
 def _check_latents(latents: torch.Tensor | None, shape: tuple[int, ...]) -> None:
     if latents is not None and tuple(latents.shape) != shape:
-        raise SanaCheckpointError(
+        raise SanaInputError(
             f"latents have shape {list(latents.shape)}, but this request needs {list(shape)} "
             "(batch, DiT channels, height / compression, width / compression)"
         )
@@ -346,18 +346,19 @@ def generate(
     - `compile_model`: run each step's model evaluation through `compiled_step` (the first
       call compiles; worth it for many steps or several generations at one size).
 
-    Raises `SanaCheckpointError` naming both sides when the parts or inputs do not fit.
+    Raises `SanaCheckpointError` naming both sides when the parts do not fit, and
+    `SanaInputError` naming the argument when a value cannot be used.
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise SanaCheckpointError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        raise SanaInputError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise SanaCheckpointError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise SanaInputError(f"batch_size must be a positive integer, got {batch_size!r}")
     check_components(dit, dcae, text_encoder)
     solver = select_solver(dit, solver)
     sprint = solver == TRIGFLOW
     if sprint and uses_pag(pag_scale):
-        raise SanaCheckpointError("PAG (pag_scale > 0) needs a flow solver; SANA-Sprint's TrigFlow sampler has no PAG")
+        raise SanaInputError("PAG (pag_scale > 0) needs a flow solver; SANA-Sprint's TrigFlow sampler has no PAG")
     gen_height, gen_width = generation_size(dit, dcae, height, width, resolution_binning=resolution_binning)
     start_step = img2img_start_step(steps, strength) if image is not None else 0
 
@@ -387,7 +388,7 @@ def generate(
         if image is not None:
             clean = images_to_latents(dcae, image, gen_height, gen_width).to(device)
             if clean.shape[0] not in (1, batch):
-                raise SanaCheckpointError(f"got {clean.shape[0]} images for a batch of {batch}; pass 1 or {batch}")
+                raise SanaInputError(f"got {clean.shape[0]} images for a batch of {batch}; pass 1 or {batch}")
             clean = clean.expand(batch, -1, -1, -1)
 
         generator = torch.Generator()

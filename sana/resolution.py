@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .errors import SanaCheckpointError
+from .errors import SanaInputError
 
 # The PixArt-alpha 1024 table (33 bins), shared by SANA's 1024 models.
 ASPECT_RATIO_1024_BIN: dict[str, tuple[int, int]] = {
@@ -113,7 +113,7 @@ def aspect_ratio_bins(sample_size: int) -> dict[str, tuple[int, int]]:
     try:
         return BINS_BY_SAMPLE_SIZE[int(sample_size)]
     except (KeyError, TypeError, ValueError):
-        raise SanaCheckpointError(
+        raise SanaInputError(
             f"no resolution bins for DiT sample_size {sample_size!r}; expected one of {sorted(BINS_BY_SAMPLE_SIZE)}"
         ) from None
 
@@ -122,7 +122,7 @@ def closest_bin(height: int, width: int, bins: dict[str, tuple[int, int]]) -> tu
     """(height, width) of the bin whose ratio key is nearest height/width; the first key in
     table order wins a tie."""
     if height <= 0 or width <= 0:
-        raise SanaCheckpointError(f"image size must be positive, got {height}x{width} (height x width)")
+        raise SanaInputError(f"image size must be positive, got {height}x{width} (height x width)")
     ratio = height / width
     key = min(bins, key=lambda k: abs(float(k) - ratio))
     bin_height, bin_width = bins[key]

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .errors import SanaCheckpointError
+from .errors import SanaInputError
 from .schedules import TRIGFLOW_SIGMA_DATA, FlowSchedule
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -157,14 +157,14 @@ def draw_noise(
         generator_device = (generator[0] if isinstance(generator, list) else generator).device
         if generator_device.type != device.type:
             if generator_device.type != "cpu":
-                raise SanaCheckpointError(
+                raise SanaInputError(
                     f"cannot draw {device} noise from a generator on {generator_device}; "
                     f"use a CPU generator or one on {device}"
                 )
             draw_device = torch.device("cpu")
     if isinstance(generator, list):
         if len(generator) != shape[0]:
-            raise SanaCheckpointError(f"got {len(generator)} generators for a batch of {shape[0]}")
+            raise SanaInputError(f"got {len(generator)} generators for a batch of {shape[0]}")
         samples = [torch.randn((1, *shape[1:]), generator=g, device=draw_device, dtype=dtype) for g in generator]
         return torch.cat(samples).to(device)
     return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
@@ -278,7 +278,7 @@ def trigflow_start_latents(
     if image_latents is None:
         return noise.float() * sigma_data
     if first_angle is None:
-        raise SanaCheckpointError("TrigFlow img2img needs first_angle, the first angle of the cut schedule")
+        raise SanaInputError("TrigFlow img2img needs first_angle, the first angle of the cut schedule")
     angle = torch.as_tensor(first_angle, dtype=torch.float32).reshape(1).to(image_latents.device)
     scaled_image = image_latents.float() * sigma_data
     return torch.cos(angle) * scaled_image + torch.sin(angle) * (noise.float() * sigma_data)

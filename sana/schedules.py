@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import SanaCheckpointError
+from .errors import SanaInputError
 
 NUM_TRAIN_TIMESTEPS = 1000
 DEFAULT_FLOW_SHIFT = 3.0
@@ -46,12 +46,12 @@ def default_flow_shift(sample_size: int) -> float:
 
 def _check_steps(num_steps: int) -> None:
     if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
-        raise SanaCheckpointError(f"num_steps must be a positive integer, got {num_steps!r}")
+        raise SanaInputError(f"num_steps must be a positive integer, got {num_steps!r}")
 
 
 def _check_shift(shift: float) -> None:
     if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
-        raise SanaCheckpointError(f"flow shift must be a finite number > 0, got {shift!r}")
+        raise SanaInputError(f"flow shift must be a finite number > 0, got {shift!r}")
 
 
 @dataclass(frozen=True)
@@ -84,15 +84,15 @@ class FlowSchedule:
 def img2img_start_step(num_steps: int, strength: float) -> int:
     """How many leading steps img2img skips at denoising `strength` (diffusers' rule).
 
-    Raises `SanaCheckpointError` when `strength` leaves no step to run.
+    Raises `SanaInputError` when `strength` leaves no step to run.
     """
     _check_steps(num_steps)
     if not (isinstance(strength, (int, float)) and 0.0 <= strength <= 1.0):
-        raise SanaCheckpointError(f"denoise strength must be in [0, 1], got {strength!r}")
+        raise SanaInputError(f"denoise strength must be in [0, 1], got {strength!r}")
     kept = min(num_steps * strength, num_steps)
     start = int(max(num_steps - kept, 0))
     if num_steps - start < 1:
-        raise SanaCheckpointError(
+        raise SanaInputError(
             f"denoise strength {strength} with {num_steps} steps leaves no step to run; raise the strength or the steps"
         )
     return start
@@ -151,7 +151,7 @@ def trigflow_schedule(
     _check_steps(num_steps)
     if timesteps is not None:
         if len(timesteps) != num_steps + 1:
-            raise SanaCheckpointError(
+            raise SanaInputError(
                 f"custom TrigFlow timesteps must have num_steps + 1 = {num_steps + 1} entries, got {len(timesteps)}"
             )
         if isinstance(timesteps, torch.Tensor):

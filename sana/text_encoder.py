@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import SanaCheckpointError
+from .errors import SanaCheckpointError, SanaInputError
 
 # The CHI as diffusers' SanaPipeline / SanaSprintPipeline / SanaPAGPipeline default it. It is
 # the default here so embeddings match diffusers token for token.
@@ -114,9 +114,9 @@ class TextEncoder:
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:
-            raise SanaCheckpointError("encode() needs at least one prompt")
+            raise SanaInputError("encode() needs at least one prompt")
         if max_length < 2:
-            raise SanaCheckpointError(f"max_length must be at least 2 (BOS plus one token), got {max_length}")
+            raise SanaInputError(f"max_length must be at least 2 (BOS plus one token), got {max_length}")
         texts = [(p.lower() if lowercase else p).strip() for p in prompts]
         instruction = chi_text(chi)
         total_length = max_length

@@ -105,19 +105,25 @@ def test_sprint_and_img2img(parts, tmp_path):
     assert torch.equal(_png(out), _as_uint8(expected[0]))
 
 
-def test_unusable_inputs_exit_1_naming_the_fault(parts, tmp_path, capsys):
+def test_unusable_inputs_exit_2_with_one_error_line(parts, tmp_path, capsys):
     broken = tmp_path / "gemma_without_tokenizer"
     shutil.copytree(parts.gemma_folder, broken)
     (broken / "tokenizer.json").unlink()
     args = _generate_args(parts, tmp_path / "x.png", "--prompt", "a cat")
     args[args.index("--text-encoder") + 1] = str(broken)
-    assert main(args) == 1
-    assert f"error: text encoder folder {broken} has no tokenizer" in capsys.readouterr().err
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"error: text encoder folder {broken} has no tokenizer" in err
+    assert "Traceback" not in err
+    assert main(["--debug", *args]) == 2  # --debug adds the traceback, before or after the command
+    assert "Traceback" in capsys.readouterr().err
+    assert main([*args, "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err
 
-    assert main(_generate_args(parts, tmp_path / "x.png", "--prompt", "a cat", "--width", "100")) == 1
+    assert main(_generate_args(parts, tmp_path / "x.png", "--prompt", "a cat", "--width", "100")) == 2
     assert "64x100 (height x width) is not a multiple of 8 px" in capsys.readouterr().err
 
-    assert main(_generate_args(parts, tmp_path / "x.png", "--prompt", "a cat", "--solver", "trigflow")) == 1
+    assert main(_generate_args(parts, tmp_path / "x.png", "--prompt", "a cat", "--solver", "trigflow")) == 2
     assert "'trigflow' needs a SANA-Sprint DiT" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.png"))
 
@@ -148,7 +154,7 @@ def test_convert_vae_diffusers_to_original(parts, tmp_path):
 
 def test_convert_rejects_a_format_of_the_other_component(tmp_path, capsys):
     official = write_official_pth(random_reference("sana", seed=1), tmp_path / "m.pth")
-    assert main(["convert", "dit", str(official), str(tmp_path / "x"), "--format", "original"]) == 1
+    assert main(["convert", "dit", str(official), str(tmp_path / "x"), "--format", "original"]) == 2
     assert "a DiT is written as 'diffusers' or 'official', not 'original'" in capsys.readouterr().err
 
 

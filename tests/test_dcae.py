@@ -38,7 +38,7 @@ from sana.dcae_io import (
     validate_checkpoint,
 )
 from sana.dcae_tiling import blend_weights, estimate_peak_bytes, plan_tiling, tile_spans, tiled_apply
-from sana.errors import SanaCheckpointError
+from sana.errors import SanaCheckpointError, SanaInputError
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderDC  # noqa: E402
@@ -303,17 +303,17 @@ def test_rms_norm_2d_formula():
 
 def test_bad_inputs_raise(sana_model):
     _, ours = sana_model
-    with pytest.raises(SanaCheckpointError, match="multiples of the compression 32.*65×64"):
+    with pytest.raises(SanaInputError, match="multiples of the compression 32.*65×64"):
         ours.encode(torch.zeros(1, 3, 65, 64))
-    with pytest.raises(SanaCheckpointError, match="expected 3 channels"):
+    with pytest.raises(SanaInputError, match="expected 3 channels"):
         ours.encode(torch.zeros(1, 4, 64, 64))
-    with pytest.raises(SanaCheckpointError, match=r"expected 16 channels"):
+    with pytest.raises(SanaInputError, match=r"expected 16 channels"):
         ours.decode(torch.zeros(1, 32, 2, 2))
-    with pytest.raises(SanaCheckpointError, match=r"\[B, 16, H, W\]"):
+    with pytest.raises(SanaInputError, match=r"\[B, 16, H, W\]"):
         ours.decode(torch.zeros(16, 2, 2))
-    with pytest.raises(SanaCheckpointError, match="tile_size must be a multiple of the compression 32"):
+    with pytest.raises(SanaInputError, match="tile_size must be a multiple of the compression 32"):
         ours.decode(torch.zeros(1, 16, 8, 8), tile_size=100)
-    with pytest.raises(SanaCheckpointError, match="more than half"):
+    with pytest.raises(SanaInputError, match="more than half"):
         ours.decode(torch.zeros(1, 16, 8, 8), tile_size=128, tile_overlap=96)
 
 
@@ -526,7 +526,7 @@ def test_checkpoint_errors(tmp_path, sana_model):
                 warnings.catch_warnings():
             warnings.simplefilter("ignore")
             load_dcae(path, config=config)
-    with pytest.raises(SanaCheckpointError, match="unknown DC-AE preset"):
+    with pytest.raises(SanaInputError, match="unknown DC-AE preset"):
         load_dcae(tmp_path / "good.safetensors", config="dc-ae-f16")
 
 

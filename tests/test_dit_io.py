@@ -155,7 +155,7 @@ def test_unreleased_width_without_config_asks_for_one(tmp_path):
 
 def test_bad_config_argument(official_file):
     path, _ = official_file
-    with pytest.raises(sana.SanaCheckpointError, match="neither a preset"):
+    with pytest.raises(sana.SanaInputError, match="neither a preset"):
         load_dit(path, config="sana-9000m")
 
 

@@ -154,7 +154,7 @@ def test_conditioning_carries_its_own_mask(parts):
     embeds_chi_off, _ = parts["text_encoder"].encode(["a red bicycle"], chi=False)
     assert not torch.equal(embeds_chi_off.cpu(), embeds)  # the CHI changes the prompt states
     assert logic.chi_argument("custom", "  ") is False and logic.chi_argument("custom", "Be vivid: ") == "Be vivid: "
-    with pytest.raises(lib.SanaCheckpointError):
+    with pytest.raises(lib.SanaInputError):
         logic.chi_argument("maybe")
 
 
@@ -166,7 +166,7 @@ def test_empty_latent_bins_keep_orientation():
     assert logic.snap_to_bins(700, 500, "512px")[0] > logic.snap_to_bins(700, 500, "512px")[1]
     assert logic.snap_to_bins(1000, 1000, "2048px") == (2048, 2048)
     assert logic.empty_latent(96, 64, 1, "off")[0].shape == (1, 32, 2, 3)
-    with pytest.raises(lib.SanaCheckpointError):
+    with pytest.raises(lib.SanaInputError):
         logic.empty_latent(100, 64, 1, "off")
 
 
@@ -231,7 +231,7 @@ def test_model_listing_and_resolution(tmp_path):
     assert logic.resolve_model_entry([tmp_path / "missing", root], "sub/model.safetensors") == root / "sub" / "model.safetensors"
     with pytest.raises(lib.SanaCheckpointError, match="not found"):
         logic.resolve_model_entry([root], "nope.pth")
-    with pytest.raises(lib.SanaCheckpointError):
+    with pytest.raises(lib.SanaInputError):
         logic.resolve_model_entry([root], "../escape.pth")
     gemma = tmp_path / "text_encoders" / "gemma-2-2b-it"
     gemma.mkdir(parents=True)

@@ -30,7 +30,7 @@ from transformers import AutoTokenizer, Gemma2Model
 import sana
 from dit_checkpoints import random_reference
 from sana.dcae_io import load_dcae
-from sana.errors import SanaCheckpointError
+from sana.errors import SanaCheckpointError, SanaInputError
 from sana.pipeline import generate, latents_to_images
 from sana.dit import perturbed_self_attention
 from sana.samplers import draw_noise, flow_dpm_solver, flow_euler, guided_velocity, trigflow_sampler
@@ -384,7 +384,7 @@ def test_one_image_serves_the_whole_batch(parts):
     assert one.shape == (2, 64, 64, 3)
     torch.testing.assert_close(one, two, rtol=0, atol=1e-5)  # a batch-2 encode rounds differently
     assert not torch.allclose(one[0], one[1], atol=1e-3)  # different noise per image
-    with pytest.raises(SanaCheckpointError, match="got 3 images for a batch of 2"):
+    with pytest.raises(SanaInputError, match="got 3 images for a batch of 2"):
         parts.generate(image=as_comfy(_input_image(3)), batch_size=2, **kwargs)
 
 
@@ -405,7 +405,7 @@ def test_latent_channels_must_match_the_dit(parts):
 
 
 def test_size_must_fit_the_dcae_without_binning(parts):
-    with pytest.raises(SanaCheckpointError, match=r"100x64 .* not a multiple of 8 px: the DC-AE compresses by 8 and the DiT patch is 1"):
+    with pytest.raises(SanaInputError, match=r"100x64 .* not a multiple of 8 px: the DC-AE compresses by 8 and the DiT patch is 1"):
         parts.generate(prompt="a cat", height=100, width=64, resolution_binning=False)
 
 
@@ -422,16 +422,16 @@ def test_size_must_fit_the_dcae_without_binning(parts):
 )
 def test_bad_requests_are_named(parts, kwargs, message):
     request = {**dict(prompt="a cat", steps=2, height=64, width=64, resolution_binning=False), **kwargs}
-    with pytest.raises(SanaCheckpointError, match=message):
+    with pytest.raises(SanaInputError, match=message):
         parts.generate(**request)
     assert all(block.attn.identity_rows is None for block in parts.dit.blocks)
 
 
 def test_sprint_dit_refuses_flow_solvers_and_pag(parts):
     request = dict(dit=parts.sprint, prompt="a cat", height=64, width=64, resolution_binning=False)
-    with pytest.raises(SanaCheckpointError, match="SANA-Sprint model .* samples only with 'trigflow', not 'flow_euler'"):
+    with pytest.raises(SanaInputError, match="SANA-Sprint model .* samples only with 'trigflow', not 'flow_euler'"):
         parts.generate(solver="flow_euler", **request)
-    with pytest.raises(SanaCheckpointError, match="TrigFlow sampler has no PAG"):
+    with pytest.raises(SanaInputError, match="TrigFlow sampler has no PAG"):
         parts.generate(pag_scale=2.0, **request)
 
 

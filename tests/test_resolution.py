@@ -9,7 +9,7 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
 from diffusers.pipelines.sana.pipeline_sana import ASPECT_RATIO_4096_BIN
 
-from sana.errors import SanaCheckpointError
+from sana.errors import SanaInputError
 from sana.resolution import aspect_ratio_bins, closest_bin, resize_and_crop
 
 DIFFUSERS_BINS = {16: ASPECT_RATIO_512_BIN, 32: ASPECT_RATIO_1024_BIN, 64: ASPECT_RATIO_2048_BIN, 128: ASPECT_RATIO_4096_BIN}
@@ -25,7 +25,7 @@ def test_bin_tables_equal_diffusers(sample_size):
 
 
 def test_unknown_sample_size_is_rejected():
-    with pytest.raises(SanaCheckpointError, match="sample_size 48"):
+    with pytest.raises(SanaInputError, match="sample_size 48"):
         aspect_ratio_bins(48)
 
 

@@ -27,7 +27,7 @@ from diffusers import (
 from diffusers.pipelines.pag.pag_utils import PAGMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from sana.errors import SanaCheckpointError
+from sana.errors import SanaInputError
 from sana.samplers import (
     add_flow_noise,
     combine_guidance,
@@ -165,7 +165,7 @@ def test_img2img_partial_schedule_matches_diffusers(scheduler_kind, strength):
 
 
 def test_img2img_strength_that_leaves_no_step_is_rejected():
-    with pytest.raises(SanaCheckpointError, match="strength 0.0 "):
+    with pytest.raises(SanaInputError, match="strength 0.0 "):
         flow_dpm_schedule(20).for_strength(0.0)
 
 

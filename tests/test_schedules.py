@@ -11,7 +11,7 @@ from diffusers import (
     StableDiffusion3Img2ImgPipeline,
 )
 
-from sana.errors import SanaCheckpointError
+from sana.errors import SanaInputError
 from sana.schedules import (
     default_flow_shift,
     flow_dpm_schedule,
@@ -64,7 +64,7 @@ def test_trigflow_custom_angles_equal_scm_scheduler():
     scheduler = SCMScheduler()
     scheduler.set_timesteps(3, timesteps=custom, max_timesteps=None, intermediate_timesteps=None)
     assert torch.equal(trigflow_schedule(3, timesteps=custom), scheduler.timesteps)
-    with pytest.raises(SanaCheckpointError, match="4 entries, got 3"):
+    with pytest.raises(SanaInputError, match="4 entries, got 3"):
         trigflow_schedule(3, timesteps=custom[:3])
 
 
@@ -93,13 +93,13 @@ def test_img2img_cut_equals_diffusers_get_timesteps(steps):
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True])
 def test_bad_step_counts_are_rejected(bad):
-    with pytest.raises(SanaCheckpointError, match="num_steps"):
+    with pytest.raises(SanaInputError, match="num_steps"):
         flow_dpm_schedule(bad)
 
 
 @pytest.mark.parametrize("bad", [0.0, -3.0, float("nan")])
 def test_bad_shifts_are_rejected(bad):
-    with pytest.raises(SanaCheckpointError, match="shift"):
+    with pytest.raises(SanaInputError, match="shift"):
         flow_euler_schedule(10, bad)
 
 

@@ -17,6 +17,9 @@ import json
 import sys
 from pathlib import Path
 
+from sana.cli import add_debug_option, report_error
+from sana.errors import SanaCheckpointError, SanaError
+
 from .options import add_options, build_config
 from .preset import SHIPPED_MODEL_DIR
 
@@ -41,11 +44,14 @@ def _cache_command(args: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in summary.items() if k != "skipped"}, indent=2))
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Run a command; returns the exit status (0 ok, 2 bad usage or any `SanaError`, printed as
+    one `error: ...` line; `--debug` adds the traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].startswith("--preset"):  # `python -m trainer --preset shapes-tiny [...]`
         argv = ["preset", *([argv[0].split("=", 1)[1]] if "=" in argv[0] else []), *argv[1:]]
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_debug_option(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
     from .train_dcae import DCAETrainConfig
@@ -92,7 +98,17 @@ def main(argv: list[str] | None = None) -> None:
     evaluate.add_argument("--guidance", type=float, default=4.5, help="CFG scale (default: 4.5)")
     evaluate.add_argument("--out-dir", default=None, help="also write evaluation.json and evaluation_grid.png here (default: print only)")
 
+    for command in commands.choices.values():
+        add_debug_option(command, top_level=False)
     args = parser.parse_args(argv)
+    try:
+        _run(args)
+    except SanaError as error:
+        return report_error(error, debug=args.debug)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> None:
     if args.command == "cache":
         _cache_command(args)
     elif args.command == "dit":
@@ -129,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
             model = str(SHIPPED_MODEL_DIR) if (SHIPPED_MODEL_DIR / "transformer").is_dir() else DEFAULT_MODEL_DIR
         if not (Path(model) / "transformer").is_dir():
             if model != DEFAULT_MODEL_DIR:
-                raise SystemExit(f"{model} is not a model folder")
+                raise SanaCheckpointError(f"{model} is not a model folder (no transformer/ in it)")
             # Only when the shipped model is absent (an install without the repository's assets/).
             print(f"{SHIPPED_MODEL_DIR} and {model} not found: training the shapes-tiny model first (one time)")
             run_preset("shapes-tiny", model)
@@ -142,4 +158,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

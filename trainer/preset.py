@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from sana.checkpoint import write_json
+from sana.errors import SanaCheckpointError, SanaInputError
 
 from . import shapes
 
@@ -52,7 +53,7 @@ def load_preset(name: str) -> dict:
     path = PRESETS_DIR / f"{name}.json"
     if not path.is_file():
         known = sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
-        raise SystemExit(f"unknown preset {name!r} (known: {known})")
+        raise SanaInputError(f"unknown preset {name!r} (known: {known})")
     return json.loads(path.read_text())
 
 
@@ -167,7 +168,7 @@ class ShapesModel:
         folder = Path(folder)
         for part in ("text_encoder", "vae", "transformer"):
             if not (folder / part).is_dir():
-                raise FileNotFoundError(f"{folder} has no {part}/ folder: not a model folder")
+                raise SanaCheckpointError(f"{folder} has no {part}/ folder: not a model folder")
         dit = load_dit(folder / "transformer", dtype=torch.float32)
         dcae = load_dcae(folder / "vae", dtype=torch.float32)
         index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() else {}

@@ -20,7 +20,7 @@ import torch
 
 from ..checkpoint import CheckpointReader, assign_state, check_keys, open_checkpoint, strip_prefix, write_safetensors
 from ..dit import SanaDiT, SanaDiTConfig
-from ..errors import SanaCheckpointError
+from ..errors import SanaCheckpointError, SanaInputError
 from .model import W8A8Linear, apply_plan, is_w8a8
 
 W8A8_METADATA_KEY = "sana_w8a8"
@@ -35,10 +35,10 @@ def save_w8a8(model: SanaDiT, path: str | os.PathLike) -> None:
     from ..dit_io import CONFIG_METADATA_KEY
 
     if not is_w8a8(model):
-        raise ValueError("save_w8a8 needs a model from sana.quantize_w8a8 (or a loaded W8A8 checkpoint)")
+        raise SanaInputError("save_w8a8 needs a model from sana.quantize_w8a8 (or a loaded W8A8 checkpoint)")
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
-        raise ValueError(f"W8A8 checkpoints are single .safetensors files, got {path.name!r}")
+        raise SanaInputError(f"W8A8 checkpoints are single .safetensors files, got {path.name!r}")
     record = {"version": W8A8_FORMAT_VERSION, "layers": {name: ("w8a8" if act else "weight_only") for name, act in model.w8a8_plan.items()}}
     metadata = {
         CONFIG_METADATA_KEY: json.dumps(model.config.to_dict()),

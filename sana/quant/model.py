@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import SanaInputError
 from ..dit import MixFFN, SanaBlock, SanaDiT, layer_norm_modulate, residual_layer_norm_modulate
 from .ops import (
     QuantizedActivation,
@@ -214,7 +215,7 @@ def quantize_w8a8(
     stays near one float model.
     """
     if getattr(model, "w8a8_plan", None) is not None:
-        raise ValueError("this model is already W8A8-quantized")
+        raise SanaInputError("this model is already W8A8-quantized")
     plan = quantization_plan(model, keep, weight_only)
     if not inplace:
         # Copy everything except the weights about to be replaced: those would be copied only to be dropped.
