@@ -407,3 +407,8 @@ def write_torch(path: str | os.PathLike, obj: object) -> None:
 
 def write_json(path: str | os.PathLike, obj: object) -> None:
     _atomic_write(Path(path), lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` with the same all-or-nothing guarantee as `write_safetensors`."""
+    _atomic_write(Path(path), lambda f: f.write(data))
