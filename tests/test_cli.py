@@ -87,7 +87,10 @@ def test_compile_flag_compiles_the_step(parts, tmp_path, monkeypatch):
     assert compiled == []
     assert main(_generate_args(parts, with_flag, "--prompt", "a cat", "--steps", "2", "--compile")) == 0
     assert len(compiled) == 1
-    assert torch.equal(_png(plain), _png(with_flag))
+    # Compiled, the caption keeps its padded length (another summation order than the trimmed
+    # eager run, ~1e-6 on the float image): an 8-bit value may round the other way, by one level.
+    levels = (_png(plain).int() - _png(with_flag).int()).abs()
+    assert int(levels.max()) <= 1 and int((levels > 0).sum()) <= levels.numel() // 100
 
 
 def test_sprint_and_img2img(parts, tmp_path):
