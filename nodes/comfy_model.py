@@ -36,6 +36,7 @@ from ..sana.dit import SanaDiT, kept_context_length, perturbed_self_attention
 from ..sana.dit_io import load_dit
 from ..sana.errors import SanaInputError
 from ..sana.pipeline import default_pag_layers
+from ..sana.samplers import require_finite
 from .logic import DIT_TIMESTEP_KEY, PAG_LAYERS_KEY, SANA_LATENT_CHANNELS, SANA_LATENT_SCALE, preview_factors
 
 SPRINT_DEFAULT_GUIDANCE = 4.5  # SANA-Sprint's default embedded guidance (diffusers' SanaSprintPipeline)
@@ -251,7 +252,8 @@ class DCAEHolder(ManagedModule):
     """`first_stage_model` for ComfyUI's VAE: forwards encode/decode to the DC-AE (which tiles by itself)."""
 
     def encode(self, images, **kwargs):
-        return self.inner.encode(images, **kwargs)
+        return require_finite(self.inner.encode(images, **kwargs), "DC-AE encoding", "check the DC-AE's weights and dtype")
 
     def decode(self, latents, **kwargs):
-        return self.inner.decode(latents, **kwargs)
+        # ComfyUI's own VAE Decode nodes come here: NaN pixels would otherwise save as black.
+        return require_finite(self.inner.decode(latents, **kwargs), "DC-AE decoding", "check the DC-AE's weights and dtype")

@@ -162,8 +162,7 @@ def run_negative_encode(gemma, text: str, max_tokens: int):
 def run_dcae_loader(vae_name: str, dtype: str):
     path = logic.resolve_model_entry(_roots("vae"), vae_name)
     device = model_management.vae_device()
-    choice = logic.DTYPES[dtype]
-    weight_dtype = choice if choice is not None else model_management.vae_dtype(device, [torch.bfloat16, torch.float32])
+    weight_dtype = logic.dcae_dtype(dtype, model_management.vae_dtype(device, [torch.bfloat16, torch.float32]), device)
     dcae = load_dcae(path, dtype=weight_dtype, device=model_management.vae_offload_device())
     vae = SanaDCAEVAE(dcae, weight_dtype)
     try:
@@ -212,6 +211,7 @@ def _shift(model, flow_shift: float) -> float:
 
 def run_ksampler(model, positive, negative, latent_image: dict, seed: int, steps: int, cfg: float,
                  flow_shift: float, solver: str, pag_scale: float, denoise: float):
+    logic.check_sampler_inputs(seed=seed, steps=steps, cfg=cfg, flow_shift=flow_shift, pag_scale=pag_scale, denoise=denoise)
     dit = sana_dit(model)
     solver = select_solver(dit, solver)
     schedule = logic.sana_schedule(solver, steps, _shift(model, flow_shift), denoise)
@@ -247,6 +247,7 @@ def run_sampler(solver: str):
 
 
 def run_sigmas(model, solver: str, steps: int, flow_shift: float, denoise: float):
+    logic.check_sampler_inputs(steps=steps, flow_shift=flow_shift, denoise=denoise)
     solver = select_solver(sana_dit(model), solver)
     return (logic.sana_schedule(solver, steps, _shift(model, flow_shift), denoise).sigmas,)
 

@@ -16,6 +16,7 @@ import comfy.sd
 
 from ..sana.dcae import DCAE
 from ..sana.dcae_tiling import DEFAULT_TILE_SIZE, estimate_peak_bytes
+from ..sana.samplers import require_finite
 from .comfy_model import DCAEHolder
 
 
@@ -74,6 +75,7 @@ class SanaDCAEVAE(comfy.sd.VAE):
         tile = max(tile_x, tile_y) * f
         overlap_px = min(overlap * f, (tile // 2) // f * f)
         images = self.dcae.decode(samples.to(self.device, self.vae_dtype), tile_size=tile, tile_overlap=overlap_px)
+        require_finite(images, "DC-AE decoding (tiled)", "check the DC-AE's weights and dtype")
         return self.process_output(images.to(self.output_device).float())
 
     def encode_tiled_(self, pixel_samples, tile_x=512, tile_y=512, overlap=64):
@@ -81,4 +83,6 @@ class SanaDCAEVAE(comfy.sd.VAE):
         tile = max(tile_x, tile_y) // f * f
         overlap_px = min(overlap // f * f, (tile // 2) // f * f)
         pixels = self.process_input(pixel_samples).to(self.device, self.vae_dtype)
-        return self.dcae.encode(pixels, tile_size=tile, tile_overlap=overlap_px).to(self.output_device).float()
+        latents = self.dcae.encode(pixels, tile_size=tile, tile_overlap=overlap_px)
+        require_finite(latents, "DC-AE encoding (tiled)", "check the DC-AE's weights and dtype")
+        return latents.to(self.output_device).float()

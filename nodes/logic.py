@@ -6,7 +6,11 @@
   ComfyUI's KSAMPLER calling convention `(model, x, sigmas, extra_args, callback, disable)`
   around the one implementation of each solver in `sana.samplers`;
 - `fit_latent_rgb_factors` and the preview-factor registry;
-- DC-AE decode/encode with a per-tile step callback; model-folder listings.
+- DC-AE decode/encode with a per-tile step callback; model-folder listings;
+- the checks the nodes add to ComfyUI's widget ranges (which let NaN through: every comparison
+  with NaN is false): `check_sampler_inputs`, the sizes and memory of `empty_latent`, the
+  DC-AE's dtype (`dcae_dtype`: never fp16), and NaN/inf results of the samplers and the DC-AE
+  raised as `SanaNonFiniteError` (ComfyUI shows a node's exception) instead of black images.
 
 The ComfyUI glue (`comfy_model.py`, `comfy_vae.py`, `comfy_nodes.py`) only adds devices, memory
 management, progress bars and ComfyUI's own types around these functions.
@@ -15,6 +19,7 @@ management, progress bars and ComfyUI's own types around these functions.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -25,12 +30,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..sana.dcae_tiling import plan_tiling, tile_spans
-from ..sana.errors import SanaCheckpointError, SanaInputError
+from ..sana.dcae import FP16_OVERFLOW, default_dcae_dtype
+from ..sana.dcae_tiling import default_memory_budget, plan_tiling, tile_spans
+from ..sana.errors import SanaCheckpointError, SanaInputError, SanaNonFiniteError, check_integer
 from ..sana.lora import lora_alpha, lora_targets
-from ..sana.pipeline import FLOW_DPM_SOLVER, FLOW_EULER, SOLVERS, TRIGFLOW
-from ..sana.resolution import aspect_ratio_bins, closest_bin
-from ..sana.samplers import draw_noise, flow_dpm_solver, flow_euler, flow_time_from_trigflow, trigflow_sampler
+from ..sana.pipeline import FLOW_DPM_SOLVER, FLOW_EULER, SOLVERS, TRIGFLOW, check_sampling_values
+from ..sana.resolution import aspect_ratio_bins, check_image_size, closest_bin
+from ..sana.samplers import (
+    NonFiniteWatch,
+    draw_noise,
+    flow_dpm_solver,
+    flow_euler,
+    flow_time_from_trigflow,
+    require_finite,
+    trigflow_sampler,
+)
 from ..sana.schedules import (
     TRIGFLOW_SIGMA_DATA,
     FlowSchedule,
@@ -109,12 +123,23 @@ def empty_latent(
     compression: int = SANA_COMPRESSION,
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, int, int]:
-    """(zeros [B, channels, H/compression, W/compression], width, height) after bin snapping."""
+    """(zeros [B, channels, H/compression, W/compression], width, height) after bin snapping.
+
+    Sides must be in [1, `MAX_IMAGE_SIDE`] and the latents must fit in the memory free on
+    `device` (`SanaInputError` naming the widget otherwise), checked before allocating."""
+    height, width = check_image_size(height, width)
+    batch_size = check_integer("batch_size", batch_size, low=1)
     width, height = snap_to_bins(width, height, resolution_bins)
     if width % compression or height % compression:
         raise SanaInputError(f"image size {width}x{height} is not a multiple of {compression} px (one SANA latent)")
-    latent = torch.zeros([batch_size, channels, height // compression, width // compression], device=device)
-    return latent, width, height
+    shape = [batch_size, channels, height // compression, width // compression]
+    need, free = math.prod(shape) * 4, default_memory_budget(torch.device(device))
+    if need > free:
+        raise SanaInputError(
+            f"batch_size {batch_size} at {width}x{height} px needs {need / 2**30:.1f} GiB of latents on {device}, "
+            f"but about {free / 2**30:.1f} GiB is free; lower batch_size or the size"
+        )
+    return torch.zeros(shape, device=device), width, height
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,6 +196,20 @@ def dpm_dit_timestep(sigma: float) -> float:
     return float(math.floor(float(sigma) * 1000.0))
 
 
+_SAMPLING_HINT = "check the model's (and any LoRA's) weights and dtype, cfg, and the input latent"
+
+
+def check_sampler_inputs(*, steps: int, flow_shift: float, denoise: float, seed: int = 0, cfg: float = 1.0,
+                         pag_scale: float = 0.0) -> None:
+    """The Sana KSampler's and Sana Sigmas' widgets, held to `sana.generate`'s bounds
+    (`SanaInputError` naming the widget): ComfyUI's own min/max check lets NaN through.
+    flow_shift 0 means auto."""
+    check_sampling_values(
+        seed=seed, steps=steps, guidance_scale=cfg, flow_shift=flow_shift if flow_shift != 0 else None,
+        pag_scale=pag_scale, strength=denoise, names={"guidance_scale": "cfg", "strength": "denoise"},
+    )
+
+
 def flow_sampler_function(solver: str, dit_timesteps: torch.Tensor | None = None):
     """A ComfyUI sampler function running `sana.samplers.flow_dpm_solver` or `flow_euler`.
 
@@ -202,7 +241,8 @@ def flow_sampler_function(solver: str, dit_timesteps: torch.Tensor | None = None
         # The schedule's "timesteps" are the sigmas themselves: the velocity needs the sigma to
         # call ComfyUI's model; the DiT's own timestep travels through transformer_options.
         schedule = FlowSchedule(sigmas=sigmas, timesteps=sigmas[:-1])
-        return solve(velocity, x, schedule, callback=_comfy_callback(callback, sigmas))
+        watch = NonFiniteWatch(_comfy_callback(callback, sigmas))
+        return watch.check(solve(velocity, x, schedule, callback=watch), f"Sana sampling ({solver})", _SAMPLING_HINT)
 
     return sample
 
@@ -231,10 +271,9 @@ def sprint_sampler_function(sigma_data: float = TRIGFLOW_SIGMA_DATA):
             denoised = model(xt, t, **extra_args)
             return (xt - denoised.float()) / t.view(-1, *([1] * (xt.ndim - 1)))
 
-        return trigflow_sampler(
-            velocity, start, angles, generator=generator, sigma_data=sigma_data,
-            callback=_comfy_callback(callback, times),
-        )
+        watch = NonFiniteWatch(_comfy_callback(callback, times))
+        result = trigflow_sampler(velocity, start, angles, generator=generator, sigma_data=sigma_data, callback=watch)
+        return watch.check(result, f"Sana sampling ({TRIGFLOW})", _SAMPLING_HINT)
 
     return sample
 
@@ -374,13 +413,35 @@ def _run_dcae(dcae, direction: str, inputs: torch.Tensor, tile_size: int, tile_o
     return out
 
 
+_DCAE_HINT = "check the DC-AE's weights, and load it in bf16 or fp32"
+
+
+def dcae_dtype(choice: str, comfy_dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """The DC-AE Loader's dtype widget as a dtype. auto: `comfy_dtype`, ComfyUI's pick (its
+    --bf16-vae / --fp32-vae flags apply). The DC-AE never runs in fp16 (`FP16_OVERFLOW`): an fp16
+    choice, or an fp16 pick (--fp16-vae), loads in `default_dcae_dtype(device)` instead, with a
+    warning in the log. Kept as an option so that saved workflows still load."""
+    if choice not in DTYPES:
+        raise SanaInputError(f"unknown dtype {choice!r}; expected one of {list(DTYPES)}")
+    dtype = DTYPES[choice] or comfy_dtype
+    if dtype != torch.float16:
+        return dtype
+    safe = default_dcae_dtype(device)
+    logging.warning("DC-AE Loader (Sana): not loading in fp16 (%s); using %s instead", FP16_OVERFLOW, safe)
+    return safe
+
+
 def decode_latents(dcae, latents: torch.Tensor, tile_size: int = 0, tile_overlap: int = 256,
                    on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """ComfyUI LATENT samples (unscaled DC-AE latents) -> IMAGE [B, H, W, 3] in [0, 1] (float32, CPU).
 
-    `on_step(done, total)` is called before each decoder call (chunk or tile)."""
+    `on_step(done, total)` is called before each decoder call (chunk or tile). NaN/inf latents
+    or pixels raise `SanaNonFiniteError` (naming which) rather than decode to a black image."""
+    if not bool(torch.isfinite(latents).all()):
+        raise SanaNonFiniteError("the latents to decode hold NaN/inf values: the node that made them (a sampler) went non-finite")
     latents = latents.to(device=dcae.device, dtype=dcae.dtype)
     images = _run_dcae(dcae, "decode", latents, tile_size, tile_overlap, on_step)
+    require_finite(images, "DC-AE decoding", _DCAE_HINT)
     return (images.float() / 2 + 0.5).clamp(0, 1).movedim(1, -1).cpu()
 
 
@@ -399,7 +460,8 @@ def encode_images(dcae, images: torch.Tensor, tile_size: int = 0, tile_overlap: 
     """IMAGE [B, H, W, 3] in [0, 1] -> unscaled DC-AE latents (float32, CPU), centre-cropped to the compression."""
     images = crop_to_multiple(images[..., :3], dcae.spatial_compression)
     pixels = (images.movedim(-1, 1).float() * 2 - 1).to(device=dcae.device, dtype=dcae.dtype)
-    return _run_dcae(dcae, "encode", pixels, tile_size, tile_overlap, on_step).float().cpu()
+    latents = _run_dcae(dcae, "encode", pixels, tile_size, tile_overlap, on_step)
+    return require_finite(latents, "DC-AE encoding", _DCAE_HINT).float().cpu()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,7 +538,9 @@ __all__ = [
     "DIT_TIMESTEP_KEY",
     "DTYPES",
     "PAG_LAYERS_KEY",
+    "check_sampler_inputs",
     "chi_argument",
+    "dcae_dtype",
     "decode_latents",
     "empty_latent",
     "encode_conditioning",

@@ -90,12 +90,15 @@ class NodeSpec:
         return [by_name[n] for n in self.input_order() if by_name[n].is_widget]
 
 
-def _dtype(what: str) -> InputSpec:
+_FP16_RISK = "fp16 risks overflow in SANA's text encoder and DC-AE"
+_DCAE_NO_FP16 = "fp16 is not used: the DC-AE overflows in it and decodes black images, so it loads as auto, with a warning"
+
+
+def _dtype(what: str, fp16_note: str = _FP16_RISK) -> InputSpec:
     return InputSpec(
         "dtype",
         COMBO,
-        f"Weight dtype of the {what}. auto: bf16 on GPUs that support it, else fp32 (fp16 risks overflow in "
-        "SANA's text encoder and DC-AE).",
+        f"Weight dtype of the {what}. auto: bf16 on GPUs that support it, else fp32 ({fp16_note}).",
         default="auto",
         options=DTYPE_OPTIONS,
     )
@@ -267,7 +270,7 @@ _add(
                 "The DC-AE file or diffusers folder under models/vae (e.g. dc-ae-f32c32-sana-1.1-diffusers).",
                 options_source=VAE_FILES,
             ),
-            _dtype("DC-AE"),
+            _dtype("DC-AE", _DCAE_NO_FP16),
         ),
         outputs=(OutputSpec(VAE, "VAE", "The DC-AE as a native ComfyUI VAE."),),
     )

@@ -6,16 +6,23 @@
     python -m sana convert dit Sana_1600M_1024px.pth sana_1600m_diffusers/
     python -m sana convert vae dc-ae-f32c32-sana-1.1-diffusers/ dc-ae.safetensors --format original
 
-`generate` prints a progress bar (tqdm when installed) and writes PNGs; several images go to
-`out-0.png`, `out-1.png`, ... Unusable files and values (any `sana.errors.SanaError`) end with
-one `error:` line naming what is at fault and exit status 2, as argparse's usage errors do;
-`--debug` shows the traceback as well. `convert` reads any supported layout with `sana.load_dit` /
-`sana.dcae_io.load_dcae` and writes with `sana.save_dit` / `save_dcae`: one key map each.
+`generate` prints a progress bar (tqdm when installed) and writes PNGs, each atomically (a
+full disk or a kill mid-write leaves any earlier file of that name intact); several images go to
+`out-0.png`, `out-1.png`, ... Width and height default to the DiT's native size (1024 for the
+1024px models, 128 for the shipped `assets/shapes-tiny`). The DC-AE never runs in fp16 (it
+overflows there): `--vae-dtype fp16` is refused. Unusable files and values (any
+`sana.errors.SanaError`: a stage that produced NaN/inf, an output file that cannot be written)
+end with one `error:` line naming what is at fault and exit status 2, as argparse's usage errors
+do, and no PNG is written; options are checked before any model is loaded; `--debug` shows the
+traceback as well. `convert` reads any supported layout with `sana.load_dit` /
+`sana.dcae_io.load_dcae` and writes with `sana.save_dit` / `save_dcae`: one key map each (a
+DC-AE keeps its stored dtype unless `--dtype` says otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import struct
 import sys
 import time
@@ -25,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import write_bytes
 from .errors import SanaCheckpointError, SanaError, SanaInputError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -34,6 +42,11 @@ DEFAULT_FLOW_STEPS = 20
 DEFAULT_SPRINT_STEPS = 2
 PNG_SUFFIXES = (".png",)
 EXIT_ERROR = 2  # argparse's status for bad usage; the CLIs use it for every SanaError too
+# `generate` argument -> the option that sets it, for error messages.
+OPTION_NAMES = {
+    "steps": "--steps", "guidance_scale": "--cfg", "pag_scale": "--pag", "flow_shift": "--shift", "seed": "--seed",
+    "strength": "--strength", "batch_size": "--batch-size", "height": "--height", "width": "--width",
+}
 
 
 # ---------------------------------------------------------------------------------------
@@ -42,7 +55,11 @@ EXIT_ERROR = 2  # argparse's status for bad usage; the CLIs use it for every San
 
 def write_png(path: Path, image: torch.Tensor) -> None:
     """Write one [H, W, 3] float image in [0, 1] as an 8-bit RGB PNG (values rounded, as
-    diffusers' `numpy_to_pil`). Pure standard library, so the CLI needs no imaging package."""
+    diffusers' `numpy_to_pil`). Pure standard library, so the CLI needs no imaging package.
+
+    The write is atomic (`sana.checkpoint.write_bytes`): a failure leaves any earlier file at
+    `path` as it was. An `OSError` (disk full, no permission) becomes a `SanaCheckpointError`
+    naming the path."""
     pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().contiguous()
     height, width, _ = pixels.shape
     # Each scanline starts with filter type 0 (none).
@@ -54,8 +71,10 @@ def write_png(path: Path, image: torch.Tensor) -> None:
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.numpy().tobytes(), 6))
     png += chunk(b"IEND", b"")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(png)
+    try:
+        write_bytes(path, png)
+    except OSError as error:
+        raise SanaCheckpointError(f"cannot write the image {path}: {error.strerror or error}") from None
 
 
 def read_image(path: Path) -> torch.Tensor:
@@ -128,12 +147,34 @@ def _dtype(name: str | None, device: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def check_output_path(out: Path) -> None:
+    """Refuse, before any loading, an output PNG path that is a folder or whose nearest existing
+    parent is not a writable folder: the images could never be written there."""
+    path = output_paths(out, 1)[0]
+    if path.is_dir():
+        raise SanaInputError(f"--out: {path} is a folder; give a file name such as {path / 'image.png'}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise SanaCheckpointError(f"cannot write the image {path}: {parent} is not a writable folder")
+
+
 def command_generate(args: argparse.Namespace) -> int:
     import sana
+    from sana.dcae import check_dcae_dtype
     from sana.dcae_io import load_dcae
-    from sana.pipeline import TRIGFLOW, generate, select_solver
+    from sana.pipeline import TRIGFLOW, check_sampling_values, generate, select_solver
 
     device = args.device or _default_device()
+    # Every option a model is not needed to judge, before anything is loaded.
+    check_sampling_values(
+        steps=args.steps if args.steps is not None else DEFAULT_FLOW_STEPS, guidance_scale=args.cfg,
+        pag_scale=args.pag, flow_shift=args.shift, seed=args.seed, strength=args.strength,
+        batch_size=args.batch_size, height=args.height, width=args.width, names=OPTION_NAMES,
+    )
+    check_dcae_dtype(DTYPES.get(args.vae_dtype), "--vae-dtype")
+    check_output_path(Path(args.out))
     image = read_image(Path(args.image)) if args.image else None
     started = time.perf_counter()
     dit = sana.load_dit(args.dit, dtype=_dtype(args.dtype, device), device=device)
@@ -193,15 +234,17 @@ def command_convert(args: argparse.Namespace) -> int:
         sana.save_dit(model, target, format=fmt)
         what = f"DiT {model.config.variant}"
     else:
-        from sana.dcae_io import load_dcae, save_dcae
+        from sana.dcae_io import load_dcae, save_dcae, stored_dcae_dtype
 
         if args.format not in (None, "diffusers", "original"):
             raise SanaInputError(f"a DC-AE is written as 'diffusers' or 'original', not {args.format!r}")
-        model = load_dcae(source, dtype=dtype, config=args.config)
-        save_dcae(model, target, layout=args.format)
+        # Loaded in a dtype it can run in (never fp16), then stored as asked or as it was.
+        model = load_dcae(source, config=args.config)
+        dtype = dtype or stored_dcae_dtype(source)
+        save_dcae(model, target, layout=args.format, dtype=dtype)
         fmt = args.format or ("diffusers" if not target.suffix else "original")
         what = f"DC-AE {model.config.name}"
-    print(f"wrote {target}: {what}, {fmt} layout, {model.dtype}", file=sys.stderr)
+    print(f"wrote {target}: {what}, {fmt} layout, {dtype or model.dtype}", file=sys.stderr)
     return 0
 
 
@@ -226,9 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cfg", type=float, default=4.5, help="guidance scale (embedded guidance for Sprint)")
     gen.add_argument("--pag", type=float, default=0.0, help="perturbed-attention guidance scale (0: off)")
     gen.add_argument("--pag-layers", type=int, nargs="+", default=None, help="PAG blocks (default: NVlabs' per model)")
-    gen.add_argument("--width", type=int, default=1024)
-    gen.add_argument("--height", type=int, default=1024)
-    gen.add_argument("--seed", type=int, default=None, help="default: random")
+    gen.add_argument("--width", type=int, default=None, help="pixels, at most 16384 (default: the DiT's native size)")
+    gen.add_argument("--height", type=int, default=None, help="pixels, at most 16384 (default: the DiT's native size)")
+    gen.add_argument("--seed", type=int, default=None, help="an integer in [0, 2^64) (default: random)")
     gen.add_argument(
         "--solver",
         choices=[AUTO_SOLVER, "flow_dpm_solver", "flow_euler", "trigflow"],
@@ -246,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch.compile each sampling step as one graph (CUDA graphs on GPU); pays off over many steps")
     gen.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     gen.add_argument("--dtype", choices=list(DTYPES), default=None, help="DiT dtype (default: bf16 on cuda, fp32 on cpu)")
-    gen.add_argument("--vae-dtype", choices=list(DTYPES), default=None, help="DC-AE dtype (same default)")
+    gen.add_argument("--vae-dtype", choices=list(DTYPES), default=None,
+                     help="DC-AE dtype (same default; fp16 is refused: the DC-AE overflows in it)")
     gen.add_argument("--text-encoder-dtype", choices=list(DTYPES), default=None, help="Gemma dtype (same default)")
     gen.set_defaults(run=command_generate)
 

@@ -18,6 +18,10 @@ feature map, d attention head dim, G = heads·(1 + number of multi-scale branche
 
 Numerics follow diffusers (the project's reference): RMSNorm2d statistics in fp32, the linear
 attention entirely in fp32 whatever the model dtype, denominator epsilon 1e-15.
+
+Never float16: the decoder's activations pass fp16's largest value (65504) in its last stages
+and decode to NaN, i.e. black images (diffusers' examples move the DC-AE to bf16 for this).
+`encode` / `decode` refuse an fp16 model; `default_dcae_dtype` is the dtype to run in instead.
 """
 
 from __future__ import annotations
@@ -45,6 +49,26 @@ EVIT_BLOCK = "EfficientViTBlock"
 _BLOCK_TYPES = (RESBLOCK, EVIT_BLOCK)
 _NORM_TYPES = ("rms_norm", "batch_norm")
 _ACT_TYPES = ("silu", "relu", "relu6")
+
+FP16_OVERFLOW = (
+    "the DC-AE overflows in float16 (its decoder's activations pass fp16's maximum 65504) and decodes NaN, "
+    "i.e. black images"
+)
+
+
+def default_dcae_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype a DC-AE runs in when none is asked for: bf16 on an accelerator that runs it
+    natively, fp32 on the CPU (and on CUDA GPUs without bf16). Never fp16 (`FP16_OVERFLOW`)."""
+    device = torch.device(device)
+    if device.type == "cpu" or (device.type == "cuda" and not torch.cuda.is_bf16_supported()):
+        return torch.float32
+    return torch.bfloat16
+
+
+def check_dcae_dtype(dtype: torch.dtype | None, option: str = "dtype") -> None:
+    """Raise `SanaInputError` naming `option` for a float16 DC-AE dtype (see `FP16_OVERFLOW`)."""
+    if dtype == torch.float16:
+        raise SanaInputError(f"{option} float16: {FP16_OVERFLOW}; use bfloat16 or float32")
 
 
 @dataclass(frozen=True)
@@ -629,6 +653,11 @@ class DCAE(nn.Module):
         self.decoder.gradient_checkpointing = enabled
 
     def _check_input(self, x: torch.Tensor, channels: int, what: str, multiple: int) -> torch.Tensor:
+        if self.dtype == torch.float16:
+            raise SanaInputError(
+                f"DC-AE {what} in float16: {FP16_OVERFLOW}; cast the model to bfloat16 or float32 first "
+                "(e.g. dcae.to(torch.bfloat16))"
+            )
         if not isinstance(x, torch.Tensor) or x.ndim != 4:
             shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise SanaInputError(f"DC-AE {what}: expected a [B, {channels}, H, W] tensor, found {shape}")

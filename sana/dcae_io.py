@@ -40,7 +40,7 @@ from .checkpoint import (
     write_safetensors,
     write_torch,
 )
-from .dcae import DCAE, DCAE_PRESETS, EVIT_BLOCK, RESBLOCK, DCAEConfig
+from .dcae import DCAE, DCAE_PRESETS, EVIT_BLOCK, RESBLOCK, DCAEConfig, check_dcae_dtype, default_dcae_dtype
 from .errors import SanaCheckpointError, SanaInputError
 
 ORIGINAL = "original"
@@ -545,19 +545,34 @@ def load_dcae(
     `path`: an original mit-han-lab `model.safetensors` (flat `encoder.*`/`decoder.*` keys), a
     `.pt`/`.pth` holding `state_dict`, a diffusers `AutoencoderDC` folder (`config.json` + weights,
     sharded or not; a pipeline root with a `vae/` folder works too) or a single diffusers-layout file.
-    `dtype`: cast floating-point weights to it (default: the checkpoint's own dtype).
+    `dtype`: cast floating-point weights to it. Default: the checkpoint's own dtype, except that
+    float16 weights load in `default_dcae_dtype(device)` (bf16 on an accelerator, fp32 on the CPU),
+    because the DC-AE overflows in fp16. An explicit float16 raises `SanaInputError`; to store
+    fp16 weights, pass `dtype=` to `save_dcae` instead.
     `config`: a `DCAEConfig` or preset name (see `DCAE_PRESETS`) overriding detection, e.g. to say
     'in' rather than 'mix' for the f32c32/f64c128/f128c512 weights, which are indistinguishable.
 
     Raises `SanaCheckpointError` (before building anything) for a missing, unreadable, truncated or
     unknown file, and lists every missing or unexpected key and every wrong shape.
     """
+    check_dcae_dtype(dtype)
     reader = strip_prefix(open_checkpoint(path, subfolders=("vae",)), _PREFIXES)
     layout, resolved = validate_checkpoint(reader, config)
     with torch.device("meta"):
         model = DCAE(resolved)
-    assign_state(model, _stream_state(reader, resolved, layout), dtype=dtype or _dominant_float_dtype(reader), device=device)
+    assign_state(model, _stream_state(reader, resolved, layout), dtype=dtype or _load_dtype(reader, device), device=device)
     return model.eval()
+
+
+def _load_dtype(reader: CheckpointReader, device: torch.device | str) -> torch.dtype | None:
+    """The checkpoint's own float dtype, or the safe compute dtype in place of float16."""
+    stored = _dominant_float_dtype(reader)
+    return default_dcae_dtype(device) if stored == torch.float16 else stored
+
+
+def stored_dcae_dtype(path: str | os.PathLike) -> torch.dtype | None:
+    """The float dtype most of a DC-AE checkpoint's tensors are stored in (headers only)."""
+    return _dominant_float_dtype(strip_prefix(open_checkpoint(path, subfolders=("vae",)), _PREFIXES))
 
 
 def save_dcae(

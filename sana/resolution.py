@@ -4,6 +4,9 @@ SANA generates at the trained resolution bin nearest the requested aspect ratio,
 resizes and centre-crops the decoded image to the size that was asked for (diffusers'
 `use_resolution_binning=True`, NVlabs' `*_TEST` tables). Keys are rounded height/width
 ratios; values are (height, width) in pixels.
+
+`check_image_size` holds every requested size to 1..`MAX_IMAGE_SIDE` pixels a side before
+anything is allocated.
 """
 
 from __future__ import annotations
@@ -11,7 +14,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .errors import SanaInputError
+from .errors import SanaInputError, check_integer
+
+# The largest image side accepted anywhere (`generate`, the CLI, Empty Sana Latent): ComfyUI's
+# MAX_RESOLUTION and four times the largest trained bin side (4096 px). The decoded image alone
+# takes 3 x 4 bytes a pixel in float32, 3 GiB at 16384 x 16384; far larger requests would
+# allocate until the process dies instead of failing.
+MAX_IMAGE_SIDE = 16384
 
 # The PixArt-alpha 1024 table (33 bins), shared by SANA's 1024 models.
 ASPECT_RATIO_1024_BIN: dict[str, tuple[int, int]] = {
@@ -116,6 +125,20 @@ def aspect_ratio_bins(sample_size: int) -> dict[str, tuple[int, int]]:
         raise SanaInputError(
             f"no resolution bins for DiT sample_size {sample_size!r}; expected one of {sorted(BINS_BY_SAMPLE_SIZE)}"
         ) from None
+
+
+def check_image_size(height: object, width: object, *, names: tuple[str, str] = ("height", "width")) -> tuple[int, int]:
+    """(height, width) as ints when both are whole pixel counts in [1, MAX_IMAGE_SIDE]; else
+    `SanaInputError` naming the argument (`names`), the value and the limit."""
+    return (
+        check_integer(names[0], height, low=1, high=MAX_IMAGE_SIDE),
+        check_integer(names[1], width, low=1, high=MAX_IMAGE_SIDE),
+    )
+
+
+def nearest_multiple(value: int, multiple: int) -> int:
+    """`value` rounded to the nearest positive multiple of `multiple` (at least `multiple`)."""
+    return max(multiple, round(value / multiple) * multiple)
 
 
 def closest_bin(height: int, width: int, bins: dict[str, tuple[int, int]]) -> tuple[int, int]:

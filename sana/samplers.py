@@ -12,6 +12,9 @@ solver code therefore serves the pipeline, PAG and the ComfyUI nodes.
 
 All arithmetic is float32 with the same operation order as the diffusers schedulers, so
 results agree with a loop over `scheduler.step` to float32 round-off (in practice exactly).
+
+`NonFiniteWatch` is the step callback that catches a trajectory going NaN/inf without a host
+sync per step; `require_finite` checks one stage's output.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .errors import SanaInputError
+from .errors import SanaInputError, SanaNonFiniteError
 from .schedules import TRIGFLOW_SIGMA_DATA, FlowSchedule
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -254,6 +257,44 @@ def flow_euler(
 
 
 # ---------------------------------------------------------------------------------------
+# Non-finite results
+
+
+def require_finite(tensor: torch.Tensor, stage: str, hint: str = "") -> torch.Tensor:
+    """`tensor` itself when every value is finite; else `SanaNonFiniteError` naming `stage`
+    (what produced it) and `hint` (what to check). One host sync: call it once per stage."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise SanaNonFiniteError(f"{stage} produced NaN/inf values" + (f"; {hint}" if hint else ""))
+    return tensor
+
+
+class NonFiniteWatch:
+    """A sampler step callback (wrapping `callback`, if any) that records on the device whether
+    each step left the latents finite. The samplers never wait on the host, and neither does
+    this: `check` reads every flag at once after the loop and names the first bad step."""
+
+    def __init__(self, callback: StepCallback | None = None):
+        self.callback = callback
+        self._finite: list[torch.Tensor] = []
+
+    def __call__(self, step: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+        self._finite.append(torch.isfinite(x).all())
+        if self.callback is not None:
+            self.callback(step, x, x0)
+
+    def check(self, final: torch.Tensor, stage: str = "denoising", hint: str = "") -> torch.Tensor:
+        """`final` (the sampler's result) when it and every step were finite; else
+        `SanaNonFiniteError` naming `stage` and the first step (from 1) that was not."""
+        finite = torch.stack([*self._finite, torch.isfinite(final).all()]).cpu()  # the one host sync
+        if bool(finite.all()):
+            return final
+        first = int((~finite).nonzero()[0])
+        steps = len(self._finite)
+        where = f" at step {first + 1} of {steps}" if first < steps else ""
+        raise SanaNonFiniteError(f"{stage} produced NaN/inf latents{where}" + (f"; {hint}" if hint else ""))
+
+
+# ---------------------------------------------------------------------------------------
 # SANA-Sprint: TrigFlow / sCM few-step sampler
 
 
@@ -332,6 +373,7 @@ def trigflow_sampler(
 
 __all__ = [
     "COND",
+    "NonFiniteWatch",
     "PERTURBED",
     "UNCOND",
     "StepCallback",
@@ -345,6 +387,7 @@ __all__ = [
     "guidance_branches",
     "guided_velocity",
     "pag_scale_at",
+    "require_finite",
     "trigflow_sampler",
     "trigflow_start_latents",
     "uses_cfg",

@@ -13,17 +13,19 @@ and the whole trajectory with it:
 - `trigflow_schedule`  == `SCMScheduler.set_timesteps` (SANA-Sprint, TrigFlow angles).
 
 Flow convention: x_sigma = (1 - sigma) * x0 + sigma * noise; the model predicts v = noise - x0.
+
+Accepted values (else `SanaInputError` naming the value): 1 to `MAX_STEPS` steps; a flow shift in
+[`MIN_FLOW_SHIFT`, `MAX_FLOW_SHIFT`]; an img2img strength in [0, 1].
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .errors import SanaInputError
+from .errors import SanaInputError, check_integer, check_number
 
 NUM_TRAIN_TIMESTEPS = 1000
 DEFAULT_FLOW_SHIFT = 3.0
@@ -35,6 +37,15 @@ TRIGFLOW_MAX_TIMESTEP = 1.57080
 TRIGFLOW_INTERMEDIATE_TIMESTEP = 1.3
 TRIGFLOW_SIGMA_DATA = 0.5
 
+# Step counts above this are refused: the tables are built in memory up front (10^9 steps would
+# allocate gigabytes before the first step), and the ComfyUI nodes' steps widgets stop here too.
+MAX_STEPS = 10_000
+# The trained shifts are 3 and 6. Far outside this range float32 sigmas collapse onto 1 (shift
+# 10^5 and up: the log-SNR of Flow-DPM-Solver is then infinite) or onto 0 (tiny shifts: every
+# DiT timestep truncates to 0). 100 is also the top of ComfyUI's ModelSampling nodes.
+MIN_FLOW_SHIFT = 0.01
+MAX_FLOW_SHIFT = 100.0
+
 
 def default_flow_shift(sample_size: int) -> float:
     """The flow shift a SANA variant was trained with, from the DiT's `config.sample_size`.
@@ -45,13 +56,11 @@ def default_flow_shift(sample_size: int) -> float:
 
 
 def _check_steps(num_steps: int) -> None:
-    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
-        raise SanaInputError(f"num_steps must be a positive integer, got {num_steps!r}")
+    check_integer("num_steps", num_steps, low=1, high=MAX_STEPS)
 
 
 def _check_shift(shift: float) -> None:
-    if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
-        raise SanaInputError(f"flow shift must be a finite number > 0, got {shift!r}")
+    check_number("flow shift", shift, low=MIN_FLOW_SHIFT, high=MAX_FLOW_SHIFT)
 
 
 @dataclass(frozen=True)
@@ -87,8 +96,7 @@ def img2img_start_step(num_steps: int, strength: float) -> int:
     Raises `SanaInputError` when `strength` leaves no step to run.
     """
     _check_steps(num_steps)
-    if not (isinstance(strength, (int, float)) and 0.0 <= strength <= 1.0):
-        raise SanaInputError(f"denoise strength must be in [0, 1], got {strength!r}")
+    check_number("denoise strength", strength, low=0.0, high=1.0)
     kept = min(num_steps * strength, num_steps)
     start = int(max(num_steps - kept, 0))
     if num_steps - start < 1:
