@@ -9,7 +9,14 @@ model. Tensor data is then streamed one tensor at a time:
   peak memory stays at one copy of the weights;
 - `.pth`/`.pt`/`.bin`/`.ckpt` go through `torch.load(mmap=True, weights_only=True)`;
 - a folder is either a diffusers model folder (`config.json` + one or more safetensors,
-  sharded with an `*.index.json`) or a pipeline root whose sub-folder holds one.
+  sharded with an `*.index.json`; diffusers' own file names win over variants beside them)
+  or a pipeline root whose sub-folder holds one.
+A file that cannot be used raises `SanaCheckpointError` naming it, with bounded key lists.
+
+Writers (`write_safetensors`, `write_torch`, `write_json`, `write_bytes`,
+`write_diffusers_folder`) are atomic: a temp file beside the target, synced, then renamed
+over it with the mode a user expects (0666 less the umask, or the replaced file's mode).
+A killed writer's temp files are removed by a later save once stale, and nothing else is.
 """
 
 from __future__ import annotations
