@@ -336,9 +336,13 @@ def open_checkpoint(path: str | os.PathLike, *, subfolders: Iterable[str] = ()) 
     `subfolders` are tried when `path` is a pipeline root (e.g. `("transformer",)`).
     """
     path = Path(path)
-    if not path.exists():
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except OSError as e:  # e.g. a parent folder we may not enter
+        raise SanaCheckpointError(f"{path}: cannot be opened: {e}") from e
+    if not exists:
         raise SanaCheckpointError(f"{path}: no such file or folder")
-    if path.is_dir():
+    if is_dir:
         return _open_folder(path, subfolders)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":

@@ -538,10 +538,16 @@ def resolve_config(
         raise SanaCheckpointError(f"config= must be a DCAEConfig or a preset name, got {type(config).__name__}")
     stored = _stored_config(reader)
     if reader.config is not None:
-        from_json = config_from_diffusers(reader.config, f"{path}/config.json")
-        if stored is not None:
-            _warn_on_conflict(path, stored, from_json)
-        return stored or from_json
+        try:
+            from_json = config_from_diffusers(reader.config, f"{path}/config.json")
+        except SanaCheckpointError as e:
+            if stored is None:
+                raise
+            warnings.warn(f"{e}; using the config stored in the weights ('{METADATA_KEY}' metadata)", stacklevel=4)
+        else:
+            if stored is not None:
+                _warn_on_conflict(path, stored, from_json)
+            return stored or from_json
     if stored is not None:
         return stored
 
@@ -590,7 +596,7 @@ def _warn_on_conflict(path: Path, stored: DCAEConfig, from_json: DCAEConfig) -> 
             f"{path}: the config stored in the weights ('{METADATA_KEY}' metadata) and {path}/config.json disagree "
             f"({preview(differ)}); using the one stored in the weights, which was written with them "
             "(pass config= to choose)",
-            stacklevel=4,
+            stacklevel=5,  # the caller of load_dcae
         )
 
 

@@ -262,7 +262,7 @@ _DIFFUSERS_BOUNDS: dict[str, tuple[float, float]] = {
 _OPTIONAL = ("interpolation_scale", "out_channels")
 
 
-def config_from_mapping(data: object, source: str) -> SanaDiTConfig:
+def _config_from_mapping(data: object, source: str) -> SanaDiTConfig:
     """A config from a diffusers `config.json` or a `SanaDiTConfig.to_dict()` mapping read from `source`,
     its values checked against sane bounds before anything is built from it."""
     if not isinstance(data, dict):
@@ -290,10 +290,10 @@ def _config_from_argument(config: SanaDiTConfig | dict | str) -> SanaDiTConfig:
         path = Path(config)
         if not path.is_file():
             raise SanaInputError(f"config={config!r} is neither a preset ({sorted(DIT_PRESETS)}) nor a JSON file")
-        return config_from_mapping(read_json_file(path, "SANA DiT config"), str(path))
+        return _config_from_mapping(read_json_file(path, "SANA DiT config"), str(path))
     if isinstance(config, dict):
         try:
-            return config_from_mapping(config, "config=")
+            return _config_from_mapping(config, "config=")
         except SanaCheckpointError as e:  # the caller's value, not a file
             raise SanaInputError(str(e)) from None
     raise SanaInputError(f"config must be a SanaDiTConfig, dict, preset name or JSON path, got {type(config).__name__}")
@@ -311,9 +311,9 @@ def resolve_config(
     if reader.config is not None:
         json_source = f"{reader.path / 'config.json'}"
         if stored is None:
-            return config_from_mapping(reader.config, json_source)
+            return _config_from_mapping(reader.config, json_source)
         try:
-            from_json = config_from_mapping(reader.config, json_source)
+            from_json = _config_from_mapping(reader.config, json_source)
         except SanaCheckpointError as e:
             warnings.warn(f"{e}; using the config stored in the weights ('{CONFIG_METADATA_KEY}' metadata)", stacklevel=3)
     if stored is not None:
@@ -337,7 +337,7 @@ def _stored_config(reader: CheckpointReader) -> SanaDiTConfig | None:
         data = json.loads(stored)
     except (ValueError, RecursionError) as e:
         raise SanaCheckpointError(f"{source} is corrupt: {e}") from e
-    return config_from_mapping(data, source)
+    return _config_from_mapping(data, source)
 
 
 def _warn_on_conflict(reader: CheckpointReader, stored: SanaDiTConfig, from_json: SanaDiTConfig) -> None:

@@ -499,6 +499,14 @@ def test_dit_stored_config_and_matching_config_json_load_silently(tmp_path, dit)
         load_dit(folder)
 
 
+def test_dit_unusable_config_json_beside_a_stored_config_is_reported_not_fatal(tmp_path, dit):
+    folder = _diffusers_dit_folder(tmp_path, dit)
+    _edit_json(folder / "config.json", num_layers=10**6)
+    with pytest.warns(UserWarning, match=r"config\.json: values out of range.*num_layers.*using the config stored in the weights"):
+        model = load_dit(folder)
+    assert_same_weights(model, dit)
+
+
 def test_dcae_stored_config_and_config_json_conflict_is_reported(tmp_path, vae):
     save_dcae(vae, tmp_path / "vae")
     weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
@@ -594,8 +602,13 @@ def test_damaged_w8a8_metadata_is_named(tmp_path):
 
 
 def test_nothing_in_sana_unpickles_untrusted_data():
-    sources = {p: p.read_text() for p in (ROOT / "sana").rglob("*.py")}
-    offenders = [str(p) for p, text in sources.items() if re.search(r"weights_only\s*=\s*False|pickle\.loads?\(", text)]
-    assert not offenders
-    loads = [p for p, text in sources.items() if "torch.load(" in text]
-    assert all(text.count("torch.load(") == text.count("weights_only=True") for p, text in sources.items() if p in loads)
+    calls, offenders = 0, []
+    for path in (ROOT / "sana").rglob("*.py"):
+        text = path.read_text()
+        if re.search(r"weights_only\s*=\s*False|pickle\.loads?\(", text):
+            offenders.append(str(path))
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            calls += 1
+            if "weights_only=True" not in call:
+                offenders.append(f"{path}: {call}")
+    assert calls and not offenders
