@@ -9,18 +9,30 @@ model. Tensor data is then streamed one tensor at a time:
   peak memory stays at one copy of the weights;
 - `.pth`/`.pt`/`.bin`/`.ckpt` go through `torch.load(mmap=True, weights_only=True)`;
 - a folder is either a diffusers model folder (`config.json` + one or more safetensors,
-  sharded with an `*.index.json`) or a pipeline root whose sub-folder holds one.
+  sharded with an `*.index.json`; diffusers' own file names win over variants beside them)
+  or a pipeline root whose sub-folder holds one.
+A file that cannot be used raises `SanaCheckpointError` naming it, with bounded key lists.
+
+Writers (`write_safetensors`, `write_torch`, `write_json`, `write_bytes`,
+`write_diffusers_folder`) are atomic: a temp file beside the target, synced, then renamed
+over it with the mode a user expects (0666 less the umask, or the replaced file's mode).
+A killed writer's temp files are removed by a later save once stale, and nothing else is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
 import os
+import re
+import shutil
+import stat
 import struct
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +59,24 @@ _DTYPE_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 # A header larger than this is not a safetensors header but garbage.
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
+# The weights file names diffusers writes and reads first; a folder may hold others beside them
+# (`diffusion_pytorch_model.fp16.safetensors` variants, backups) that a plain load ignores.
+DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+_PREFERRED_WEIGHTS = (DIFFUSERS_WEIGHTS_NAME, "model.safetensors")
+# Lists in error messages show this many items and a count, so a hostile file cannot make a huge message.
+PREVIEW_ITEMS = 10
+
+
+def preview(items: Iterable, limit: int = PREVIEW_ITEMS) -> str:
+    """`items` as a list for a message: the first `limit` of them, then how many were left out."""
+    items = list(items)
+    shown = repr([shorten(item) if isinstance(item, str) else item for item in items[:limit]])
+    return shown if len(items) <= limit else f"{shown} and {len(items) - limit} more"
+
+
+def shorten(text: str, limit: int = 200) -> str:
+    """`text` cut to `limit` characters for a message (a hostile file can hold megabytes of it)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 @dataclass(frozen=True)
@@ -77,11 +107,13 @@ class _SafetensorsFile:
             raise SanaCheckpointError(f"{path}: cannot read: {e}") from e
         try:
             header = json.loads(header_bytes)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SanaCheckpointError(f"{path}: corrupt safetensors header: {e}") from e
+        except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, absurd numbers, deep nesting
+            raise SanaCheckpointError(f"{path}: corrupt safetensors header: {shorten(str(e))}") from e
         if not isinstance(header, dict):
             raise SanaCheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict) or not all(isinstance(v, str) for v in self.metadata.values()):
+            raise SanaCheckpointError(f"{path}: corrupt safetensors header (__metadata__ is not a map of strings)")
         self.data_start = 8 + header_len
         self.entries: dict[str, tuple[TensorInfo, int, int]] = {}
         data_size = size - self.data_start
@@ -91,7 +123,9 @@ class _SafetensorsFile:
                 shape = tuple(int(s) for s in entry["shape"])
                 begin, end = (int(o) for o in entry["data_offsets"])
             except (KeyError, TypeError, ValueError) as e:
-                raise SanaCheckpointError(f"{path}: corrupt header entry for key {name!r}: {entry!r}") from e
+                raise SanaCheckpointError(f"{path}: corrupt header entry for key {shorten(name)!r}: {shorten(repr(entry))}") from e
+            if min(shape, default=0) < 0 or not 0 <= begin <= end:
+                raise SanaCheckpointError(f"{path}: corrupt header entry for key {shorten(name)!r}: {shorten(repr(entry))}")
             itemsize = torch.empty((), dtype=dtype).element_size()
             if end - begin != math.prod(shape) * itemsize:
                 raise SanaCheckpointError(
@@ -117,9 +151,12 @@ class _SafetensorsFile:
         _, begin, end = self.entries[name]
         if end == begin:
             return
-        with open(self.path, "rb") as f:
-            f.seek(self.data_start + begin)
-            got = f.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.data_start + begin)
+                got = f.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+        except OSError as e:
+            raise SanaCheckpointError(f"{self.path}: cannot read key {name!r}: {e}") from e
         if got != end - begin:
             raise SanaCheckpointError(f"{self.path}: truncated while reading key {name!r}")
 
@@ -216,11 +253,21 @@ def _open_torch(path: Path) -> CheckpointReader:
         obj = obj["model"]
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise SanaCheckpointError(f"{path}: holds no tensors (keys: {sorted(obj)[:10]})")
+        raise SanaCheckpointError(f"{path}: holds no tensors (keys: {preview(sorted(map(str, obj)))})")
     infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in tensors.items()}
     # Handed over as loaded: memory-mapped (copy-on-write) tensors, so the model becomes the
     # only copy. A clone here would double the peak.
     return CheckpointReader(path, "torch", infos, lambda k: tensors[k], None, extra)
+
+
+def read_json_file(path: Path, what: str = "JSON file") -> object:
+    """The parsed content of a small JSON file; any way it can fail is a `SanaCheckpointError` naming it."""
+    try:
+        return json.loads(path.read_bytes())
+    except OSError as e:  # missing, unreadable, a folder
+        raise SanaCheckpointError(f"{path}: cannot read the {what}: {e}") from e
+    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, a number of 5000 digits, deep nesting
+        raise SanaCheckpointError(f"{path}: not a valid {what} (corrupt JSON: {shorten(str(e))})") from e
 
 
 def _open_folder(path: Path, subfolders: Iterable[str]) -> CheckpointReader:
@@ -231,33 +278,56 @@ def _open_folder(path: Path, subfolders: Iterable[str]) -> CheckpointReader:
     config = None
     config_path = path / "config.json"
     if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise SanaCheckpointError(f"{config_path}: cannot be parsed: {e}") from e
-    indexes = sorted(path.glob("*.safetensors.index.json"))
-    if indexes:
-        try:
-            weight_map: dict[str, str] = json.loads(indexes[0].read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError) as e:
-            raise SanaCheckpointError(f"{indexes[0]}: not a valid shard index: {e}") from e
-        files = [path / name for name in sorted(set(weight_map.values()))]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise SanaCheckpointError(f"{indexes[0]}: shard files are missing: {missing}")
-        reader = _open_safetensors(files, path, "folder", config)
-        absent = sorted(set(weight_map) - set(reader.infos))
-        if absent:
-            raise SanaCheckpointError(f"{indexes[0]}: keys listed in the index are in no shard: {absent[:20]}")
-        return reader
-    files = sorted(path.glob("*.safetensors"))
+        config = read_json_file(config_path, "model config")
+        if not isinstance(config, dict):
+            raise SanaCheckpointError(f"{config_path}: not a model config (a JSON {type(config).__name__}, not an object)")
+    index = _weights_index(path)
+    if index is not None:
+        return _open_sharded(path, index, config)
+    preferred = [path / name for name in _PREFERRED_WEIGHTS if (path / name).is_file()]
+    files = preferred[:1] or sorted(f for f in path.glob("*.safetensors") if f.is_file())
     if not files:
         raise SanaCheckpointError(f"{path}: folder holds no *.safetensors weights (nor a shard index)")
     if len(files) > 1:
         raise SanaCheckpointError(
-            f"{path}: several safetensors files ({[f.name for f in files]}) and no *.safetensors.index.json"
+            f"{path}: several safetensors files ({preview(f.name for f in files)}) and no *.safetensors.index.json"
         )
     return _open_safetensors(files, path, "folder", config)
+
+
+def _weights_index(folder: Path) -> Path | None:
+    """The shard index a load of `folder` uses: diffusers' (or transformers') own name first."""
+    for name in _PREFERRED_WEIGHTS:
+        if (folder / f"{name}.index.json").is_file():
+            return folder / f"{name}.index.json"
+    indexes = sorted(f for f in folder.glob("*.safetensors.index.json") if f.is_file())
+    return indexes[0] if indexes else None
+
+
+def read_shard_index(index: Path) -> dict[str, str]:
+    """The `weight_map` (key -> shard file name) of a safetensors shard index, validated."""
+    data = read_json_file(index, "shard index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise SanaCheckpointError(f"{index}: not a valid shard index (no 'weight_map' of key -> file name)")
+    # A shard is a file beside the index: a name with a path in it would read outside the folder.
+    odd = sorted({v for v in weight_map.values() if Path(v).name != v or v in ("", ".", "..")})
+    if odd:
+        raise SanaCheckpointError(f"{index}: shard names must be plain file names, found {preview(odd)}")
+    return weight_map
+
+
+def _open_sharded(path: Path, index: Path, config: dict | None) -> CheckpointReader:
+    weight_map = read_shard_index(index)
+    files = [path / name for name in sorted(set(weight_map.values()))]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise SanaCheckpointError(f"{index}: shard files are missing: {preview(missing)}")
+    reader = _open_safetensors(files, path, "folder", config)
+    absent = sorted(set(weight_map) - set(reader.infos))
+    if absent:
+        raise SanaCheckpointError(f"{index}: keys listed in the index are in no shard: {preview(absent)}")
+    return reader
 
 
 def open_checkpoint(path: str | os.PathLike, *, subfolders: Iterable[str] = ()) -> CheckpointReader:
@@ -266,9 +336,13 @@ def open_checkpoint(path: str | os.PathLike, *, subfolders: Iterable[str] = ()) 
     `subfolders` are tried when `path` is a pipeline root (e.g. `("transformer",)`).
     """
     path = Path(path)
-    if not path.exists():
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except OSError as e:  # e.g. a parent folder we may not enter
+        raise SanaCheckpointError(f"{path}: cannot be opened: {e}") from e
+    if not exists:
         raise SanaCheckpointError(f"{path}: no such file or folder")
-    if path.is_dir():
+    if is_dir:
         return _open_folder(path, subfolders)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
@@ -276,8 +350,11 @@ def open_checkpoint(path: str | os.PathLike, *, subfolders: Iterable[str] = ()) 
     if suffix in TORCH_SUFFIXES:
         return _open_torch(path)
     # Unknown extension: sniff the content rather than trusting the name.
-    with open(path, "rb") as f:
-        head = f.read(8)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise SanaCheckpointError(f"{path}: cannot read: {e}") from e
     if head[:2] == b"PK":
         return _open_torch(path)
     if len(head) == 8 and struct.unpack("<Q", head)[0] < _MAX_HEADER_BYTES:
@@ -316,13 +393,80 @@ def check_keys(
     ]
     problems = []
     if missing:
-        problems.append(f"missing keys ({len(missing)}): {missing}")
+        problems.append(f"missing keys ({len(missing)}): {preview(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+        problems.append(f"unexpected keys ({len(unexpected)}): {preview(unexpected)}")
     if mismatched:
-        problems.append(f"wrong shapes ({len(mismatched)}): {mismatched}")
+        problems.append(f"wrong shapes ({len(mismatched)}): {preview(mismatched)}")
     if problems:
         raise SanaCheckpointError(f"{path}: " + "; ".join(problems))
+
+
+def dominant_float_dtype(reader: CheckpointReader, keys: Iterable[str] | None = None) -> torch.dtype | None:
+    """The floating-point dtype that holds most of the elements of `keys` (default: every tensor).
+
+    A loader that keeps "the stored dtype" uses this for the whole model, so one tensor stored
+    in another dtype is cast rather than leaving a model of mixed dtypes that fails in forward.
+    """
+    elements: dict[torch.dtype, int] = {}
+    for key in reader.keys() if keys is None else keys:
+        info = reader.infos[key]
+        if info.dtype.is_floating_point:
+            elements[info.dtype] = elements.get(info.dtype, 0) + math.prod(info.shape)
+    if not elements:
+        return None
+    return max(elements, key=lambda d: (elements[d], torch.finfo(d).bits))  # a tie goes to the wider dtype
+
+
+# A config value that is a string or list longer than these is garbage, not a model description.
+_MAX_CONFIG_STRING = 1000
+_MAX_CONFIG_ITEMS = 1024
+_MAX_CONFIG_ENTRIES = 512
+
+
+def check_config_values(source: str, data: Mapping, bounds: Mapping[str, tuple[float, float]], *, optional: Iterable[str] = ()) -> None:
+    """Refuse a config with values no real model has, before anything is built from it.
+
+    `bounds[key] = (lo, hi)`: the value (or every number of a list value) lies in [lo, hi] and is
+    an integer when `lo` is an int; keys in `optional` may also be null. Every string and list in
+    `data` must be short. The message names `source` and the first few values at fault.
+    """
+    if len(data) > _MAX_CONFIG_ENTRIES:
+        raise SanaCheckpointError(f"{source}: not a model config ({len(data)} entries)")
+    allowed_null = set(optional)
+    problems = [f"{key}: {problem}" for key, value in data.items() if (problem := _oversized(value))]
+    for key, (lo, hi) in bounds.items():
+        if key not in data or (data[key] is None and key in allowed_null):
+            continue
+        numbers = _flatten(data[key])
+        wanted = "an integer" if isinstance(lo, int) else "a number"
+        bad = [
+            n for n in numbers
+            if isinstance(n, bool) or not isinstance(n, (int, float)) or (isinstance(lo, int) and not isinstance(n, int))
+            or not lo <= n <= hi  # also refuses NaN
+        ]
+        if bad:
+            problems.append(f"{key}={shorten(repr(data[key]), 60)} (expected {wanted} in [{lo}, {hi}])")
+    if problems:
+        raise SanaCheckpointError(f"{source}: values out of range for a model config: {preview(problems)}")
+
+
+def _oversized(value: object) -> str | None:
+    if isinstance(value, str) and len(value) > _MAX_CONFIG_STRING:
+        return f"a string of {len(value)} characters"
+    if isinstance(value, (list, tuple, dict)):
+        if len(value) > _MAX_CONFIG_ITEMS:
+            return f"{len(value)} entries"
+        for item in value.values() if isinstance(value, dict) else value:
+            if problem := _oversized(item):
+                return problem
+    return None
+
+
+def _flatten(value: object) -> list:
+    if isinstance(value, (list, tuple)):
+        return [n for item in value for n in _flatten(item)]
+    return [value]
 
 
 def assign_state(
@@ -388,16 +532,244 @@ def _write_st_body(f, header_bytes: bytes, tensors: list[torch.Tensor]) -> None:
             f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
+# Temp files and staging folders are named after their target and their writer's pid, so a
+# later save can tell its own leftovers (from a killed save) from anything else in the folder.
+# Ours is stale when its writer is not running here and it has not been written to for
+# _STALE_SECONDS (the pause guards a writer on another machine sharing the folder), or when
+# nothing has touched it for a day (a pid reused since).
+_STALE_SECONDS = 10 * 60
+_ABANDONED_SECONDS = 24 * 60 * 60
+_TEMP_CHARS = r"[a-z0-9_]{8}"  # tempfile's random part
+
+
 def _atomic_write(path: Path, write: Callable) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write `path` through a temp file beside it, renamed over it once complete and on disk.
+
+    The file gets the mode a plain `open()` would give it (0666 less the umask), or the mode of
+    the file it replaces. A failure leaves the old file as it was and raises `SanaCheckpointError`.
+    """
+    if path.is_dir():
+        raise SanaCheckpointError(f"{path}: is a folder; give a file name to write to")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(path.parent, _temp_pattern(path.name))
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    except OSError as e:
+        raise SanaCheckpointError(f"{path}: cannot write: {e}") from e
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
-        os.replace(tmp, path)
-    except BaseException:
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the name points at it
+        _install(Path(tmp), path)
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise SanaCheckpointError(f"{path}: cannot write: {e}") from e
         raise
+
+
+def _temp_pattern(name: str) -> re.Pattern:
+    # The second form is the pid-less name of earlier versions; only its age can tell it stale.
+    return re.compile(rf"\.{re.escape(name)}\.(?:(?P<pid>\d+)\.)?{_TEMP_CHARS}\.tmp")
+
+
+def _install(new: Path, target: Path) -> None:
+    """Rename `new` over `target` with the mode `target` has (or a new file's mode), then sync the folder."""
+    os.chmod(new, _replaced_mode(target))
+    os.replace(new, target)
+    _fsync_folder(target.parent)
+
+
+def _replaced_mode(target: Path) -> int:
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    try:  # Linux reports it without changing it
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_stale(folder: Path, pattern: re.Pattern) -> None:
+    """Delete this writer's own leftovers in `folder` (names matching `pattern`) that are stale."""
+    try:
+        entries = [e for e in folder.iterdir() if pattern.fullmatch(e.name)]
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        pid = match.group("pid")
+        try:
+            idle = now - _last_written(entry)
+        except OSError:
+            continue
+        dead = pid is not None and not _running(int(pid))
+        if idle >= _ABANDONED_SECONDS or (dead and idle >= _STALE_SECONDS):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
+def _last_written(entry: Path) -> float:
+    times = [entry.lstat().st_mtime]
+    if entry.is_dir() and not entry.is_symlink():  # a staging folder: its files grow, not the folder
+        times += [child.lstat().st_mtime for child in entry.iterdir()]
+    return max(times)
+
+
+def _running(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive but another user's
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _staging_folder(folder: Path) -> Iterator[Path]:
+    """A hidden folder inside `folder` to write a set of files into before they replace the old ones."""
+    pattern = re.compile(rf"\.saving-(?:(?P<pid>\d+)-)?{_TEMP_CHARS}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _remove_stale(folder, pattern)
+        staging = Path(tempfile.mkdtemp(dir=folder, prefix=f".saving-{os.getpid()}-"))
+    except OSError as e:
+        raise SanaCheckpointError(f"{folder}: cannot write: {e}") from e
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def pipeline_subfolder(path: str | os.PathLike, subfolder: str) -> Path:
+    """Where a model saved to `path` goes: `path/subfolder` when `path` is a diffusers pipeline
+    root (it holds `model_index.json` or that sub-folder), which is where the loaders read it."""
+    path = Path(path)
+    if (path / "model_index.json").is_file() or (path / subfolder).is_dir():
+        return path / subfolder
+    return path
+
+
+def _shard_name(index: int, count: int) -> str:
+    return f"diffusion_pytorch_model-{index:05d}-of-{count:05d}.safetensors"
+
+
+_SHARD_NAME = re.compile(r"diffusion_pytorch_model-\d{5}-of-\d{5}\.safetensors")
+
+
+def write_diffusers_folder(
+    folder: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    config: Mapping,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    max_shard_bytes: int,
+) -> None:
+    """Write a diffusers model folder: `config.json` (`config`, whose `_class_name` says the model)
+    and `diffusion_pytorch_model.safetensors`, or shards of at most `max_shard_bytes` listed in
+    `diffusion_pytorch_model.safetensors.index.json`.
+
+    A previous save of the same model class is replaced: its single file, its index and the
+    shards that index lists under this writer's shard names. Nothing else in the folder is
+    touched (fp16 variants, backups, a user's files); a `config.json` of another class is refused.
+    """
+    folder = Path(folder)
+    _refuse_foreign_config(folder / "config.json", str(config.get("_class_name")))
+    shards = _split_shards(tensors, max_shard_bytes)
+    names = [DIFFUSERS_WEIGHTS_NAME] if len(shards) == 1 else [_shard_name(i + 1, len(shards)) for i in range(len(shards))]
+    index_name = f"{DIFFUSERS_WEIGHTS_NAME}.index.json"
+    previous = _previous_save(folder, index_name)
+    with _staging_folder(folder) as staging:
+        for name, shard in zip(names, shards):
+            write_safetensors(staging / name, shard, metadata)
+        written = list(names)
+        if len(shards) > 1:
+            weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            write_json(staging / index_name, {"metadata": {"total_size": total}, "weight_map": weight_map})
+            written.append(index_name)  # after its shards: a reader never sees an index without them
+        write_json(staging / "config.json", dict(config))
+        written.append("config.json")
+        try:
+            for name in written:
+                _install(staging / name, folder / name)
+            # An index left from a sharded save would still be read first: it goes before the old shards.
+            for name in sorted(previous - set(written), key=lambda n: n != index_name):
+                (folder / name).unlink(missing_ok=True)
+        except OSError as e:
+            raise SanaCheckpointError(f"{folder}: cannot write: {e}") from e
+
+
+def _split_shards(tensors: Mapping[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    return shards
+
+
+def _previous_save(folder: Path, index_name: str) -> set[str]:
+    """The files of an earlier save in `folder` under this writer's names."""
+    found = {name for name in (DIFFUSERS_WEIGHTS_NAME, index_name) if (folder / name).is_file()}
+    if index_name in found:
+        try:
+            listed = read_shard_index(folder / index_name).values()
+        except SanaCheckpointError:
+            listed = ()  # a damaged index is replaced, but names nothing to remove
+        found |= {name for name in listed if _SHARD_NAME.fullmatch(name)}
+    return found
+
+
+def _refuse_foreign_config(path: Path, class_name: str) -> None:
+    if not path.exists():
+        return
+    try:
+        existing = read_json_file(path, "model config")
+    except SanaCheckpointError:
+        existing = None
+    found = existing.get("_class_name") if isinstance(existing, dict) else None
+    if found != class_name:
+        what = f"a config for {shorten(str(found))}" if isinstance(existing, dict) else "no readable model config"
+        raise SanaCheckpointError(
+            f"{path}: holds {what}, not a {class_name} one; refusing to overwrite it "
+            "(save into an empty folder or one that holds this kind of model)"
+        )
 
 
 def write_torch(path: str | os.PathLike, obj: object) -> None:

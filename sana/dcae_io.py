@@ -20,11 +20,12 @@ key names and shapes (then matched against the released presets for the scaling 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import os
 import re
 import warnings
-from collections import Counter
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -33,10 +34,15 @@ import torch
 from .checkpoint import (
     CheckpointReader,
     assign_state,
+    check_config_values,
     check_keys,
+    dominant_float_dtype,
     open_checkpoint,
+    pipeline_subfolder,
+    preview,
+    shorten,
     strip_prefix,
-    write_json,
+    write_diffusers_folder,
     write_safetensors,
     write_torch,
 )
@@ -47,7 +53,8 @@ ORIGINAL = "original"
 DIFFUSERS = "diffusers"
 LAYOUTS = (ORIGINAL, DIFFUSERS)
 METADATA_KEY = "dcae_config"
-DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+# One file: the largest release (f128c512) is about 1.3 GB.
+_MAX_SHARD_BYTES = 10 * 1024**3
 # Wrappers that other tools put around a DC-AE state dict.
 _PREFIXES = ("vae.", "first_stage_model.", "ae.", "model.", "module.")
 
@@ -219,16 +226,19 @@ _DIFFUSERS_DEFAULTS = {
 
 def config_from_diffusers(data: Mapping, source: str = "config.json") -> DCAEConfig:
     """Our config from a diffusers `AutoencoderDC` config.json (missing fields take diffusers' defaults)."""
+    if not isinstance(data, Mapping):
+        raise SanaCheckpointError(f"{source}: not an AutoencoderDC config (a JSON {type(data).__name__}, not an object)")
+    check_config_values(source, data, _DIFFUSERS_BOUNDS)
     cls = data.get("_class_name", "AutoencoderDC")
     if cls != "AutoencoderDC":
         raise SanaCheckpointError(f"{source}: _class_name is {cls!r}, expected 'AutoencoderDC'")
     cfg = {k: data.get(k, v) for k, v in _DIFFUSERS_DEFAULTS.items()}
-    n = len(cfg["encoder_block_out_channels"])
 
     def per_stage(value):
         return (value,) * n if isinstance(value, str) else tuple(value)
 
     try:
+        n = len(cfg["encoder_block_out_channels"])
         config = DCAEConfig(
             in_channels=int(cfg["in_channels"]),
             latent_channels=int(cfg["latent_channels"]),
@@ -253,9 +263,62 @@ def config_from_diffusers(data: Mapping, source: str = "config.json") -> DCAECon
     except SanaCheckpointError as e:
         raise SanaCheckpointError(f"{source}: {e}") from None
     except (TypeError, ValueError) as e:
-        raise SanaCheckpointError(f"{source}: not a valid AutoencoderDC config: {e}") from None
+        raise SanaCheckpointError(f"{source}: not a valid AutoencoderDC config: {shorten(str(e))}") from None
+    _check_config(config, source)
     preset = _matching_preset(config, exact_scaling=True)
     return config.replace(name=preset) if preset else config
+
+
+# Far above every release (at most 8 stages, 10 blocks a stage, 2048 wide), yet small enough
+# that a config cannot make a loader spend minutes building a model on the meta device.
+_MAX_STAGES = 12
+_BOUNDS: dict[str, tuple[float, float]] = {
+    "in_channels": (1, 64),
+    "latent_channels": (1, 4096),
+    "attention_head_dim": (1, 4096),
+    "encoder_widths": (0, 65536),
+    "decoder_widths": (0, 65536),
+    "encoder_depths": (0, 64),
+    "decoder_depths": (0, 64),
+    "encoder_qkv_multiscales": (1, 64),
+    "decoder_qkv_multiscales": (1, 64),
+    "scaling_factor": (0.0, 1e6),
+}
+_DIFFUSERS_BOUNDS = {
+    **{k: _BOUNDS[k] for k in ("in_channels", "latent_channels", "attention_head_dim", "encoder_qkv_multiscales",
+                               "decoder_qkv_multiscales", "scaling_factor")},
+    "encoder_block_out_channels": _BOUNDS["encoder_widths"],
+    "decoder_block_out_channels": _BOUNDS["decoder_widths"],
+    "encoder_layers_per_block": _BOUNDS["encoder_depths"],
+    "decoder_layers_per_block": _BOUNDS["decoder_depths"],
+}
+
+
+def _check_config(config: DCAEConfig, source: str) -> None:
+    """Refuse a config no real DC-AE has before a model is built from it (see `_BOUNDS`)."""
+    check_config_values(source, dataclasses.asdict(config), _BOUNDS)
+    if config.num_stages > _MAX_STAGES:
+        raise SanaCheckpointError(f"{source}: {config.num_stages} stages; a DC-AE has at most {_MAX_STAGES}")
+
+
+def _stored_config(reader: CheckpointReader) -> DCAEConfig | None:
+    """The config `save_dcae` stored in a single file's metadata, checked."""
+    stored = reader.metadata.get(METADATA_KEY)
+    if stored is None:
+        return None
+    source = f"{reader.path}: '{METADATA_KEY}' metadata"
+    try:
+        data = json.loads(stored)
+        if not isinstance(data, dict):
+            raise TypeError(f"a JSON {type(data).__name__}, not an object")
+        check_config_values(source, data, _BOUNDS)
+        config = DCAEConfig.from_json(stored)
+    except SanaCheckpointError:
+        raise
+    except (ValueError, TypeError, RecursionError) as e:
+        raise SanaCheckpointError(f"{source} is unreadable: {shorten(str(e))}") from None
+    _check_config(config, source)
+    return config
 
 
 def diffusers_config(config: DCAEConfig) -> dict:
@@ -356,6 +419,8 @@ def _infer_config(shapes: Mapping[str, tuple[int, ...]]) -> DCAEConfig:
     if not stage_keys:
         raise ValueError("no stage keys")
     num_stages = 1 + max(stage for _, stage in stage_keys)
+    if num_stages > _MAX_STAGES:
+        raise ValueError(f"stage {num_stages - 1} (a DC-AE has at most {_MAX_STAGES} stages)")
     latent = shapes["encoder.conv_out.weight"][0]
     in_conv = shapes.get("encoder.conv_in.weight") or shapes["encoder.conv_in.conv.weight"]
     head_dims = {shape[1] for key, shape in shapes.items() if _MULTISCALE.search(key) and ".proj_out." in key}
@@ -471,14 +536,20 @@ def resolve_config(
         return config
     if config is not None:
         raise SanaCheckpointError(f"config= must be a DCAEConfig or a preset name, got {type(config).__name__}")
-    stored = reader.metadata.get(METADATA_KEY)
-    if isinstance(stored, str):
-        try:
-            return DCAEConfig.from_json(stored)
-        except (ValueError, TypeError) as e:
-            raise SanaCheckpointError(f"{path}: unreadable {METADATA_KEY} metadata: {e}") from None
+    stored = _stored_config(reader)
     if reader.config is not None:
-        return config_from_diffusers(reader.config, f"{path}/config.json")
+        try:
+            from_json = config_from_diffusers(reader.config, f"{path}/config.json")
+        except SanaCheckpointError as e:
+            if stored is None:
+                raise
+            warnings.warn(f"{e}; using the config stored in the weights ('{METADATA_KEY}' metadata)", stacklevel=4)
+        else:
+            if stored is not None:
+                _warn_on_conflict(path, stored, from_json)
+            return stored or from_json
+    if stored is not None:
+        return stored
 
     found = {k: reader.shape(k) for k in reader.keys()}
     preset_name, score = _closest_preset(found, layout)
@@ -517,6 +588,18 @@ def resolve_config(
     return chosen
 
 
+def _warn_on_conflict(path: Path, stored: DCAEConfig, from_json: DCAEConfig) -> None:
+    ours, theirs = diffusers_config(stored), diffusers_config(from_json)
+    differ = [f"{key}: {ours[key]!r} vs {theirs[key]!r}" for key in ours if ours[key] != theirs[key]]
+    if differ:
+        warnings.warn(
+            f"{path}: the config stored in the weights ('{METADATA_KEY}' metadata) and {path}/config.json disagree "
+            f"({preview(differ)}); using the one stored in the weights, which was written with them "
+            "(pass config= to choose)",
+            stacklevel=5,  # the caller of load_dcae
+        )
+
+
 def validate_checkpoint(reader: CheckpointReader, config: DCAEConfig | str | None = None) -> tuple[str, DCAEConfig]:
     """(layout, config) of a checkpoint, after checking every key and shape; reads no tensor data."""
     layout = detect_layout(reader)
@@ -526,11 +609,6 @@ def validate_checkpoint(reader: CheckpointReader, config: DCAEConfig | str | Non
 
 
 # --------------------------------------------------------------------------- public API
-
-
-def _dominant_float_dtype(reader: CheckpointReader) -> torch.dtype | None:
-    counts = Counter(info.dtype for info in reader.infos.values() if info.dtype.is_floating_point)
-    return counts.most_common(1)[0][0] if counts else None
 
 
 def load_dcae(
@@ -560,19 +638,22 @@ def load_dcae(
     layout, resolved = validate_checkpoint(reader, config)
     with torch.device("meta"):
         model = DCAE(resolved)
-    assign_state(model, _stream_state(reader, resolved, layout), dtype=dtype or _load_dtype(reader, device), device=device)
+    try:
+        assign_state(model, _stream_state(reader, resolved, layout), dtype=dtype or _load_dtype(reader, device), device=device)
+    except (RuntimeError, OSError) as e:
+        raise SanaCheckpointError(f"{reader.path}: failed while reading tensor data: {e}") from e
     return model.eval()
 
 
 def _load_dtype(reader: CheckpointReader, device: torch.device | str) -> torch.dtype | None:
     """The checkpoint's own float dtype, or the safe compute dtype in place of float16."""
-    stored = _dominant_float_dtype(reader)
+    stored = dominant_float_dtype(reader)
     return default_dcae_dtype(device) if stored == torch.float16 else stored
 
 
 def stored_dcae_dtype(path: str | os.PathLike) -> torch.dtype | None:
     """The float dtype most of a DC-AE checkpoint's tensors are stored in (headers only)."""
-    return _dominant_float_dtype(strip_prefix(open_checkpoint(path, subfolders=("vae",)), _PREFIXES))
+    return dominant_float_dtype(strip_prefix(open_checkpoint(path, subfolders=("vae",)), _PREFIXES))
 
 
 def save_dcae(
@@ -588,7 +669,10 @@ def save_dcae(
     `diffusion_pytorch_model.safetensors`, loadable by `AutoencoderDC.from_pretrained`), else
     `"original"` (`.safetensors`, or `.pt`/`.pth` with a `state_dict` entry). Single files also carry
     the config as `dcae_config` metadata, so `load_dcae` restores the exact architecture and scaling
-    factor. Writes are atomic. `dtype` casts floating-point tensors.
+    factor. Writes are atomic. `dtype` casts floating-point tensors. A pipeline root
+    (`model_index.json` or a `vae/` folder) gets the folder in `vae/`, where `load_dcae` reads it;
+    re-saving a folder replaces only the files of the previous save, and a folder holding
+    another model is refused (`sana.checkpoint.write_diffusers_folder`).
     """
     path = Path(path)
     is_file = path.suffix.lower() in (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -603,9 +687,10 @@ def save_dcae(
     if not is_file:
         if layout != DIFFUSERS:
             raise SanaCheckpointError(f"{path}: the original layout is a single file; give a .safetensors or .pt path")
-        path.mkdir(parents=True, exist_ok=True)
-        write_safetensors(path / DIFFUSERS_WEIGHTS_NAME, state, {"format": "pt"})
-        write_json(path / "config.json", diffusers_config(model.config))
+        write_diffusers_folder(
+            pipeline_subfolder(path, "vae"), state, diffusers_config(model.config),
+            metadata={"format": "pt"}, max_shard_bytes=_MAX_SHARD_BYTES,
+        )
     elif path.suffix.lower() == ".safetensors":
         write_safetensors(path, state, metadata)
     else:

@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +29,15 @@ import torch
 from .checkpoint import (
     CheckpointReader,
     assign_state,
+    check_config_values,
     check_keys,
+    dominant_float_dtype,
     open_checkpoint,
+    pipeline_subfolder,
+    preview,
+    read_json_file,
     strip_prefix,
-    write_json,
+    write_diffusers_folder,
     write_safetensors,
     write_torch,
 )
@@ -49,7 +52,6 @@ COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "module.")
 # learned null caption (training-time caption dropout) and Sprint's training-only logvar head.
 OFFICIAL_EXTRA_KEYS = ("pos_embed", "y_embedder.y_embedding", "logvar_linear.weight", "logvar_linear.bias")
 CONFIG_METADATA_KEY = "sana_dit_config"
-DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 DEFAULT_MAX_SHARD_BYTES = 10 * 1024**3  # diffusers' default shard size
 
 # Cross-attention heads of the released widths; the weights cannot tell heads apart.
@@ -226,6 +228,59 @@ def infer_config(reader: CheckpointReader, layout: Layout) -> tuple[SanaDiTConfi
     return config.replace(variant=variant_name(config)), notes
 
 
+# Far above every release (the largest, SANA-1.5 4.8B, is 2240 wide and 60 deep), yet small
+# enough that a config file cannot make a loader spend minutes or build a huge message.
+_BOUNDS: dict[str, tuple[float, float]] = {
+    "hidden_size": (1, 65536),
+    "depth": (1, 1024),
+    "attention_head_dim": (1, 4096),
+    "cross_attention_heads": (1, 1024),
+    "cross_attention_head_dim": (1, 4096),
+    "caption_channels": (1, 65536),
+    "in_channels": (1, 4096),
+    "out_channels": (1, 4096),
+    "patch_size": (1, 64),
+    "mlp_ratio": (0.01, 64.0),
+    "sample_size": (1, 16384),
+    "interpolation_scale": (0.001, 1000.0),
+    "guidance_embeds_scale": (-1e6, 1e6),
+    "timestep_scale": (-1e6, 1e6),
+    "norm_eps": (0.0, 1.0),
+    "flow_shift": (0.0, 1e4),
+}
+# The same bounds under diffusers' config.json names.
+_DIFFUSERS_BOUNDS: dict[str, tuple[float, float]] = {
+    **{k: _BOUNDS[k] for k in ("attention_head_dim", "caption_channels", "in_channels", "out_channels", "patch_size",
+                               "mlp_ratio", "sample_size", "interpolation_scale", "guidance_embeds_scale",
+                               "timestep_scale", "norm_eps")},
+    "num_layers": _BOUNDS["depth"],
+    "num_attention_heads": (1, 1024),
+    "num_cross_attention_heads": _BOUNDS["cross_attention_heads"],
+    "cross_attention_head_dim": _BOUNDS["cross_attention_head_dim"],
+    "cross_attention_dim": _BOUNDS["hidden_size"],
+}
+_OPTIONAL = ("interpolation_scale", "out_channels")
+
+
+def _config_from_mapping(data: object, source: str) -> SanaDiTConfig:
+    """A config from a diffusers `config.json` or a `SanaDiTConfig.to_dict()` mapping read from `source`,
+    its values checked against sane bounds before anything is built from it."""
+    if not isinstance(data, dict):
+        raise SanaCheckpointError(f"{source}: not a SANA DiT config (a JSON {type(data).__name__}, not an object)")
+    diffusers = "num_layers" in data or "_class_name" in data
+    check_config_values(source, data, _DIFFUSERS_BOUNDS if diffusers else _BOUNDS, optional=_OPTIONAL)
+    if not diffusers:
+        unknown = sorted(set(data) - set(SanaDiTConfig.__dataclass_fields__))
+        if unknown:
+            raise SanaCheckpointError(f"{source}: unknown SanaDiTConfig fields {preview(unknown)}")
+    try:
+        config = SanaDiTConfig.from_diffusers(data) if diffusers else SanaDiTConfig.from_dict(data)
+    except (TypeError, ValueError) as e:  # SanaInputError is a ValueError
+        raise SanaCheckpointError(f"{source}: not a valid SANA DiT config: {e}") from e
+    check_config_values(source, config.to_dict(), _BOUNDS, optional=_OPTIONAL)  # derived sizes (hidden = heads × dim)
+    return config
+
+
 def _config_from_argument(config: SanaDiTConfig | dict | str) -> SanaDiTConfig:
     if isinstance(config, SanaDiTConfig):
         return config
@@ -233,38 +288,69 @@ def _config_from_argument(config: SanaDiTConfig | dict | str) -> SanaDiTConfig:
         if config in DIT_PRESETS:
             return DIT_PRESETS[config]
         path = Path(config)
-        if path.is_file():
-            config = json.loads(path.read_text())
-        else:
+        if not path.is_file():
             raise SanaInputError(f"config={config!r} is neither a preset ({sorted(DIT_PRESETS)}) nor a JSON file")
+        return _config_from_mapping(read_json_file(path, "SANA DiT config"), str(path))
     if isinstance(config, dict):
         try:
-            if "num_layers" in config or "_class_name" in config:
-                return SanaDiTConfig.from_diffusers(config)
-            return SanaDiTConfig.from_dict(config)
-        except (TypeError, ValueError) as e:
-            raise SanaInputError(f"config is not a valid SANA DiT config: {e}") from e
+            return _config_from_mapping(config, "config=")
+        except SanaCheckpointError as e:  # the caller's value, not a file
+            raise SanaInputError(str(e)) from None
     raise SanaInputError(f"config must be a SanaDiTConfig, dict, preset name or JSON path, got {type(config).__name__}")
 
 
 def resolve_config(
     reader: CheckpointReader, layout: Layout, config: SanaDiTConfig | dict | str | None = None
 ) -> SanaDiTConfig:
-    """The config to build: `config=` first, then one stored with the weights, then shapes."""
+    """The config to build: `config=` first, then one stored with the weights, then a diffusers
+    `config.json`, then shapes. When the stored one and `config.json` disagree, a warning says so."""
     if config is not None:
         return _config_from_argument(config)
-    stored = reader.metadata.get(CONFIG_METADATA_KEY)
-    if stored:
-        return SanaDiTConfig.from_dict(json.loads(stored))
+    stored = _stored_config(reader)
+    from_json = None
     if reader.config is not None:
+        json_source = f"{reader.path / 'config.json'}"
+        if stored is None:
+            return _config_from_mapping(reader.config, json_source)
         try:
-            return SanaDiTConfig.from_diffusers(reader.config)
-        except (TypeError, ValueError) as e:
-            raise SanaCheckpointError(f"{reader.path}/config.json: not a SANA transformer config: {e}") from e
+            from_json = _config_from_mapping(reader.config, json_source)
+        except SanaCheckpointError as e:
+            warnings.warn(f"{e}; using the config stored in the weights ('{CONFIG_METADATA_KEY}' metadata)", stacklevel=3)
+    if stored is not None:
+        if from_json is not None:
+            _warn_on_conflict(reader, stored, from_json)
+        return stored
     inferred, notes = infer_config(reader, layout)
     for note in notes:
         warnings.warn(f"{reader.path}: {note}", stacklevel=3)
     return inferred
+
+
+def _stored_config(reader: CheckpointReader) -> SanaDiTConfig | None:
+    stored = reader.metadata.get(CONFIG_METADATA_KEY)
+    if stored is None:
+        return None
+    source = f"{reader.path}: '{CONFIG_METADATA_KEY}' metadata"
+    if not isinstance(stored, str):
+        raise SanaCheckpointError(f"{source} is not a JSON string")
+    try:
+        data = json.loads(stored)
+    except (ValueError, RecursionError) as e:
+        raise SanaCheckpointError(f"{source} is corrupt: {e}") from e
+    return _config_from_mapping(data, source)
+
+
+def _warn_on_conflict(reader: CheckpointReader, stored: SanaDiTConfig, from_json: SanaDiTConfig) -> None:
+    """Warn when the config stored in the weights and `config.json` describe different models."""
+    ours, theirs = stored.to_diffusers(), from_json.to_diffusers()
+    differ = [f"{key}: {ours[key]!r} vs {theirs[key]!r}" for key in ours if ours[key] != theirs[key]]
+    if differ:
+        warnings.warn(
+            f"{reader.path}: the config stored in the weights ('{CONFIG_METADATA_KEY}' metadata) and "
+            f"{reader.path / 'config.json'} disagree ({preview(differ)}); using the one stored in the weights, "
+            "which was written with them (pass config= to choose)",
+            stacklevel=4,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,7 +382,8 @@ def load_dit(
 ) -> SanaDiT:
     """Load a SANA DiT from any official layout (see the module docstring), in eval mode.
 
-    `dtype=None` keeps the stored dtype. `config` (a `SanaDiTConfig`, a preset name from
+    `dtype=None` keeps the stored dtype (the one holding most of the weights, should a few
+    tensors be stored in another). `config` (a `SanaDiTConfig`, a preset name from
     `DIT_PRESETS`, a diffusers config dict or a JSON path) overrides what is stored or detected.
     Raises `SanaCheckpointError` naming the file and every missing, unexpected or misshapen key.
     """
@@ -314,6 +401,7 @@ def load_dit(
     ignored = (lambda k: k in OFFICIAL_EXTRA_KEYS) if layout == "official" else (lambda k: False)
     check_keys(reader.path, expected, found, ignored=ignored)
 
+    dtype = dtype or dominant_float_dtype(reader, expected)
     with torch.device("meta"):
         model = SanaDiT(cfg)
     try:
@@ -350,6 +438,9 @@ def save_dit(
 
     - `format="diffusers"`: a folder (`config.json` + `diffusion_pytorch_model.safetensors`,
       sharded with an index above `max_shard_bytes`), or a single file if `path` ends in `.safetensors`.
+      A pipeline root (`model_index.json` or a `transformer/` folder) gets it in `transformer/`,
+      where `load_dit` reads it. Re-saving replaces only the files of the previous save (see
+      `sana.checkpoint.write_diffusers_folder`); a folder holding another model is refused.
     - `format="official"`: a `.pth` holding `{"state_dict": ...}`, or official keys in a
       `.safetensors` file. `pos_embed` (the training-grid table, zeros without PE) and
       `y_embedder.y_embedding` (the loaded one, else zeros) are written so NVlabs' and diffusers'
@@ -387,39 +478,7 @@ def save_dit(
     if path.suffix.lower() == ".safetensors":
         write_safetensors(path, tensors, metadata)
         return
-    _write_diffusers_folder(path, tensors, cfg, metadata, max_shard_bytes)
-
-
-def _write_diffusers_folder(
-    folder: Path, tensors: dict[str, torch.Tensor], cfg: SanaDiTConfig, metadata: dict, max_shard_bytes: int
-) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        size += nbytes
-    folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder, prefix=".saving-"))
-    try:
-        names = [DIFFUSERS_WEIGHTS_NAME] if len(shards) == 1 else [
-            f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
-        ]
-        for name, shard in zip(names, shards):
-            write_safetensors(staging / name, shard, metadata)
-        if len(shards) > 1:
-            weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            write_json(staging / f"{DIFFUSERS_WEIGHTS_NAME}.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-        write_json(staging / "config.json", {**cfg.to_diffusers(), "_diffusers_version": "0.42.1"})
-        new_files = {p.name for p in staging.iterdir()}
-        for name in new_files:
-            os.replace(staging / name, folder / name)
-        for stale in folder.glob("diffusion_pytorch_model*.safetensors*"):
-            if stale.name not in new_files:  # shards of an earlier, differently sharded save
-                stale.unlink()
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    config = {**cfg.to_diffusers(), "_diffusers_version": "0.42.1"}
+    write_diffusers_folder(
+        pipeline_subfolder(path, "transformer"), tensors, config, metadata=metadata, max_shard_bytes=max_shard_bytes
+    )

@@ -166,6 +166,9 @@ def lora_state_dict(model: SanaDiT) -> dict[str, torch.Tensor]:
 
 def save_lora(model: SanaDiT, path: str | os.PathLike) -> None:
     """Write the adapters as a diffusers-loadable `.safetensors` (atomic)."""
+    if Path(path).suffix.lower() != ".safetensors":
+        # `load_lora` (and ComfyUI) would read another suffix as a pickle-based torch file.
+        raise SanaInputError(f"LoRA files are .safetensors files, got {Path(path).name!r}")
     state = lora_state_dict(model)
     if not state:
         raise SanaInputError("the model has no LoRA adapters (call inject_lora first)")
@@ -200,9 +203,21 @@ def _alphas(metadata: dict[str, str]) -> tuple[float | None, dict[str, float], d
     raw = metadata.get(METADATA_KEY)
     if not raw:
         return None, {}, {}
-    data = json.loads(raw)
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise SanaCheckpointError(f"corrupt '{METADATA_KEY}' metadata: {e}") from None
+    if not isinstance(data, dict):
+        raise SanaCheckpointError(f"corrupt '{METADATA_KEY}' metadata: a JSON {type(data).__name__}, not an object")
     data = {k[len(PREFIX) :] if k.startswith(PREFIX) else k: v for k, v in data.items()}
-    return data.get("lora_alpha"), data.get("alpha_pattern") or {}, data.get("rank_pattern") or {}
+    alpha, alpha_pattern, rank_pattern = data.get("lora_alpha"), data.get("alpha_pattern") or {}, data.get("rank_pattern") or {}
+    numbers = [alpha] if alpha is not None else []
+    if not isinstance(alpha_pattern, dict) or not isinstance(rank_pattern, dict):
+        raise SanaCheckpointError(f"corrupt '{METADATA_KEY}' metadata: alpha_pattern and rank_pattern must be objects")
+    numbers += alpha_pattern.values()
+    if not all(isinstance(n, (int, float)) and not isinstance(n, bool) and math.isfinite(n) for n in numbers):
+        raise SanaCheckpointError(f"corrupt '{METADATA_KEY}' metadata: lora_alpha and alpha_pattern must hold numbers")
+    return alpha, alpha_pattern, rank_pattern
 
 
 def lora_alpha(module: str, rank: int, metadata: dict[str, str]) -> float:
@@ -224,6 +239,10 @@ def load_lora(model: SanaDiT, path: str | os.PathLike, scale: float = 1.0) -> Sa
     shapes that do not fit, before changing any weight.
     """
     reader = open_checkpoint(path)
+    try:
+        _alphas(reader.metadata)  # checked once here, so the loop below cannot fail half-way
+    except SanaCheckpointError as e:
+        raise SanaCheckpointError(f"{path}: {e}") from None
     targets = lora_targets(model)
     pairs: dict[str, dict[str, str]] = {}
     ignored = []
@@ -244,6 +263,9 @@ def load_lora(model: SanaDiT, path: str | os.PathLike, scale: float = 1.0) -> Sa
         if set(ab) != {"A", "B"}:
             raise SanaCheckpointError(f"{path}: {module!r} has lora_{''.join(ab)} but not both lora_A and lora_B")
         target = targets[module]
+        bad_rank = [key for key in (ab["A"], ab["B"]) if len(reader.shape(key)) not in (2, 4)]
+        if bad_rank:
+            raise SanaCheckpointError(f"{path}: {bad_rank[0]!r} has shape {list(reader.shape(bad_rank[0]))}; LoRA weights are 2-D (or 4-D 1×1 convs)")
         a, b = reader.read(ab["A"]).float(), reader.read(ab["B"]).float()
         a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
         rank, out = a.shape[0], target.rows[1] - target.rows[0]

@@ -18,13 +18,21 @@ Negative prompts are encoded with `chi=False` (plain `max_length` tokens, nothin
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .checkpoint import (
+    CheckpointReader,
+    check_config_values,
+    dominant_float_dtype,
+    open_checkpoint,
+    read_json_file,
+    read_shard_index,
+    shorten,
+)
 from .errors import SanaCheckpointError, SanaInputError
 
 # The CHI as diffusers' SanaPipeline / SanaSprintPipeline / SanaPAGPipeline default it. It is
@@ -148,6 +156,36 @@ def _resolve_folders(folder: Path) -> tuple[Path, Path]:
     return folder, folder
 
 
+# Far above Gemma-2 27B (46 layers, 4608 wide, 256k vocabulary), so a damaged or hostile
+# config.json is refused before transformers allocates a model from it.
+_CONFIG_BOUNDS: dict[str, tuple[float, float]] = {
+    "num_hidden_layers": (1, 1024),
+    "hidden_size": (1, 65536),
+    "intermediate_size": (1, 1 << 20),
+    "vocab_size": (1, 1 << 22),
+    "num_attention_heads": (1, 1024),
+    "num_key_value_heads": (1, 1024),
+    "head_dim": (1, 4096),
+}
+
+
+def _read_config(model_folder: Path) -> dict:
+    """`config.json`, checked to describe a Gemma-2 of sane size."""
+    path = model_folder / "config.json"
+    if not path.is_file():
+        raise SanaCheckpointError(f"text encoder folder {model_folder} has no config.json")
+    config = read_json_file(path, "text encoder config")
+    if not isinstance(config, dict):
+        raise SanaCheckpointError(f"{path}: not a model config (a JSON {type(config).__name__}, not an object)")
+    model_type = config.get("model_type")
+    if model_type != "gemma2":
+        raise SanaCheckpointError(
+            f"{path} has model_type {shorten(repr(model_type))}; SANA's text encoder is Gemma-2 ('gemma2')"
+        )
+    check_config_values(str(path), config, _CONFIG_BOUNDS)
+    return config
+
+
 def _check_weights(model_folder: Path) -> None:
     present = [name for name in WEIGHT_FILES if (model_folder / name).is_file()]
     if not present and not any(model_folder.glob("*.safetensors")):
@@ -156,15 +194,56 @@ def _check_weights(model_folder: Path) -> None:
             "or *.safetensors shards"
         )
     for index_name in (n for n in present if n.endswith(".index.json")):
-        try:
-            shards = set(json.loads((model_folder / index_name).read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError) as error:
-            raise SanaCheckpointError(f"unreadable weight index {model_folder / index_name}: {error}") from None
+        shards = set(read_shard_index(model_folder / index_name).values())
         missing = sorted(s for s in shards if not (model_folder / s).is_file())
         if missing:
             raise SanaCheckpointError(
-                f"text encoder folder {model_folder}: {index_name} lists missing shard(s) {', '.join(missing)}"
+                f"text encoder folder {model_folder}: {index_name} lists missing shard(s) {', '.join(missing[:10])}"
             )
+
+
+def _safetensors_weights(model_folder: Path) -> CheckpointReader | None:
+    """The folder's safetensors weights, their headers read and checked against the file sizes
+    (a truncated file is named here); None for `pytorch_model.bin` weights."""
+    if not any(model_folder.glob("*.safetensors")):
+        return None
+    return open_checkpoint(model_folder)
+
+
+def _check_config_fits_weights(config: dict, weights: CheckpointReader, model_folder: Path) -> None:
+    """A config.json that disagrees with the weights would have transformers build (and allocate)
+    a model of the config's size before reporting anything; compare the sizes up front."""
+    names = {key.removeprefix("model."): key for key in weights.keys()}
+    embed = names.get("embed_tokens.weight")
+    expected = (config.get("vocab_size"), config.get("hidden_size"))
+    if embed is not None and None not in expected and weights.shape(embed) != expected:
+        raise SanaCheckpointError(
+            f"{model_folder / 'config.json'} describes a {expected[0]}×{expected[1]} embedding but the weights "
+            f"in {model_folder} hold {list(weights.shape(embed))} ({embed})"
+        )
+    layers = {key.split(".")[1] for key in names if key.startswith("layers.")}
+    wanted = config.get("num_hidden_layers")
+    if layers and wanted is not None and len(layers) != wanted:
+        raise SanaCheckpointError(
+            f"{model_folder / 'config.json'} describes {wanted} layers but the weights in {model_folder} hold {len(layers)}"
+        )
+
+
+def _load_tokenizer(tokenizer_folder: Path):
+    from transformers import AutoTokenizer
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer_folder / name).is_file():
+            read_json_file(tokenizer_folder / name, "tokenizer file")  # names the damaged file
+    try:
+        return AutoTokenizer.from_pretrained(str(tokenizer_folder), local_files_only=True)
+    except MemoryError:
+        raise
+    except Exception as error:  # tokenizers/sentencepiece raise many types for a damaged file
+        files = sorted(p.name for p in tokenizer_folder.glob("tokenizer*"))
+        raise SanaCheckpointError(
+            f"the tokenizer in {tokenizer_folder} ({', '.join(files)}) cannot be loaded: {shorten(str(error))}"
+        ) from error
 
 
 def load_text_encoder(
@@ -178,15 +257,16 @@ def load_text_encoder(
 
     `folder` is a Hugging Face Gemma-2 folder (`Gemma2Model`, or `Gemma2ForCausalLM` such as
     gemma-2-2b-it, whose decoder is taken and whose LM head is never built), or a diffusers
-    SANA folder with `text_encoder/` and `tokenizer/`. `dtype=None` keeps the stored dtype
-    (SANA's encoder is meant to run in bf16 or fp32). `attn_implementation=None` keeps
-    transformers' default, which is what diffusers and NVlabs get; "eager" is the one that
-    applies Gemma-2's attention logit soft-capping.
+    SANA folder with `text_encoder/` and `tokenizer/`. `dtype=None` keeps the stored dtype: the
+    one `config.json` names, else the one holding most of the weights (SANA's encoder is meant to
+    run in bf16 or fp32). `attn_implementation=None` keeps transformers' default, which is what
+    diffusers and NVlabs get; "eager" is the one that applies Gemma-2's attention logit soft-capping.
 
-    Raises `SanaCheckpointError` naming the folder and what is missing: the folder itself,
-    the tokenizer files, `config.json`, the weights (or a shard), or a non-Gemma-2 config.
+    Raises `SanaCheckpointError` naming the folder or file and what is wrong: the folder itself,
+    the tokenizer files (missing or damaged), `config.json` (missing, damaged, not Gemma-2, not
+    matching the weights), the weights (missing, truncated, a missing shard or tensor).
     """
-    from transformers import AutoTokenizer, Gemma2Config, Gemma2Model
+    from transformers import Gemma2Config, Gemma2Model
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -196,31 +276,36 @@ def load_text_encoder(
         raise SanaCheckpointError(
             f"text encoder folder {tokenizer_folder} has no tokenizer: expected {' or '.join(TOKENIZER_FILES)}"
         )
-    if not (model_folder / "config.json").is_file():
-        raise SanaCheckpointError(f"text encoder folder {model_folder} has no config.json")
+    config_data = _read_config(model_folder)
     _check_weights(model_folder)
+    weights = _safetensors_weights(model_folder)
+    if weights is not None:
+        _check_config_fits_weights(config_data, weights, model_folder)
+    tokenizer = _load_tokenizer(tokenizer_folder)  # before the weights: cheaper to fail on
 
     try:
         config = Gemma2Config.from_pretrained(str(model_folder), local_files_only=True)
     except Exception as error:  # transformers raises several types for a bad config
-        raise SanaCheckpointError(f"unreadable text encoder config {model_folder / 'config.json'}: {error}") from None
-    model_type = json.loads((model_folder / "config.json").read_text()).get("model_type")
-    if model_type != "gemma2":
-        raise SanaCheckpointError(
-            f"{model_folder / 'config.json'} has model_type {model_type!r}; SANA's text encoder is Gemma-2 ('gemma2')"
-        )
+        raise SanaCheckpointError(f"unreadable text encoder config {model_folder / 'config.json'}: {shorten(str(error))}") from None
 
+    if dtype is None and weights is not None and not (config_data.get("dtype") or config_data.get("torch_dtype")):
+        # transformers' "auto" would take the first tensor's dtype, however few weights share it.
+        dtype = dominant_float_dtype(weights)
     load_kwargs: dict = {"local_files_only": True, "dtype": dtype if dtype is not None else "auto"}
     if attn_implementation is not None:
         load_kwargs["attn_implementation"] = attn_implementation
     # Gemma2Model strips the CausalLM's "model." prefix itself, so a gemma-2-2b-it folder loads
     # its decoder directly and the (tied, 256k-row) LM head is never materialised.
-    model, info = Gemma2Model.from_pretrained(str(model_folder), config=config, output_loading_info=True, **load_kwargs)
+    try:
+        model, info = Gemma2Model.from_pretrained(str(model_folder), config=config, output_loading_info=True, **load_kwargs)
+    except MemoryError:
+        raise
+    except Exception as error:  # safetensors, zip and torch errors for a damaged weights file
+        raise SanaCheckpointError(f"the text encoder weights in {model_folder} cannot be loaded: {shorten(str(error))}") from error
     missing = sorted(info.get("missing_keys", []))
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise SanaCheckpointError(f"text encoder weights in {model_folder} lack {len(missing)} tensor(s): {shown}")
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder), local_files_only=True)
     model = model.to(device).eval().requires_grad_(False)
     return TextEncoder(model=model, tokenizer=tokenizer, folder=folder)
 

@@ -170,7 +170,7 @@ def test_failed_save_leaves_the_old_file_untouched(tmp_path, official_file, monk
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(sana.SanaCheckpointError, match="out.pth: cannot write: disk full"):
         save_dit(model, target, format="official")
     assert target.read_bytes() == b"previous checkpoint"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.pth", "out.pth"])

@@ -18,7 +18,17 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointReader, assign_state, check_keys, open_checkpoint, strip_prefix, write_safetensors
+from ..checkpoint import (
+    CheckpointReader,
+    assign_state,
+    check_keys,
+    dominant_float_dtype,
+    open_checkpoint,
+    preview,
+    shorten,
+    strip_prefix,
+    write_safetensors,
+)
 from ..dit import SanaDiT, SanaDiTConfig
 from ..errors import SanaCheckpointError, SanaInputError
 from .model import W8A8Linear, apply_plan, is_w8a8
@@ -52,14 +62,18 @@ def _plan_from_metadata(reader: CheckpointReader) -> dict[str, bool]:
     try:
         record = json.loads(reader.metadata[W8A8_METADATA_KEY])
         version, layers = record["version"], record["layers"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise SanaCheckpointError(f"{reader.path}: corrupt '{W8A8_METADATA_KEY}' metadata: {e}") from e
+        if not isinstance(layers, dict):
+            raise TypeError(f"'layers' is a {type(layers).__name__}, not an object")
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise SanaCheckpointError(f"{reader.path}: corrupt '{W8A8_METADATA_KEY}' metadata: {shorten(str(e))}") from e
     if version != W8A8_FORMAT_VERSION:
-        raise SanaCheckpointError(f"{reader.path}: W8A8 format version {version} is not supported (this library reads {W8A8_FORMAT_VERSION})")
+        raise SanaCheckpointError(
+            f"{reader.path}: W8A8 format version {shorten(repr(version))} is not supported (this library reads {W8A8_FORMAT_VERSION})"
+        )
     modes = {"w8a8": True, "weight_only": False}
-    unknown = {name: mode for name, mode in layers.items() if mode not in modes}
+    unknown = [f"{name}: {mode!r}" for name, mode in layers.items() if not isinstance(mode, str) or mode not in modes]
     if unknown:
-        raise SanaCheckpointError(f"{reader.path}: unknown W8A8 layer modes {unknown}")
+        raise SanaCheckpointError(f"{reader.path}: unknown W8A8 layer modes {preview(unknown)}")
     return {name: modes[mode] for name, mode in layers.items()}
 
 
@@ -73,7 +87,7 @@ def load_w8a8_dit(
     """Build the W8A8 DiT a `save_w8a8` file describes and fill it, in eval mode.
 
     `dtype` applies to the float tensors (biases, kept layers, norms, tables); int8 weights and
-    fp32 scales keep their stored dtypes. Keys and shapes are checked before any data is read.
+    fp32 scales keep their stored dtypes. `dtype=None` keeps the dtype most float tensors are stored in. Keys and shapes are checked before any data is read.
     """
     from ..dit_io import resolve_config
 
@@ -83,7 +97,7 @@ def load_w8a8_dit(
         model = SanaDiT(cfg)
     missing = sorted(name for name in plan if not _is_linear(model, name))
     if missing:
-        raise SanaCheckpointError(f"{reader.path}: W8A8 layers {missing[:10]} are not linear layers of a {cfg.variant} DiT")
+        raise SanaCheckpointError(f"{reader.path}: W8A8 layers {preview(missing)} are not linear layers of a {cfg.variant} DiT")
     apply_plan(
         model, plan,
         lambda linear, act: W8A8Linear(linear.in_features, linear.out_features, linear.bias is not None,
@@ -96,7 +110,9 @@ def load_w8a8_dit(
         if not _stored_dtype_fits(name, t.dtype, reader.infos[name].dtype)
     ]
     if wrong_dtype:
-        raise SanaCheckpointError(f"{reader.path}: tensors of the wrong dtype for a W8A8 checkpoint: {wrong_dtype[:10]}")
+        raise SanaCheckpointError(f"{reader.path}: tensors of the wrong dtype for a W8A8 checkpoint: {preview(wrong_dtype)}")
+    # The float tensors (all but the fp32 scales) share one dtype, so a stray one cannot break forward.
+    dtype = dtype or dominant_float_dtype(reader, [name for name in expected if not name.endswith(_SCALE_SUFFIX)])
 
     def tensors():
         for name in expected:
