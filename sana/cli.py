@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import write_bytes
+from .checkpoint import pipeline_subfolder, write_bytes
 from .errors import SanaCheckpointError, SanaError, SanaInputError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -71,10 +71,7 @@ def write_png(path: Path, image: torch.Tensor) -> None:
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.numpy().tobytes(), 6))
     png += chunk(b"IEND", b"")
-    try:
-        write_bytes(path, png)
-    except OSError as error:
-        raise SanaCheckpointError(f"cannot write the image {path}: {error.strerror or error}") from None
+    write_bytes(path, png)  # atomic; a failed write raises SanaCheckpointError naming the path
 
 
 def read_image(path: Path) -> torch.Tensor:
@@ -232,6 +229,7 @@ def command_convert(args: argparse.Namespace) -> int:
             raise SanaInputError(f"a DiT is written as 'diffusers' or 'official', not {fmt!r}")
         model = sana.load_dit(source, dtype=dtype, config=args.config)
         sana.save_dit(model, target, format=fmt)
+        target = pipeline_subfolder(target, "transformer") if fmt == "diffusers" else target
         what = f"DiT {model.config.variant}"
     else:
         from sana.dcae_io import load_dcae, save_dcae, stored_dcae_dtype
@@ -243,6 +241,7 @@ def command_convert(args: argparse.Namespace) -> int:
         dtype = dtype or stored_dcae_dtype(source)
         save_dcae(model, target, layout=args.format, dtype=dtype)
         fmt = args.format or ("diffusers" if not target.suffix else "original")
+        target = pipeline_subfolder(target, "vae") if fmt == "diffusers" else target
         what = f"DC-AE {model.config.name}"
     print(f"wrote {target}: {what}, {fmt} layout, {dtype or model.dtype}", file=sys.stderr)
     return 0

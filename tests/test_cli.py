@@ -164,3 +164,15 @@ def test_convert_rejects_a_format_of_the_other_component(tmp_path, capsys):
 def test_module_entry_point():
     result = subprocess.run([sys.executable, "-m", "sana", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0 and "generate" in result.stdout and "convert" in result.stdout
+
+
+def test_convert_into_a_pipeline_root_says_where_it_wrote(tmp_path, capsys):
+    reference = random_reference("sana", seed=2)
+    official = write_official_pth(reference, tmp_path / "m.pth")
+    (tmp_path / "config.json").write_text(json.dumps(dict(reference.config)))  # a tiny width is no preset
+    root = tmp_path / "pipeline"
+    (root / "transformer").mkdir(parents=True)
+    (root / "model_index.json").write_text('{"_class_name": "SanaPipeline"}')
+    assert main(["convert", "dit", str(official), str(root), "--config", str(tmp_path / "config.json")]) == 0
+    assert f"wrote {root / 'transformer'}:" in capsys.readouterr().err
+    assert (root / "transformer" / "config.json").is_file() and not (root / "config.json").exists()

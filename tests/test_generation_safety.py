@@ -363,7 +363,7 @@ def test_failed_png_write_keeps_the_previous_image(tmp_path, monkeypatch, reques
     write_png(path, previous)
     before = path.read_bytes()
     request.getfixturevalue("disk_full")
-    with pytest.raises(SanaCheckpointError, match=rf"cannot write the image {path}: No space left on device"):
+    with pytest.raises(SanaCheckpointError, match=rf"{path}: cannot write: .*No space left on device"):
         write_png(path, torch.rand(60, 50, 3))
     monkeypatch.undo()
     assert path.read_bytes() == before  # the old image, whole
@@ -377,9 +377,8 @@ def test_cli_write_failure_is_one_error_line_naming_the_path(parts, tmp_path, ca
             "--steps", "2", "--device", "cpu", "--prompt", "a cat"]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert [line for line in err.splitlines() if line.startswith("error:")] == [
-        f"error: cannot write the image {out}: No space left on device"
-    ]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {out}: cannot write:") and "No space left on device" in errors[0]
     assert "Traceback" not in err and not out.exists()
 
 
