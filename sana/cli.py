@@ -5,6 +5,7 @@
     python -m sana generate ... --image in.png --strength 0.6     # image to image
     python -m sana convert dit Sana_1600M_1024px.pth sana_1600m_diffusers/
     python -m sana convert vae dc-ae-f32c32-sana-1.1-diffusers/ dc-ae.safetensors --format original
+    python -m sana doctor --model sana-1600m-4k --size 4096x4096  # kernels on this device, memory plan
 
 `generate` prints a progress bar (tqdm when installed) and writes PNGs; several images go to
 `out-0.png`, `out-1.png`, ... Unusable files and values (any `sana.errors.SanaError`) end with
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from . import doctor
 from .errors import SanaCheckpointError, SanaError, SanaInputError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -268,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="when detection cannot tell: a preset name, or for a DiT a diffusers config.json path",
     )
     conv.set_defaults(run=command_convert)
+
+    diagnose = commands.add_parser("doctor", help="device, versions, kernel probes and timing choices, memory plan")
+    add_debug_option(diagnose, top_level=False)
+    doctor.add_arguments(diagnose)
+    diagnose.set_defaults(run=doctor.run)
     return parser
 
 

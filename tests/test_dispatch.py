@@ -11,9 +11,11 @@ The real kernels' probes run under Triton's interpreter (or compiled, on a GPU).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -427,3 +429,66 @@ def test_report_probes_a_device_and_lists_the_saved_choices(cache_dir):
     assert [p["status"] for p in by_name["int8_linear"]["probes"]] == ["declined"]
     assert [c["source"] for c in by_name["rms_norm"]["choices"]] == ["saved"]
     assert report["devices"]["cpu"]["cache_file"].startswith(str(cache_dir))
+
+
+# --------------------------------------------------------------------------------------------
+# python -m sana doctor
+
+
+def test_doctor_prints_versions_probes_choices_and_the_memory_plan(cache_dir, capsys):
+    from sana.cli import main
+
+    log = []
+    with dispatch.isolated(auto_device_types={"cpu"}, timer=StubTimer(log, kernel_s=0.5)):
+        choose_once(log)  # a choice saved by an "earlier run"
+    with dispatch.isolated():
+        inject("wrong", log, ["rms_norm"])
+        inject("right", log, set(MODEL_KERNELS) - {"rms_norm"})
+        for name in set(dispatch.kernel_names()) - set(MODEL_KERNELS):
+            dispatch.register(dataclasses.replace(dispatch.spec(name), load=lambda: (lambda *a, **k: NotImplemented),
+                                                  needs_triton=False))
+        assert main(["doctor", "--model", "sana-600m-512", "--size", "256x192", "--device", "cpu", "--probe"]) == 0
+        text = capsys.readouterr().out
+        assert main(["doctor", "--model", "sana-600m-512", "--size", "256x192", "--device", "cpu", "--json"]) == 0
+        data = json.loads(capsys.readouterr().out)
+    lines = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ")}
+    assert f"torch {torch.__version__}" in text and "triton " in text and "SANA_KERNELS=auto" in text
+    assert "failed (differs from the reference" in lines["rms_norm"] and lines["rms_norm_2d"].endswith("passed")
+    assert "declined" in lines["int8_linear"]
+    assert "float32 float32 | shapes 2.6.7 7: kernel (kernel 500.000 ms, reference 1000.000 ms; saved)" in text
+    assert "memory plan: sana-600m-512 at 256x192, float32" in text and "peak " in text
+    plan = data["memory_plan"]
+    assert plan["peak"] == max(plan["stages"].values()) > plan["weights"]["text_encoder"] > 0
+    assert data["probed"] is False  # cpu without --probe: the references run, nothing probed
+
+
+def test_doctor_refuses_bad_options_before_any_work(capsys):
+    from sana.cli import main
+
+    for argv, message in ((["--size", "1000x1000"], "multiples of 32"), (["--model", "sana-9b"], "not a DiT preset"),
+                          (["--size", "big"], "WIDTHxHEIGHT")):
+        assert main(["doctor", *argv]) == 2
+        assert message in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Import direction
+
+
+def relative_imports(path: Path) -> list[tuple[int, str, bool]]:
+    """(level, module, at module level) of every relative import in a file."""
+    tree = ast.parse(path.read_text())
+    top = {id(node) for node in tree.body}
+    return [(node.level, node.module or "", id(node) in top) for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level]
+
+
+def test_kernels_import_nothing_from_the_models_and_quant_has_no_circle():
+    sana_dir = Path(sana.__file__).parent
+    for path in sorted((sana_dir / "kernels").glob("*.py")):
+        for level, module, top_level in relative_imports(path):
+            assert top_level, (path.name, module)  # no function-level import dodging a circle
+            assert level == 1 or module in ("errors", "checkpoint"), (path.name, module)  # kernels, errors, checkpoint
+    for level, module, top_level in relative_imports(sana_dir / "quant" / "triton_ops.py"):
+        assert top_level and level == 2 and module.startswith("kernels"), module  # never back into quant/ops.py
+    assert all(top for _, _, top in relative_imports(sana_dir / "quant" / "ops.py"))
