@@ -188,8 +188,9 @@ def variant_name(config: SanaDiTConfig) -> str:
 # --------------------------------------------------------------------------------------------
 # Functional pieces (each the PyTorch reference a fused kernel must match)
 #
-# `@fused` routes a call to the Triton kernel of the same name in `sana.kernels` on CUDA (see
-# `sana.ops.fused`, `SANA_KERNELS`); on CPU the body below runs unchanged.
+# `@fused` routes a call to the Triton kernel of the same name in `sana.kernels` on a GPU where
+# that kernel matched this reference and is faster (see `sana.ops.fused`, `SANA_KERNELS`); on
+# CPU the body below runs unchanged.
 # --------------------------------------------------------------------------------------------
 
 

@@ -61,6 +61,7 @@ TIMING_REPEATS = 5
 PROBE_SEED = 0
 
 PASSED, FAILED, DECLINED = "passed", "failed", "declined"
+_UNDECIDED = object()
 _OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 _log = logging.getLogger("sana")
 
@@ -155,6 +156,7 @@ class _State:
     verdicts: dict[tuple, Verdict] = field(default_factory=dict)  # (name, device, variant) →
     choices: dict[tuple, dict[str, Any]] = field(default_factory=dict)  # ((name, device, variant), shapes) →
     files: dict[torch.device, ChoiceFile | None] = field(default_factory=dict)
+    decisions: dict[tuple, Callable | None] = field(default_factory=dict)  # exact call signature → kernel or None
 
 
 _specs: dict[str, KernelSpec] = {}
@@ -173,6 +175,8 @@ def register(spec: KernelSpec) -> None:
 
 def _forget(name: str) -> None:
     _state.kernels.pop(name, None)
+    for key in [k for k in _state.decisions if k[0] == name]:
+        del _state.decisions[key]
     for key in [k for k in _state.verdicts if k[0] == name]:
         del _state.verdicts[key]
     for key in [k for k in _state.choices if k[0][0] == name]:
@@ -277,30 +281,62 @@ def _forced(kernel_spec: KernelSpec, reference: Callable, tensors: list[torch.Te
 
 def _auto(kernel_spec: KernelSpec, reference: Callable, tensors: list[torch.Tensor], args: tuple, kwargs: dict) -> Any:
     device = tensors[0].device
-    if device.type not in _state.auto_device_types or any(t.device != device for t in tensors):
+    if device.type not in _state.auto_device_types:
         return reference(*args, **kwargs)
-    if kernel_spec.needs_triton and not triton_available():
+    key = _call_key(kernel_spec.name, args, kwargs)
+    try:
+        kernel = _state.decisions.get(key, _UNDECIDED)
+    except TypeError:  # an unhashable argument: decided at every call
+        key, kernel = None, _UNDECIDED
+    if kernel is _UNDECIDED:
+        kernel, final = _decide(kernel_spec, reference, device, tensors, args, kwargs)
+        if final and key is not None:
+            _state.decisions[key] = kernel
+    if kernel is None:
         return reference(*args, **kwargs)
+    try:
+        out = kernel(*args, **kwargs)
+    except _OUT_OF_MEMORY:
+        raise  # the device is full, not the kernel at fault: the caller frees memory and retries
+    except Exception as error:
+        probe_key = (kernel_spec.name, device, _signature(args, kwargs)[0])
+        _fall_back(probe_key, f"{_error_text(error)} (at {_shapes_text(tensors)})")
+        return reference(*args, **kwargs)
+    return reference(*args, **kwargs) if out is NotImplemented else out
+
+
+def _call_key(name: str, args: tuple, kwargs: dict) -> tuple:
+    """The exact signature of a call (each tensor's device, dtype, shape and strides, the other
+    arguments' values): the key of the hot path's one lookup."""
+    parts: list[Any] = [name]
+    for value in (*args, *kwargs.values()):
+        parts.append((value.device, value.dtype, value.shape, value.stride()) if isinstance(value, torch.Tensor) else value)
+    if kwargs:
+        parts.append(tuple(kwargs))
+    return tuple(parts)
+
+
+def _decide(kernel_spec: KernelSpec, reference: Callable, device: torch.device, tensors: list[torch.Tensor],
+            args: tuple, kwargs: dict) -> tuple[Callable | None, bool]:
+    """(the kernel, or None for the reference; whether that is final for this call signature):
+    probe at the variant's first use, the timing choice at the shape class's first use."""
+    if any(t.device != device for t in tensors) or (kernel_spec.needs_triton and not triton_available()):
+        return None, True
     variant, shapes = _signature(args, kwargs)
     probe_key = (kernel_spec.name, device, variant)
     verdict = _state.verdicts.get(probe_key)
     if verdict is None:
         verdict = _probe_first_use(kernel_spec, reference, probe_key, args, kwargs)
-    if verdict is None or not verdict.passed:
-        return reference(*args, **kwargs)
+        if verdict is None:
+            return None, False  # not probed now (a graph capture, or the device was full): later
+    if not verdict.passed:
+        return None, True
     record = _state.choices.get((probe_key, shapes))
     if record is None:
         record = _choose(kernel_spec, reference, probe_key, shapes, args, kwargs)
-    if record is None or record["choice"] != "kernel":
-        return reference(*args, **kwargs)
-    try:
-        out = _kernel(kernel_spec)(*args, **kwargs)
-    except _OUT_OF_MEMORY:
-        raise  # the device is full, not the kernel at fault: the caller frees memory and retries
-    except Exception as error:
-        _fall_back(probe_key, f"{_error_text(error)} (at {_shapes_text(tensors)})")
-        return reference(*args, **kwargs)
-    return reference(*args, **kwargs) if out is NotImplemented else out
+        if record is None:
+            return None, probe_key not in _state.verdicts or not _state.verdicts[probe_key].passed
+    return (_kernel(kernel_spec) if record["choice"] == "kernel" else None), True
 
 
 def _layout(t: torch.Tensor) -> Any:
@@ -465,6 +501,8 @@ def _fall_back(probe_key: tuple, cause: str) -> None:
         previous = _state.verdicts.get(probe_key)
         if previous is None or previous.status != FAILED:
             _record(probe_key, Verdict(FAILED, cause))
+        for key in [k for k in _state.decisions if k[0] == probe_key[0]]:
+            del _state.decisions[key]  # decided again, from the verdicts, at the next call
 
 
 def _warn_fallback(probe_key: tuple, cause: str) -> None:
