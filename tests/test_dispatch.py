@@ -262,7 +262,7 @@ def test_each_variant_gets_its_own_probe(cache_dir):
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_every_real_kernel_passes_its_probe(dtype):
     pytest.importorskip("triton")
     with dispatch.isolated():

@@ -94,9 +94,9 @@ class ProbeInputs:
         """Normal values · scale + offset (in fp32, rounded once to the argument's dtype)."""
         return self._place(param, torch.randn(*shape, generator=self._generator) * scale + offset, dtype)
 
-    def positive(self, param: str, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Values in [0.1, 1.1): scales."""
-        return self._place(param, torch.rand(*shape, generator=self._generator) + 0.1, dtype)
+    def positive(self, param: str, *shape: int, scale: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Values in [0.1, 1.1) · scale: scales."""
+        return self._place(param, (torch.rand(*shape, generator=self._generator) + 0.1) * scale, dtype)
 
     def int8(self, *shape: int) -> torch.Tensor:
         """int8 values in [-127, 127]."""

@@ -113,6 +113,10 @@ class ElementwiseClose:
                 return problem
             dtype = got.dtype
             got, reference = got.detach().cpu().double(), reference.detach().cpu().double()
+            finite = torch.isfinite(reference)
+            if not torch.equal(got[~finite], reference[~finite]) or not torch.isfinite(got[finite]).all():
+                return f"output {index} ({dtype}): NaN or inf where the reference has none (or a NaN)"
+            got, reference = got[finite], reference[finite]
             bound = self.rtol.get(dtype, 0.0) * reference.abs()
             if reference.numel():
                 bound += self.atol_of_max * reference.abs().max()

@@ -152,9 +152,9 @@ QUANTIZED_TOLERANCE = QuantizedMatch()
 
 def _int8_linear_probe(make: ProbeInputs) -> dict[str, Any]:
     M, K, N = 37, 53, 29
-    return {"a": make.int8(M, K), "a_scales": make.positive("a_scales", M, dtype=torch.float32), "w": make.int8(N, K),
-            "w_scales": make.positive("w_scales", N, dtype=torch.float32), "bias": make.randn("bias", N),
-            "out_dtype": make.dtype}
+    # Scales of a quantized layer's size (absmax / 127): the products stay within fp16's range.
+    scales = {name: make.positive(name, rows, scale=1e-3, dtype=torch.float32) for name, rows in (("a_scales", M), ("w_scales", N))}
+    return {"a": make.int8(M, K), "w": make.int8(N, K), **scales, "bias": make.randn("bias", N), "out_dtype": make.dtype}
 
 
 def _quantize_rows_probe(make: ProbeInputs) -> dict[str, Any]:
