@@ -12,16 +12,19 @@ the same signature is then wrapped with `routed(reference)`, which sends each ca
   1. Probe, at first use per (kernel, device, variant). The variant is what selects a compiled
      code path: the dtypes and channels-last layouts of the tensor arguments, which optional
      ones are None, the flags and dtype arguments. Kernel and reference run on small random
-     inputs of that variant (odd sizes, as the tests') and are compared with the kernel's
-     tolerance (the tests' own). A compile or launch error or a mismatch sends the kernel to
-     its reference on that device and variant for the rest of the process, with one warning on
-     the "sana" logger naming kernel, device, variant and cause.
+     inputs of that variant (odd sizes, as the tests'; gradients too for a kernel with a
+     backward) and are compared with the kernel's tolerance (the tests' own). A compile or
+     launch error or a mismatch sends the kernel to its reference on that device and variant
+     for the rest of the process, with a warning on the "sana" logger naming kernel, device,
+     variant and cause: one line per kernel and device (other variants' go to the debug log).
   2. Timing, at first use per (kernel, device, variant, shape class — the bit length of every
-     dimension). Kernel and reference run on the call's own inputs (copies of those they write
-     in place), timed with device events after a warm-up, and the faster is kept, in memory and
-     on disk (`choice_cache`, keyed by device and versions); later calls read the memo.
+     dimension). Kernel and reference (as plain PyTorch) run on the call's own inputs (copies
+     of those they write in place), timed with device events after a warm-up, and the faster is
+     kept, in memory and on disk (`choice_cache`, keyed by device and versions).
   3. An error of the kernel at a real shape later does what a failed probe does, and the call
-     returns the reference's result.
+     returns the reference's result. (Out of memory is raised instead: the device is full, not
+     the kernel wrong.)
+  Once decided, a call's route is one dictionary lookup on its exact signature.
   Only device types with a Triton backend take part: CUDA (NVIDIA, and AMD under ROCm) and
   Intel XPU. CPU and MPS tensors get the reference, and so does a call made while a CUDA graph
   is captured before its kernel has been probed and timed.
