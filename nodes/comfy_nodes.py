@@ -26,12 +26,16 @@ from comfy_api.latest import io
 
 from ..sana.dcae_io import load_dcae
 from ..sana.errors import SanaCheckpointError, SanaInputError
+from ..sana.kernels import set_cache_dir
 from ..sana.pipeline import FLOW_DPM_SOLVER, TRIGFLOW, select_solver
 from ..sana.text_encoder import TextEncoder, load_text_encoder
 from ..sana.samplers import uses_cfg, uses_pag
 from . import logic, specs
 from .comfy_model import ManagedModule, auto_dtype, load_sana_model, sana_dit, w8a8_model, with_pag
 from .comfy_vae import SanaDCAEVAE
+
+# The kernel dispatcher keeps its per-GPU timing choices with the user's ComfyUI data.
+set_cache_dir(Path(folder_paths.get_user_directory()) / "sana-comfy")
 
 # --------------------------------------------------------------------------------------------
 # Model folders

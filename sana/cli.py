@@ -5,6 +5,7 @@
     python -m sana generate ... --image in.png --strength 0.6     # image to image
     python -m sana convert dit Sana_1600M_1024px.pth sana_1600m_diffusers/
     python -m sana convert vae dc-ae-f32c32-sana-1.1-diffusers/ dc-ae.safetensors --format original
+    python -m sana doctor --model sana-1600m-4k --size 4096x4096  # kernels on this device, memory plan
 
 `generate` prints a progress bar (tqdm when installed) and writes PNGs, each atomically (a
 full disk or a kill mid-write leaves any earlier file of that name intact); several images go to
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from . import doctor
 from .checkpoint import pipeline_subfolder, write_bytes
 from .errors import SanaCheckpointError, SanaError, SanaInputError
 
@@ -311,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="when detection cannot tell: a preset name, or for a DiT a diffusers config.json path",
     )
     conv.set_defaults(run=command_convert)
+
+    diagnose = commands.add_parser("doctor", help="device, versions, kernel probes and timing choices, memory plan")
+    add_debug_option(diagnose, top_level=False)
+    doctor.add_arguments(diagnose)
+    diagnose.set_defaults(run=doctor.run)
     return parser
 
 

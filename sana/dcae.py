@@ -38,10 +38,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .errors import SanaCheckpointError, SanaInputError
+from .kernels.constants import LINEAR_ATTENTION_EPS  # 1e-15, shared with the Triton kernel
 from .ops import fused
 
-# Diffusers and the original code both use 1e-15: only an all-zero query or key column feels it.
-LINEAR_ATTENTION_EPS = 1e-15
+# LINEAR_ATTENTION_EPS: diffusers and the original code both use 1e-15; only an all-zero query
+# or key column feels it.
 NORM_EPS = 1e-5
 
 RESBLOCK = "ResBlock"

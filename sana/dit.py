@@ -28,12 +28,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .errors import SanaCheckpointError, SanaInputError
+from .kernels.constants import LINEAR_ATTENTION_EPS  # shared with the Triton kernel
 from .ops import Linear, fused
 from .schedules import default_flow_shift
 
-# Linear-attention denominator epsilon; diffusers uses 1e-15 (NVlabs passes 1e-8). Only an
-# all-zero query or key row feels it, and then the output is 0 either way.
-LINEAR_ATTENTION_EPS = 1e-15
+# LINEAR_ATTENTION_EPS, the linear-attention denominator epsilon: diffusers uses 1e-15 (NVlabs
+# passes 1e-8). Only an all-zero query or key row feels it, and then the output is 0 either way.
 # Diffusers turns the 0/1 caption mask into this additive bias (NVlabs does the same without xformers).
 CROSS_ATTENTION_MASK_BIAS = -10000.0
 
@@ -188,8 +188,9 @@ def variant_name(config: SanaDiTConfig) -> str:
 # --------------------------------------------------------------------------------------------
 # Functional pieces (each the PyTorch reference a fused kernel must match)
 #
-# `@fused` routes a call to the Triton kernel of the same name in `sana.kernels` on CUDA (see
-# `sana.ops.fused`, `SANA_KERNELS`); on CPU the body below runs unchanged.
+# `@fused` routes a call to the Triton kernel of the same name in `sana.kernels` on a GPU where
+# that kernel matched this reference and is faster (see `sana.ops.fused`, `SANA_KERNELS`); on
+# CPU the body below runs unchanged.
 # --------------------------------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ The Triton kernels are checked against these references in test_w8a8_kernels.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -26,6 +27,7 @@ from sana.quant import (
     quantize_w8a8,
     save_w8a8,
 )
+from sana.kernels import dispatch
 from sana.ops import use_kernels
 from sana.quant import ops
 from sana.samplers import flow_dpm_solver
@@ -121,14 +123,33 @@ def test_fused_quantizer_references_follow_their_float_definitions():
     assert (got[0].int() - want[0].int()).abs().max() <= 1 and torch.allclose(got[1], want[1], rtol=1e-5)
 
 
-def test_routing_follows_the_model_kernel_backend(monkeypatch):
-    cpu = torch.zeros(1)
-    for backend in ("torch", "auto"):
-        with use_kernels(backend):
-            assert ops.use_triton(cpu) is False  # auto: Triton is for CUDA tensors
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with use_kernels("triton"), pytest.raises(RuntimeError, match="(?i)triton"):
-        ops.use_triton(cpu)
+def test_routing_follows_the_one_dispatcher(monkeypatch):
+    """The W8A8 ops route as the float model's kernels do (one dispatcher): the CPU takes the
+    reference under auto, forcing Triton needs the interpreter on the CPU, and calls traced by
+    torch.compile or needing gradients take the reference (the old W8A8 copy of the rules lacked
+    these two)."""
+    calls = []
+    x = torch.randn(3, 8)
+    expected = ops.quantize_rows_reference(x)
+    with dispatch.isolated():
+        fake = lambda x: calls.append(x.shape) or NotImplemented  # noqa: E731
+        dispatch.register(dataclasses.replace(dispatch.spec("quantize_rows"), load=lambda: fake))
+        for backend in ("torch", "auto"):
+            with use_kernels(backend):
+                assert torch.equal(ops.quantize_rows(x).values, expected[0])
+        assert calls == []
+        with use_kernels("triton"):
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+            ops.quantize_rows(x)
+            assert calls == [(3, 8)]
+            calls.clear()
+            with torch.enable_grad():
+                ops.quantize_rows(x.clone().requires_grad_(True))
+            torch.compile(lambda t: ops.quantize_rows(t).values, backend="eager", fullgraph=True)(x)
+            assert calls == []
+            monkeypatch.delenv("TRITON_INTERPRET")
+            with pytest.raises(RuntimeError, match="(?i)triton"):
+                ops.quantize_rows(x)
 
 
 # --------------------------------------------------------------------------------------------

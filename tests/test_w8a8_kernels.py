@@ -45,13 +45,13 @@ def poisoned_scales(rows: int) -> torch.Tensor:
 
 
 def assert_quantized_equal(got, want, what: str) -> None:
-    """Kernel vs reference int8: equal, except one step where a division lands on .5 within float error."""
+    """Kernel vs reference int8 with the dispatcher's probe tolerance: equal, except one step
+    where a division lands on .5 within float error; scales within 1e-6."""
     values, scales = got
     assert (values != POISON_INT8).all(), f"{what}: unwritten values"
     assert torch.isfinite(scales).all(), f"{what}: unwritten scales"
-    steps = (values.int() - want[0].int()).abs()
-    assert int(steps.max()) <= 1 and int((steps > 0).sum()) <= max(1, steps.numel() // 500), what
-    torch.testing.assert_close(scales, want[1], rtol=1e-6, atol=0, msg=what)
+    problem = ops.QUANTIZED_TOLERANCE.mismatch(got, want, None)
+    assert problem is None, f"{what}: {problem}"
 
 
 def generator(seed: int = 0) -> torch.Generator:
@@ -64,7 +64,7 @@ def generator(seed: int = 0) -> torch.Generator:
 
 @pytest.mark.parametrize("M, K, N", [(37, 53, 29), (1, 7, 3), (70, 130, 45)])
 @pytest.mark.parametrize("has_bias", [True, False])
-def test_int8_gemm_matches_the_reference_in_fp32_exactly(M, K, N, has_bias):
+def test_int8_gemm_matches_the_reference_in_fp32(M, K, N, has_bias):
     g = generator(M)
     a = torch.randint(-127, 128, (M, K), generator=g, device=DEVICE, dtype=torch.int8)
     w = torch.randint(-127, 128, (N, K), generator=g, device=DEVICE, dtype=torch.int8)
@@ -73,7 +73,10 @@ def test_int8_gemm_matches_the_reference_in_fp32_exactly(M, K, N, has_bias):
     buffer = torch.full((M, N + 5), float("nan"), device=DEVICE)
     out = triton_ops.int8_linear(a, a_s, w, w_s, bias, torch.float32, out=buffer[:, :N])
     assert out.data_ptr() == buffer.data_ptr()
-    assert torch.equal(out, ops.int8_linear_reference(a, a_s, w, w_s, bias, torch.float32))
+    want = ops.int8_linear_reference(a, a_s, w, w_s, bias, torch.float32)
+    assert ops.INT8_LINEAR_TOLERANCE.mismatch(out, want, None) is None  # the probes' tolerance
+    if DEVICE == "cpu":  # the interpreter runs the epilogue op by op, as the reference: no fused multiply-add
+        assert torch.equal(out, want)
     assert torch.isnan(buffer[:, N:]).all()  # nothing written beyond the view
 
 
@@ -99,8 +102,9 @@ def test_int8_gemm_half_outputs_and_strided_activations(dtype):
     got = triton_ops.int8_linear(a, a_s, w, w_s, bias, dtype)
     want = ops.int8_linear_reference(a, a_s, w, w_s, bias, dtype)
     assert got.dtype == dtype
-    # The same fp32 value, cast once: the interpreter's cast may round the other way (one ulp).
-    torch.testing.assert_close(got, want, rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10, atol=0)
+    # The same fp32 value, cast once: the cast may round the other way (one ulp of the dtype).
+    problem = ops.INT8_LINEAR_TOLERANCE.mismatch(got, want, None)
+    assert problem is None, problem
 
 
 # --------------------------------------------------------------------------------------------

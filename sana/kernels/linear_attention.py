@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .constants import LINEAR_ATTENTION_EPS
 from .launch import cdiv, empty, fp32_dot_precision, interpreting, program_budget
 
 # --------------------------------------------------------------------------------------------
@@ -310,8 +311,6 @@ def _supported(*tensors: torch.Tensor) -> bool:
 
 def relu_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """Triton `sana.dit.relu_linear_attention`: [B, N, C] (any row stride, e.g. chunks of the QKV output)."""
-    from ..dit import LINEAR_ATTENTION_EPS
-
     B, N, C = q.shape
     if C % heads or not (q.shape == k.shape == v.shape):
         return NotImplemented
@@ -327,8 +326,6 @@ def relu_linear_attention_multiscale(qkv: torch.Tensor, head_dim: int, eps: floa
 
     Reads q, k, v without copies from NCHW or channels-last maps and returns the same memory format.
     """
-    from ..dcae import LINEAR_ATTENTION_EPS
-
     eps = LINEAR_ATTENTION_EPS if eps is None else eps
     B, channels, H, W = qkv.shape
     if channels % (3 * head_dim):

@@ -6,13 +6,13 @@ channel, activations per token (row), computed on the fly. A row `x` becomes
 so negating a quantized tensor stays exact.
 
 Every function here has one definition in PyTorch (`*_reference`) that the Triton kernels in
-`triton_ops.py` must match; `int8_linear`, `quantize_rows`, `depthwise_conv_glu_quantize` and
-`layernorm_modulate_quantize` pick the route with the same backend as the model's other fused
-kernels (`sana.ops.kernel_backend()`: `SANA_KERNELS`, or `sana.ops.use_kernels(...)`):
-
-- `auto` (default): Triton for CUDA tensors when triton imports, else PyTorch;
-- `triton`: always Triton (on CPU tensors only under `TRITON_INTERPRET=1`, for tests);
-- `torch`: always PyTorch.
+`triton_ops.py` must match. The kernels are registered below with the one dispatcher of
+`sana.kernels` (probe inputs and tolerances next to each), and `int8_linear`, `quantize_rows`,
+`depthwise_conv_glu_quantize` and `layernorm_modulate_quantize` route through it exactly as the
+model's other fused kernels do (`sana.kernels.dispatch`): under `auto` (default) a kernel runs
+on a GPU only after it matched its reference there and timed faster; `SANA_KERNELS=triton|torch`
+(or `sana.ops.use_kernels`) forces either side; `torch.compile` traces and calls that need
+gradients take the reference.
 
 The PyTorch int8 GEMM is `torch._int_mm` (exact int32 accumulation; on CPU it is about 2× faster
 than the fp32 GEMM on the AMD EPYC measured), with a dequantized fp32 matmul where `_int_mm` is
@@ -21,17 +21,18 @@ refused (CUDA shapes it does not support).
 
 from __future__ import annotations
 
-import os
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..dit import depthwise_conv_glu
-from ..ops import kernel_backend, triton_available
-
-INT8_MAX = 127
-# Smallest row maximum used for a scale: an all-zero row quantizes to zeros instead of NaN.
-MIN_ABSMAX = 1e-8
+from ..kernels import dispatch
+from ..kernels.constants import INT8_MAX, MIN_ABSMAX
+from ..kernels.dispatch import KernelSpec, ProbeInputs
+from ..kernels.tolerance import ElementwiseClose, QuantizedMatch
 
 
 @dataclass(frozen=True)
@@ -53,34 +54,6 @@ class QuantizedActivation:
 
     def dequantize(self) -> torch.Tensor:
         return (self.values.float() * self.scales[..., None]).to(self.dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# Routing
-# --------------------------------------------------------------------------------------------
-
-
-def use_triton(tensor: torch.Tensor) -> bool:
-    """Whether the W8A8 ops run their Triton kernels for `tensor`: the backend of `sana.ops`
-    (`SANA_KERNELS`, or `sana.ops.use_kernels(...)`), decided as for the model's other fused kernels."""
-    backend = kernel_backend()
-    if backend == "torch":
-        return False
-    if backend == "auto":
-        return tensor.is_cuda and triton_available()
-    if not triton_available():
-        raise RuntimeError("SANA_KERNELS=triton, but triton does not import")
-    if tensor.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("SANA_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 (tests only)")
-    return True
-
-
-def _triton_ops():
-    # Imported on first use: importing triton costs a second, and TRITON_INTERPRET is read when
-    # the kernels are defined, so tests must be able to set it before this import.
-    from . import triton_ops
-
-    return triton_ops
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,18 +139,74 @@ def layernorm_modulate_quantize_reference(
 
 
 # --------------------------------------------------------------------------------------------
-# Routed entry points
+# The kernels' registrations: probe inputs (the tests' shapes: tiny, odd, strided) and tolerances
+
+# The int8 GEMM's fp32 epilogue may fuse its multiply and add (one rounding fewer than the
+# reference): a few fp32 ulps, or one ulp of a 16-bit output, plus that much of the largest.
+INT8_LINEAR_TOLERANCE = ElementwiseClose(
+    rtol={torch.float32: 1e-6, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}, atol_of_max=1e-6
+)
+# int8 values equal but one step on at most 1 in 500 (a division landing on .5 within float error).
+QUANTIZED_TOLERANCE = QuantizedMatch()
+
+
+def _int8_linear_probe(make: ProbeInputs) -> dict[str, Any]:
+    M, K, N = 37, 53, 29
+    # Scales of a quantized layer's size (absmax / 127): the products stay within fp16's range.
+    scales = {name: make.positive(name, rows, scale=1e-3, dtype=torch.float32) for name, rows in (("a_scales", M), ("w_scales", N))}
+    return {"a": make.int8(M, K), "w": make.int8(N, K), **scales, "bias": make.randn("bias", N), "out_dtype": make.dtype}
+
+
+def _quantize_rows_probe(make: ProbeInputs) -> dict[str, Any]:
+    x = make.randn("x", 19, 64 + 45, scale=3.0)[:, :45]  # strided rows, K = 45
+    x[4] = 0  # an all-zero row
+    return {"x": x}
+
+
+def _depthwise_conv_glu_quantize_probe(make: ProbeInputs) -> dict[str, Any]:
+    B, H, h, w = 2, 37, 3, 5
+    return {"y": make.randn("y", B, h * w, 2 * H + 6, scale=2.0)[..., : 2 * H],
+            "weight": make.randn("weight", 2 * H, 1, 3, 3, scale=1 / 3), "bias": make.randn("bias", 2 * H),
+            "height": h, "width": w}
+
+
+def _layernorm_modulate_quantize_probe(make: ProbeInputs) -> dict[str, Any]:
+    B, N, C = 2, 7, 45
+    return {"x": make.randn("x", B, N, C, scale=2.0, offset=0.5), "shift": make.randn("shift", B, 6, C)[:, 3:4],
+            "scale": make.randn("scale", B, 6, C)[:, 4:5], "eps": 1e-6}
+
+
+def _triton_op(name: str) -> Callable[[], Callable]:
+    def load() -> Callable:
+        # Imported at the kernel's first probe or forced call: importing triton costs a second,
+        # and TRITON_INTERPRET is read when the kernels are defined.
+        return getattr(importlib.import_module(".triton_ops", __package__), name)
+
+    return load
+
+
+for _name, _probe, _tolerance in (
+    ("int8_linear", _int8_linear_probe, INT8_LINEAR_TOLERANCE),
+    ("quantize_rows", _quantize_rows_probe, QUANTIZED_TOLERANCE),
+    ("depthwise_conv_glu_quantize", _depthwise_conv_glu_quantize_probe, QUANTIZED_TOLERANCE),
+    ("layernorm_modulate_quantize", _layernorm_modulate_quantize_probe, QUANTIZED_TOLERANCE),
+):
+    dispatch.register(KernelSpec(name=_name, load=_triton_op(_name), probe=_probe, tolerance=_tolerance))
+
+_int8_linear = dispatch.routed(int8_linear_reference, "int8_linear")
+_quantize_rows = dispatch.routed(quantize_rows_reference, "quantize_rows")
+_depthwise_conv_glu_quantize = dispatch.routed(depthwise_conv_glu_quantize_reference, "depthwise_conv_glu_quantize")
+_layernorm_modulate_quantize = dispatch.routed(layernorm_modulate_quantize_reference, "layernorm_modulate_quantize")
+
+
 # --------------------------------------------------------------------------------------------
+# Routed entry points
 
 
 def quantize_rows(x: torch.Tensor) -> QuantizedActivation:
     """Dynamic per-token int8 of `x [..., K]`."""
-    if use_triton(x):
-        values, scales = _triton_ops().quantize_rows(x.reshape(-1, x.shape[-1]))
-        values, scales = values.view(x.shape), scales.view(x.shape[:-1])
-    else:
-        values, scales = quantize_rows_reference(x)
-    return QuantizedActivation(values, scales, x.dtype)
+    values, scales = _quantize_rows(x.reshape(-1, x.shape[-1]))
+    return QuantizedActivation(values.view(x.shape), scales.view(x.shape[:-1]), x.dtype)
 
 
 def int8_linear(
@@ -186,10 +215,7 @@ def int8_linear(
     """The W8A8 linear layer: `act [..., K]` against int8 `weight [N, K]` → `[..., N]` in `act.dtype`."""
     K = act.shape[-1]
     a, a_scales = act.values.reshape(-1, K), act.scales.reshape(-1)
-    if use_triton(a):
-        out = _triton_ops().int8_linear(a, a_scales, weight, weight_scales, bias, act.dtype)
-    else:
-        out = int8_linear_reference(a, a_scales, weight, weight_scales, bias, act.dtype)
+    out = _int8_linear(a, a_scales, weight, weight_scales, bias, act.dtype)
     return out.view(*act.shape[:-1], weight.shape[0])
 
 
@@ -198,17 +224,11 @@ def depthwise_conv_glu_quantize(
 ) -> QuantizedActivation:
     """Fused SiLU + depthwise conv + GLU gate + per-token int8 (see the reference): the Mix-FFN's
     point conv input straight from the inverted conv's output y `[B, h·w, 2H]`."""
-    if use_triton(y):
-        values, scales = _triton_ops().depthwise_conv_glu_quantize(y, weight, bias, height, width)
-    else:
-        values, scales = depthwise_conv_glu_quantize_reference(y, weight, bias, height, width)
+    values, scales = _depthwise_conv_glu_quantize(y, weight, bias, height, width)
     return QuantizedActivation(values, scales, y.dtype)
 
 
 def layernorm_modulate_quantize(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> QuantizedActivation:
     """Fused LayerNorm + adaLN modulation + per-token int8 (see the reference); x `[B, N, C]`."""
-    if use_triton(x):
-        values, scales = _triton_ops().layernorm_modulate_quantize(x, shift, scale, eps)
-    else:
-        values, scales = layernorm_modulate_quantize_reference(x, shift, scale, eps)
+    values, scales = _layernorm_modulate_quantize(x, shift, scale, eps)
     return QuantizedActivation(values, scales, x.dtype)

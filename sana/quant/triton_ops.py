@@ -2,7 +2,8 @@
 
 Each kernel matches its PyTorch reference in `ops.py` (same formula, same rounding rule
 `floor(x / s + 0.5)`; results may differ by one int8 step where a division lands on .5 within
-float error). Wrappers accept an `out=` buffer so tests can poison it and check that every
+float error), which registers it with the dispatcher of `sana.kernels`; this module imports
+nothing from `ops.py` (the shared constants live in `sana.kernels.constants`). Wrappers accept an `out=` buffer so tests can poison it and check that every
 element is written and nothing outside it.
 
 - `int8_linear`: int8 `[M, K]` × int8 `[N, K]`ᵀ → int32 accumulators in registers, then
@@ -28,13 +29,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton import knobs
 
+from ..kernels.constants import INT8_MAX, MIN_ABSMAX
+from ..kernels.launch import interpreting
 from ..kernels.mix_ffn import depthwise_conv_pair
-from .ops import INT8_MAX, MIN_ABSMAX
 
 MAX_ROW = 16384
-INTERPRETING = bool(knobs.runtime.interpret)
+INTERPRETING = interpreting()  # as triton decided when this module's kernels were defined
 MIN_ABSMAX_C = tl.constexpr(MIN_ABSMAX)
 INT8_MAX_C = tl.constexpr(float(INT8_MAX))
 
