@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import write_json
+from ..errors import SanaCheckpointError
 from .launch import interpreting
 
 CACHE_ENV = "SANA_CACHE_DIR"
@@ -153,6 +154,6 @@ class ChoiceFile:
             return
         try:
             write_json(self.path, {"format": FORMAT, "identity": self.identity, "choices": self.entries})
-        except OSError as error:
+        except (OSError, SanaCheckpointError) as error:  # the atomic writer names the file in the latter
             self.writable = False
             _log.warning("sana: cannot write the kernel-choice cache %s (%s); choices stay in memory", self.path, error)
