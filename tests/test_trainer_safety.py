@@ -159,6 +159,9 @@ def test_a_latest_pointer_to_a_deleted_checkpoint_falls_back_or_refuses(world, f
         shutil.rmtree(folder)
     with pytest.raises(SanaCheckpointError, match="no intact checkpoint.*another --output-dir"):
         train_dit(_config(world, gone, steps=4, save_every=2))
+    shutil.rmtree(gone / "checkpoints")  # latest.json too: the exports still tell of an earlier run
+    with pytest.raises(SanaCheckpointError, match="exported weights of an earlier run.*another --output-dir"):
+        train_dit(_config(world, gone, steps=4, save_every=2))
     assert (gone / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == exported
 
 

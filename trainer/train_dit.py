@@ -541,15 +541,27 @@ def _micro_batch_size(config: DiTTrainConfig, world) -> int:
     return config.batch_size // per_step
 
 
+EXPORTS = ("transformer", "transformer_ema", "lora.safetensors", "lora_ema.safetensors")  # export_weights' outputs
+
+
 def _resumable(config: DiTTrainConfig, out: Path, say) -> Resumable | None:
-    """The checkpoint this run continues from (its options checked against the ones given now), or None."""
-    if not config.resume:
+    """The checkpoint this run continues from (its options checked against the ones given now), or
+    None for a fresh start, which must not overwrite an earlier run's checkpoints or exports."""
+    if config.resume:
+        resumable = find_resumable(out, say)
+    else:
         refuse_fresh_start(out)
-        return None
-    resumable = find_resumable(out, say)
+        resumable = None
     if resumable is not None:
         check_resume_options(resumable.state["config"], config, resumable.path, say)
-    return resumable
+        return resumable
+    exported = [name for name in EXPORTS if (out / name).exists()]
+    if exported:  # checkpoints are written before the exports: these were deleted
+        raise SanaCheckpointError(
+            f"{out} holds exported weights of an earlier run ({', '.join(exported)}) but no checkpoint to resume; "
+            "starting over would overwrite them: give another --output-dir to start a new run"
+        )
+    return None
 
 
 # Options a resumed run may change: how long it runs, how it logs, saves and samples, and the
@@ -614,7 +626,7 @@ def save_checkpoint(out: Path, state: dict, model: SanaDiT, ema: EMA | None, con
 
 
 def export_weights(out: Path, model: SanaDiT, ema_weights: dict[str, torch.Tensor] | None, config: DiTTrainConfig) -> None:
-    """`transformer/` (raw) and `transformer_ema/` as diffusers folders, or `lora.safetensors` (+ `_ema`).
+    """`transformer/` (raw) and `transformer_ema/` as diffusers folders, or `lora.safetensors` (+ `_ema`): `EXPORTS`.
 
     `model` holds whole (unsharded) weights; `ema_weights` are the EMA's whole tensors, if any."""
     if config.lora_rank:
