@@ -784,3 +784,18 @@ def write_json(path: str | os.PathLike, obj: object) -> None:
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` with the same all-or-nothing guarantee as `write_safetensors`."""
     _atomic_write(Path(path), lambda f: f.write(data))
+
+
+def load_torch_data(path: str | os.PathLike) -> object:
+    """A file written by `write_torch`, loaded without running code: tensors and plain data
+    (dicts, lists, tuples, numbers, strings, None) only, through `torch.load(weights_only=True)`.
+    A caller that trusts a few more types allows exactly those with
+    `torch.serialization.safe_globals([...])` around the call. Anything else (a truncated or
+    corrupt file, an object whose unpickling would run code) is a `SanaCheckpointError`."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for damaged or unsafe files
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else type(e).__name__)
+        raise SanaCheckpointError(f"{path}: cannot be loaded as tensors and plain data (truncated, corrupt, or an object that would run code): {reason}") from None

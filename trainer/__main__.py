@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from sana.cli import add_debug_option, report_error
-from sana.errors import SanaCheckpointError, SanaError
+from sana.errors import SanaCheckpointError, SanaError, SanaInputError
 
 from .options import add_options, build_config
 from .preset import SHIPPED_MODEL_DIR
@@ -32,8 +32,9 @@ def _cache_command(args: argparse.Namespace) -> None:
     from sana.dcae_io import load_dcae
     from sana.text_encoder import load_text_encoder
 
-    from .data import build_cache, read_records
+    from .data import build_cache, check_cache_options, read_records
 
+    check_cache_options(resolution=args.resolution, shard_size=args.shard_size, batch_size=args.batch_size, max_length=args.max_length)
     summary = build_cache(
         read_records(args.data), args.cache_dir,
         dcae=lambda: load_dcae(args.vae, dtype=torch.float32),
@@ -41,7 +42,22 @@ def _cache_command(args: argparse.Namespace) -> None:
         resolution=args.resolution, shard_size=args.shard_size, batch_size=args.batch_size,
         max_length=args.max_length, chi=args.chi, sample_prompts=args.sample_prompts,
     )
-    print(json.dumps({k: v for k, v in summary.items() if k != "skipped"}, indent=2))
+    # The lists of left-out files stay in cache.json; the counts are printed.
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, list)}, indent=2))
+
+
+def _preset_overrides(items: list[str]) -> dict:
+    """`--set SECTION.KEY=JSON` items → {"SECTION.KEY": value}."""
+    overrides = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or "." not in key:
+            raise SanaInputError(f"--set {item!r}: expected SECTION.KEY=JSON, e.g. dit_training.steps=100")
+        try:
+            overrides[key] = json.loads(text)
+        except ValueError as error:
+            raise SanaInputError(f"--set {item!r}: the value is not JSON ({error}); quote strings, e.g. key='\"text\"'") from None
+    return overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> None:
+    from .train_dcae import DCAETrainConfig
+    from .train_dit import DiTTrainConfig
+
     if args.command == "cache":
         _cache_command(args)
     elif args.command == "dit":
@@ -129,7 +148,7 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "preset":
         from .preset import run_preset
 
-        overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+        overrides = _preset_overrides(args.set)
         print(json.dumps(run_preset(args.name, args.output_dir, progress=not args.no_progress, overrides=overrides), indent=2))
     elif args.command == "pack":
         import torch

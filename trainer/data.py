@@ -2,13 +2,19 @@
 
 Sources are a folder of images with same-name `.txt` captions (first line), or a JSONL
 manifest with one `{"image": path, "caption": text}` object per line (paths relative to the
-manifest; `file`/`path` and `text`/`prompt` are accepted too).
+manifest; `file`/`path` and `text`/`prompt` are accepted too). Images without a caption and
+captions that are not UTF-8 are left out, counted and reported (`Records`, then the cache
+summary); a source that yields nothing is an error naming it.
+
+Each image goes to its aspect-ratio bin through `fit_to_bin`, whose memory is bounded by the
+bin whatever the image's size or shape (cut the region, reduce it in uint8, then resample).
 
 `build_cache` encodes every image with the DC-AE and every caption with the text encoder once
 and writes safetensors shards; training then reads only the shards, so neither Gemma nor the
 DC-AE is in memory while the DiT trains. A shard is written atomically and a rerun skips the
 shards already on disk, so an interrupted build resumes where it stopped. Images that cannot
-be read are skipped and counted (`cache.json` lists them), never fatal.
+be read (missing, truncated, not an image, decompression bombs) are skipped and counted
+(`cache.json` lists them), never fatal.
 
 Each cached sample holds the latent (already multiplied by the DC-AE's scaling factor, i.e.
 what the DiT trains on) and the caption embedding cut to its unmasked tokens: the DiT's
@@ -21,16 +27,18 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from sana.checkpoint import write_json, write_safetensors
-from sana.resolution import ASPECT_RATIO_512_BIN, BINS_BY_SAMPLE_SIZE, closest_bin, resize_and_crop
+from sana.errors import SanaCheckpointError, SanaInputError
+from sana.resolution import ASPECT_RATIO_512_BIN, BINS_BY_SAMPLE_SIZE, closest_bin
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CACHE_VERSION = 2  # 2: null_text encoded without the CHI
@@ -44,56 +52,137 @@ class Record:
     caption: str
 
 
-def scan_folder(folder: str | Path) -> list[Record]:
-    """Images in `folder` (recursively, sorted) that have a same-name `.txt` caption."""
+class Records(list):
+    """The records of a data source, plus what was left out of them and why: `without_caption`
+    (images with no caption; manifest rows with none) and `bad_caption` (caption files that are
+    not UTF-8 text). `build_cache` copies both into its summary."""
+
+    def __init__(self, records=(), *, without_caption: Sequence[str] = (), bad_caption: Sequence[str] = ()):
+        super().__init__(records)
+        self.without_caption = list(without_caption)
+        self.bad_caption = list(bad_caption)
+
+    def warn(self, source: Path) -> None:
+        for paths, what in ((self.without_caption, "image(s) without a caption"),
+                            (self.bad_caption, "caption file(s) that are not UTF-8 text")):
+            if paths:
+                shown = ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
+                warnings.warn(f"{source}: {len(paths)} {what} left out ({shown})", stacklevel=3)
+
+
+def scan_folder(folder: str | Path, *, captions: bool = True) -> Records:
+    """Images in `folder` (recursively, sorted) with their same-name `.txt` caption (first line).
+
+    With `captions=False` (an autoencoder's data) images need no caption. Images without one and
+    captions that are not UTF-8 are left out, counted and warned about; a folder that yields no
+    record is an error naming it."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"data folder {folder} does not exist")
-    records = []
-    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        raise SanaCheckpointError(f"data folder {folder} does not exist")
+    records, without_caption, bad_caption = [], [], []
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    for path in images:
         text_path = path.with_suffix(".txt")
-        if text_path.is_file():
-            lines = text_path.read_text(encoding="utf-8", errors="replace").splitlines()
-            records.append(Record(path, lines[0].strip() if lines else ""))
-    return records
+        if not text_path.is_file():
+            if captions:
+                without_caption.append(str(path))
+            else:
+                records.append(Record(path, ""))
+            continue
+        try:
+            lines = text_path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            bad_caption.append(str(text_path))
+            continue
+        records.append(Record(path, lines[0].strip() if lines else ""))
+    found = Records(records, without_caption=without_caption, bad_caption=bad_caption)
+    found.warn(folder)
+    if not found:
+        raise SanaCheckpointError(
+            f"data folder {folder}: no usable image ({len(images)} image file(s) with suffix {list(IMAGE_SUFFIXES)}; "
+            f"{len(without_caption)} without a same-name .txt caption, {len(bad_caption)} with a caption that is not UTF-8)"
+        )
+    return found
 
 
-def read_manifest(path: str | Path) -> list[Record]:
-    """Records from a JSONL manifest; malformed lines are skipped with a warning."""
+def read_manifest(path: str | Path) -> Records:
+    """Records from a JSONL manifest; malformed lines are skipped with a warning, rows without a
+    caption are counted as such."""
     path = Path(path)
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise SanaCheckpointError(f"manifest {path}: cannot be read as UTF-8 text: {error}") from None
+    records, without_caption = [], []
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
             image = row.get("image") or row.get("file") or row.get("path")
             text = row.get("caption", row.get("text", row.get("prompt")))
-            if not isinstance(image, str) or not isinstance(text, str):
-                raise ValueError("needs an image path and a caption string")
+            if not isinstance(image, str):
+                raise ValueError("needs an image path")
         except (ValueError, AttributeError) as error:
             warnings.warn(f"{path}:{number}: skipped ({error})", stacklevel=2)
             continue
+        if not isinstance(text, str):
+            without_caption.append(f"{path}:{number}")
+            continue
         records.append(Record(path.parent / image, text.strip()))
-    return records
+    found = Records(records, without_caption=without_caption)
+    found.warn(path)
+    if not found:
+        raise SanaCheckpointError(f"manifest {path}: no usable row (each needs an image path and a caption string)")
+    return found
 
 
-def read_records(source: str | Path) -> list[Record]:
+def read_records(source: str | Path, *, captions: bool = True) -> Records:
     """A folder or a `.jsonl` manifest."""
     source = Path(source)
-    return read_manifest(source) if source.suffix.lower() == ".jsonl" else scan_folder(source)
+    if source.suffix.lower() == ".jsonl":
+        return read_manifest(source)
+    return scan_folder(source, captions=captions)
 
 
-def load_image(path: Path) -> np.ndarray | None:
-    """uint8 [H, W, 3] RGB, or None when the file is missing, truncated or not an image."""
-    from PIL import Image, UnidentifiedImageError
+def load_fitted(path: Path, table: dict[str, tuple[int, int]]) -> torch.Tensor | None:
+    """An image file as `fit_to_bin` makes it at its nearest bin of `table`, or None when it is
+    missing, truncated, not an image or a decompression bomb. JPEGs are decoded at the smallest
+    1/2, 1/4 or 1/8 scale that still covers the bin."""
+    from PIL import Image
 
     try:
         with Image.open(path) as image:
-            image.load()
-            return np.asarray(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError):
+            height, width = closest_bin(image.height, image.width, table)
+            scale = max(height / image.height, width / image.width)
+            image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
+            return fit_to_bin(image, height, width)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        # PIL's UnidentifiedImageError is an OSError; closest_bin's error for a 0-pixel side a ValueError.
         return None
+
+
+def fit_to_bin(image, height: int, width: int) -> torch.Tensor:
+    """A PIL image → float [3, height, width] in [-1, 1]: its centred region of the bin's aspect
+    ratio, scaled to the bin (what scaling to cover and centre-cropping give).
+
+    Memory is bounded by the bin, whatever the image's size or shape: the region is cut and
+    box-reduced by an integer factor in uint8 to under twice the bin per side before it becomes
+    float, and the last, bilinear (antialiased) step starts from there."""
+    scale = max(height / image.height, width / image.width)
+    crop_height = min(image.height, max(1, round(height / scale)))
+    crop_width = min(image.width, max(1, round(width / scale)))
+    top, left = (image.height - crop_height) // 2, (image.width - crop_width) // 2
+    box = (left, top, left + crop_width, top + crop_height)
+    if image.mode != "RGB":  # only the region changes mode
+        image = image.crop(box).convert("RGB")
+        box = (0, 0, image.width, image.height)
+    factor = (max(1, crop_width // width), max(1, crop_height // height))
+    region = image.reduce(factor, box=box) if factor != (1, 1) else image.crop(box)
+    pixels = torch.from_numpy(np.array(region, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    if pixels.shape[-2:] != (height, width):
+        pixels = F.interpolate(pixels, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    return pixels[0].clamp(-1, 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,10 +210,10 @@ def bucket_table(resolution: int, multiple: int) -> dict[str, tuple[int, int]]:
 
 
 def to_bucket(image: np.ndarray, table: dict[str, tuple[int, int]]) -> torch.Tensor:
-    """uint8 [H, W, 3] → float [3, h, w] in [-1, 1] at the nearest bin (scale to cover, centre-crop)."""
-    h, w = closest_bin(image.shape[0], image.shape[1], table)
-    pixels = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None].float() / 127.5 - 1
-    return resize_and_crop(pixels, h, w)[0].clamp(-1, 1)
+    """uint8 [H, W, 3] → float [3, h, w] in [-1, 1] at the nearest bin (`fit_to_bin`)."""
+    from PIL import Image
+
+    return fit_to_bin(Image.fromarray(np.asarray(image, dtype=np.uint8)), *closest_bin(image.shape[0], image.shape[1], table))
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,6 +223,13 @@ def to_bucket(image: np.ndarray, table: dict[str, tuple[int, int]]) -> torch.Ten
 
 def _shard_name(index: int) -> str:
     return f"shard_{index:05d}.safetensors"
+
+
+def check_cache_options(**options: int) -> None:
+    """`SanaInputError` naming the first of `build_cache`'s size options that is not an integer ≥ 1."""
+    for name, value in options.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise SanaInputError(f"--{name.replace('_', '-')} {value!r}: must be an integer ≥ 1")
 
 
 def build_cache(
@@ -155,18 +251,22 @@ def build_cache(
     `dcae` and `text_encoder` may be zero-argument callables that load the model: they are
     called only if some shard is missing, so a complete cache never loads either. The empty
     prompt's embedding (for caption dropout) and `sample_prompts`' embeddings (for sample
-    grids during training) are stored in `extras.safetensors`.
+    grids during training) are stored in `extras.safetensors`. Records a `Records` left out
+    (no caption, caption not UTF-8) are counted and listed in the summary, as unreadable images are.
     """
+    check_cache_options(resolution=resolution, shard_size=shard_size, batch_size=batch_size, max_length=max_length)
+    if not records:
+        raise SanaInputError("build_cache: no records to encode (the data source yielded no image with a caption)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"version": CACHE_VERSION, "resolution": resolution, "max_length": max_length, "chi": chi, "records": len(records)}
     summary_path = out / "cache.json"
     if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
+        summary = _read_summary(summary_path)
         if summary.get("settings") == settings and summary.get("complete"):
             return summary
         if summary.get("settings") != settings:
-            raise ValueError(f"{out} holds a cache built with other settings {summary.get('settings')}; use another cache_dir")
+            raise SanaCheckpointError(f"{out} holds a cache built with other settings {summary.get('settings')}; use another cache_dir")
     write_json(summary_path, {"settings": settings, "complete": False})
 
     shards = math.ceil(len(records) / shard_size)
@@ -175,6 +275,8 @@ def build_cache(
     if need_models:
         dcae = dcae() if callable(dcae) and not isinstance(dcae, torch.nn.Module) else dcae
         text_encoder = text_encoder() if callable(text_encoder) and not hasattr(text_encoder, "encode") else text_encoder
+        if resolution < dcae.spatial_compression:
+            raise SanaInputError(f"--resolution {resolution}: smaller than the DC-AE's compression factor {dcae.spatial_compression}")
         table = bucket_table(resolution, dcae.spatial_compression)
         encode_text = _text_encoder_fn(text_encoder, max_length, chi)
 
@@ -201,9 +303,22 @@ def build_cache(
         samples += len(json.loads(meta["samples"]))
         skipped += json.loads(meta["skipped"])
     summary = {"settings": settings, "complete": True, "shards": shards, "samples": samples, "skipped": skipped, "skipped_count": len(skipped)}
+    for key in ("without_caption", "bad_caption"):  # left out while reading the source (read_records warned)
+        summary[key] = list(getattr(records, key, []))
+        summary[f"{key}_count"] = len(summary[key])
     write_json(summary_path, summary)
     if skipped:
         warnings.warn(f"{len(skipped)} unreadable image(s) skipped while caching (listed in {summary_path})", stacklevel=2)
+    return summary
+
+
+def _read_summary(path: Path) -> dict:
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise SanaCheckpointError(f"{path}: unreadable cache summary ({error}); rebuild the cache in another folder") from None
+    if not isinstance(summary, dict):
+        raise SanaCheckpointError(f"{path}: not a cache summary (a JSON object)")
     return summary
 
 
@@ -227,11 +342,11 @@ def _encode_shard(chunk: Sequence[Record], dcae, encode_text, table, batch_size:
     pixels: list[tuple[int, torch.Tensor]] = []
     skipped = []
     for i, record in enumerate(chunk):
-        image = load_image(record.image)
-        if image is None or min(image.shape[:2]) == 0:
+        image = load_fitted(record.image, table)
+        if image is None:
             skipped.append(str(record.image))
             continue
-        pixels.append((i, to_bucket(image, table)))
+        pixels.append((i, image))
     latents: dict[int, torch.Tensor] = {}
     by_size: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
     for i, x in pixels:
@@ -256,8 +371,11 @@ def _encode_shard(chunk: Sequence[Record], dcae, encode_text, table, batch_size:
 def _read_shard_meta(path: Path) -> dict:
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata()
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata()
+    except Exception as error:  # safetensors raises its own error types for missing or damaged files
+        raise SanaCheckpointError(f"{path}: cache shard missing or unreadable ({error}); rebuild the cache") from None
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -277,15 +395,17 @@ class LatentCache:
 
         self.folder = Path(folder)
         summary_path = self.folder / "cache.json"
-        if not summary_path.is_file() or not json.loads(summary_path.read_text()).get("complete"):
-            raise FileNotFoundError(f"{self.folder} is not a finished latent cache (no complete cache.json)")
-        self.summary = json.loads(summary_path.read_text())
+        if not summary_path.is_file() or not _read_summary(summary_path).get("complete"):
+            raise SanaCheckpointError(f"{self.folder} is not a finished latent cache (no complete cache.json); build it with `python -m trainer cache`")
+        self.summary = _read_summary(summary_path)
         self.index: list[tuple[int, int]] = []
         self.meta: list[dict] = []
         for k in range(self.summary["shards"]):
             rows = json.loads(_read_shard_meta(self.folder / _shard_name(k))["samples"])
             self.index += [(k, n) for n in range(len(rows))]
             self.meta += rows
+        if not self.meta:
+            raise SanaCheckpointError(f"{self.folder}: the cache holds no sample (every image was unreadable?)")
         self._open: OrderedDict[int, object] = OrderedDict()
         self._keep_open = keep_open
         self._safe_open = safe_open
@@ -345,8 +465,10 @@ class BucketBatches:
     """
 
     def __init__(self, sizes: Sequence[tuple[int, int]], batch_size: int, seed: int):
-        if len(sizes) < batch_size:
-            raise ValueError(f"{len(sizes)} samples cannot fill one batch of {batch_size}")
+        largest = max(Counter(map(tuple, sizes)).values(), default=0)
+        if largest < batch_size:
+            raise SanaInputError(f"--batch-size {batch_size}: no latent size of the cache has that many samples "
+                                 f"(the largest group has {largest} of {len(sizes)}); lower it")
         self.sizes = list(sizes)
         self.batch_size = batch_size
         self.seed = seed
@@ -368,8 +490,6 @@ class BucketBatches:
         """(epoch, batch index, sample indices) from the given position on, forever."""
         while True:
             batches = self.epoch(epoch)
-            if not batches:
-                raise ValueError("no latent size has enough samples for one batch")
             for b in range(batch, len(batches)):
                 yield epoch, b, batches[b]
             epoch, batch = epoch + 1, 0

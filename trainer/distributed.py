@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from sana.errors import SanaError, SanaInputError
+
 
 @dataclass(frozen=True)
 class World:
@@ -27,6 +29,24 @@ class World:
     @property
     def distributed(self) -> bool:
         return self.size > 1
+
+
+def check_device(device: str) -> None:
+    """`SanaInputError` naming `--device` unless it is auto, cpu, cuda, cuda:N or mps, present here."""
+    if device in ("auto", "cpu"):
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cuda", "mps"):
+        raise SanaInputError(f"--device {device!r}: expected auto, cpu, cuda, cuda:N or mps")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise SanaInputError(f"--device {device!r}: CUDA is not available here (torch {torch.__version__}); use --device cpu or auto")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise SanaInputError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise SanaInputError(f"--device {device!r}: MPS is not available here; use --device cpu or auto")
 
 
 def init_world(device: str = "auto") -> World:
@@ -73,6 +93,11 @@ def is_sharded(model: torch.nn.Module) -> bool:
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind a DTensor shard (a collective: every rank must call it)."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor shard (no communication); a plain tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -146,7 +171,7 @@ def shutdown(timeout_s: float = 300.0) -> None:
     deadline = time.monotonic() + timeout_s
     while store.add("trainer_shutdown", 0) < size:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"shutdown: not every one of the {size} ranks reached the end within {timeout_s:.0f} s")
+            raise SanaError(f"shutdown: not every one of the {size} ranks reached the end within {timeout_s:.0f} s")
         time.sleep(0.01)
     dist.destroy_process_group()
 
@@ -154,6 +179,16 @@ def shutdown(timeout_s: float = 300.0) -> None:
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
+
+
+def all_ranks_agree(flag: bool, world: World) -> bool:
+    """True only when `flag` is true on every rank (a collective: every rank must call it), so
+    that a decision such as skipping a step is taken by all ranks or by none."""
+    if not world.distributed:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=world.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item() == 1.0)
 
 
 def all_reduce_mean(value: torch.Tensor, world: World) -> torch.Tensor:

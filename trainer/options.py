@@ -4,6 +4,9 @@ Every field of a config dataclass becomes a `--field-name` option whose help is 
 `help` metadata, so `--help` documents every option. Values come from, in increasing
 priority: the dataclass defaults, a `--config` file (JSON, or TOML on Python ≥ 3.11), and the
 command line.
+
+`check_types` and `check_range` validate a built config before anything is loaded; their
+`SanaInputError` names the option as it is spelled on the command line (`--grad-accum`).
 """
 
 from __future__ import annotations
@@ -11,10 +14,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
+
+from sana.errors import SanaCheckpointError, SanaInputError
 
 T = TypeVar("T")
 
@@ -68,11 +74,21 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    if path.suffix.lower() == ".toml":
-        import tomllib
-
-        return tomllib.loads(path.read_text())
-    return json.loads(path.read_text())
+    """The options in a JSON or TOML `--config` file (a table / object of option names)."""
+    toml = path.suffix.lower() == ".toml"
+    if toml:
+        try:
+            import tomllib
+        except ImportError:
+            raise SanaInputError(f"--config {path}: TOML config files need Python 3.11 or newer; use JSON") from None
+    try:
+        text = path.read_text(encoding="utf-8")
+        values = tomllib.loads(text) if toml else json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError) as error:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+        raise SanaCheckpointError(f"--config {path}: cannot be read as {'TOML' if toml else 'JSON'}: {error}") from None
+    if not isinstance(values, dict):
+        raise SanaCheckpointError(f"--config {path}: expected an object of option names, found {type(values).__name__}")
+    return values
 
 
 def build_config(cls: type[T], args: argparse.Namespace | None = None, **base: Any) -> T:
@@ -83,7 +99,7 @@ def build_config(cls: type[T], args: argparse.Namespace | None = None, **base: A
         from_file = read_config_file(args.config)
         unknown = sorted(set(from_file) - names)
         if unknown:
-            raise SystemExit(f"{args.config}: unknown option(s) {unknown}")
+            raise SanaInputError(f"--config {args.config}: unknown option(s) {unknown}")
         values.update(from_file)
     if args is not None:
         values.update({k: v for k, v in vars(args).items() if k in names})
@@ -97,3 +113,56 @@ def build_config(cls: type[T], args: argparse.Namespace | None = None, **base: A
 
 def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of a config field: `grad_accum` → `--grad-accum`."""
+    return "--" + name.replace("_", "-")
+
+
+def invalid(name: str, value: Any, expected: str) -> SanaInputError:
+    """The error for option `name` holding an unusable `value`; `expected` says what would do."""
+    return SanaInputError(f"{flag(name)} {value!r}: {expected}")
+
+
+def _type_name(base: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(base, str(base))
+
+
+def _has_type(value: Any, base: Any) -> bool:
+    if base is float:  # an integer is a number; bool is not (it is an int subclass)
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if base is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, base)
+
+
+def check_types(config: Any) -> None:
+    """Every field holds its annotated type (lists of it for list fields), a finite number and
+    one of its `choices`: values from a `--config` file bypass argparse's checks."""
+    for field in dataclasses.fields(config):
+        base, is_list = _base_type(field.type)
+        value = getattr(config, field.name)
+        items = value if is_list else [value]
+        if is_list and not isinstance(value, (list, tuple)):
+            raise invalid(field.name, value, f"expected a list of {base.__name__} values")
+        for item in items:
+            if not _has_type(item, base):
+                raise invalid(field.name, value, f"expected {_type_name(base)}")
+            if base is float and not math.isfinite(item):
+                raise invalid(field.name, value, "expected a finite number")
+        choices = field.metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise invalid(field.name, value, f"expected one of {choices}")
+
+
+def check_range(config: Any, name: str, *, at_least: float | None = None, above: float | None = None,
+                below: float | None = None, at_most: float | None = None) -> None:
+    """Raise the option's `SanaInputError` unless its value lies within the given bounds."""
+    value = getattr(config, name)
+    bounds = [(at_least, lambda v, b: v >= b, "≥"), (above, lambda v, b: v > b, ">"),
+              (below, lambda v, b: v < b, "<"), (at_most, lambda v, b: v <= b, "≤")]
+    for bound, holds, sign in bounds:
+        if bound is not None and not holds(value, bound):
+            wanted = " and ".join(f"{s} {b}" for b, _, s in bounds if b is not None)
+            raise invalid(name, value, f"must be {wanted}")

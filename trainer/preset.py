@@ -54,7 +54,10 @@ def load_preset(name: str) -> dict:
     if not path.is_file():
         known = sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
         raise SanaInputError(f"unknown preset {name!r} (known: {known})")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise SanaCheckpointError(f"preset file {path}: cannot be read as JSON: {error}") from None
 
 
 def run_preset(name: str, output_dir: str | Path, *, progress: bool = True, overrides: dict | None = None) -> dict:
@@ -69,6 +72,9 @@ def run_preset(name: str, output_dir: str | Path, *, progress: bool = True, over
     preset = load_preset(name)
     for key, value in (overrides or {}).items():
         section, _, field = key.partition(".")
+        if not isinstance(preset.get(section), dict) or not field:
+            sections = sorted(k for k, v in preset.items() if isinstance(v, dict))
+            raise SanaInputError(f"--set {key}: the preset {name!r} has no section {section!r} (sections: {sections})")
         preset[section][field] = value
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sana.errors import SanaInputError
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 45, 45),
     "green": (40, 175, 60),
@@ -89,11 +91,11 @@ class Scene:
 
     def __post_init__(self) -> None:
         if self.colour not in COLOURS or self.shape not in SHAPES or self.count not in COUNTS:
-            raise ValueError(f"unknown scene attributes: {self}")
+            raise SanaInputError(f"unknown scene attributes: {self}")
         if self.count == 1 and (self.size not in SIZES or self.position not in POSITIONS):
-            raise ValueError(f"a single object needs a size in {list(SIZES)} and a position in {list(POSITIONS)}: {self}")
+            raise SanaInputError(f"a single object needs a size in {list(SIZES)} and a position in {list(POSITIONS)}: {self}")
         if self.count > 1 and (self.size is not None or self.position is not None):
-            raise ValueError(f"scattered objects have no size or position: {self}")
+            raise SanaInputError(f"scattered objects have no size or position: {self}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -141,13 +143,13 @@ def caption(scene: Scene, rng: np.random.Generator | None = None) -> str:
 
 
 def parse_prompt(prompt: str) -> Scene:
-    """The scene a shapes-world prompt describes (keyword matching; raises ValueError if incomplete)."""
+    """The scene a shapes-world prompt describes (keyword matching; raises SanaInputError, a ValueError, if incomplete)."""
     words = prompt.lower().replace(",", " ").split()
     colour = next((w for w in words if w in COLOURS), None)
     shape = next((s for w in words for s in SHAPES if w in (s, s + "s")), None)
     count = next((n for n, word in COUNT_WORDS.items() if word in words), 1)
     if colour is None or shape is None:
-        raise ValueError(f"not a shapes-world prompt: {prompt!r}")
+        raise SanaInputError(f"not a shapes-world prompt: {prompt!r}")
     if count > 1:
         return Scene(colour, shape, count, None, None)
     size = next((w for w in words if w in SIZES), "large")
@@ -318,7 +320,7 @@ def analyze(image: np.ndarray) -> Analysis:
     """Read objects and scene attributes from a uint8 [H, W, 3] image (deterministic)."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"expected an [H, W, 3] image, got shape {image.shape}")
+        raise SanaInputError(f"expected an [H, W, 3] image, got shape {image.shape}")
     h, w = image.shape[:2]
     pixels = image.astype(np.float64)
     mask = np.sqrt(((pixels - np.array(BACKGROUND)) ** 2).sum(-1)) > FOREGROUND_DISTANCE

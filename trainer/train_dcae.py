@@ -9,6 +9,10 @@ latents a DiT was trained on). AdamW with the paper's phase-1
 settings scaled for tiny models, warm-up, gradient clipping. After training, the scaling
 factor is set to 1 / RMS of the latents over the data (the spec's rule) and the model is
 saved with `sana.dcae_io.save_dcae`, so `load_dcae` reads it back.
+
+Every option is checked before anything is loaded (`check_config`), one run at a time holds the
+output folder, and a non-finite loss stops training (`SanaNonFiniteError` naming the step)
+before anything is saved.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ import torch
 from sana.checkpoint import write_json
 from sana.dcae import DCAE, DCAEConfig, latent_rms_scaling_factor
 from sana.dcae_io import load_dcae, save_dcae
+from sana.errors import SanaCheckpointError, SanaInputError, SanaNonFiniteError
 
-from .options import option, to_dict
+from .options import check_range, check_types, invalid, option, to_dict
+from .run_folder import run_lock
 
 
 @dataclass
@@ -51,6 +57,34 @@ class DCAETrainConfig:
     progress: bool = option(True, "show a progress bar")
 
 
+def check_config(config: DCAETrainConfig, *, has_images: bool = False) -> None:
+    """Raise `SanaInputError` naming the first unusable option (`has_images`: the caller supplies
+    the batches, so `data` is not needed); reads no file but stats paths."""
+    check_types(config)
+    if not config.output_dir:
+        raise invalid("output_dir", config.output_dir, "give the output folder")
+    if bool(config.init) == bool(config.config_json):
+        raise SanaInputError("give either --init (a DC-AE checkpoint to continue from) or --config-json (a DCAEConfig "
+                             f"JSON file to train from scratch); got --init {config.init!r} --config-json {config.config_json!r}")
+    for name in ("init", "config_json"):
+        if getattr(config, name) and not Path(getattr(config, name)).exists():
+            raise invalid(name, getattr(config, name), "no such file or folder")
+    if not has_images:
+        if not config.data:
+            raise invalid("data", config.data, "give an image folder or JSONL manifest")
+        if not Path(config.data).exists():
+            raise invalid("data", config.data, "no such file or folder")
+    for name in ("resolution", "steps", "batch_size", "log_every"):
+        check_range(config, name, at_least=1)
+    check_range(config, "warmup_steps", at_least=0)
+    for name in ("weight_decay", "grad_clip", "l1_weight", "mse_weight", "salient_weight"):
+        check_range(config, name, at_least=0.0)
+    check_range(config, "lr", above=0.0)
+    check_range(config, "seed", at_least=0, at_most=2**32 - 1)
+    if config.l1_weight == 0 and config.mse_weight == 0:
+        raise SanaInputError("--l1-weight 0 and --mse-weight 0: the loss would be zero; give one a positive weight")
+
+
 def decoder_head_parameters(model: DCAE) -> list[torch.nn.Parameter]:
     """Phase 3's trainable set: the decoder's shallowest non-empty stage and its output layers."""
     stages = [s for s in model.decoder.up_blocks if len(s)]
@@ -67,21 +101,29 @@ def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, config: DCAET
 
 
 def train_dcae(config: DCAETrainConfig, images: Callable[[np.random.Generator, int], torch.Tensor] | None = None) -> dict:
-    """Train; `images(rng, n)` may supply [n, 3, R, R] batches in [-1, 1] instead of `data`."""
+    """Train; `images(rng, n)` may supply [n, 3, R, R] batches in [-1, 1] instead of `data`.
+
+    Raises `SanaInputError` for an unusable option (before anything is loaded),
+    `SanaCheckpointError` for an unusable file or a folder another run holds, and
+    `SanaNonFiniteError` at the first non-finite loss (nothing is saved then)."""
+    check_config(config, has_images=images is not None)
+    out = Path(config.output_dir)
+    with run_lock(out):
+        return _train(config, images, out)
+
+
+def _train(config: DCAETrainConfig, images, out: Path) -> dict:
     import json
 
     from tqdm.auto import tqdm
 
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "train_config.json", to_dict(config))
     torch.manual_seed(config.seed)
-    if config.init:
-        model = load_dcae(config.init, dtype=torch.float32)
-    else:
-        model = DCAE(DCAEConfig.from_json(Path(config.config_json).read_text()))
+    model = load_dcae(config.init, dtype=torch.float32) if config.init else _model_from_json(Path(config.config_json))
     model.train()
     if images is None:
+        if config.resolution % model.spatial_compression:
+            raise invalid("resolution", config.resolution, f"must be a multiple of the DC-AE's compression factor {model.spatial_compression}")
         images = _folder_sampler(config)
     if config.phase in ("decoder", "decoder-head"):
         model.requires_grad_(False)
@@ -104,19 +146,24 @@ def train_dcae(config: DCAETrainConfig, images: Callable[[np.random.Generator, i
         batch = images(rng, config.batch_size)
         recon = model(batch)
         loss = reconstruction_loss(recon, batch, config)
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            log.close()
+            raise SanaNonFiniteError(f"DC-AE training loss is non-finite at step {step + 1} (--lr {config.lr}?); nothing was saved")
         loss.backward()
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        loss_value = float(loss.detach())
         bar.set_postfix(loss=f"{loss_value:.4f}")
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
             log.write(json.dumps({"step": step + 1, "loss": loss_value, "seconds": round(time.time() - started, 2)}) + "\n")
             log.flush()
     log.close()
     model.eval()
+    if not all(bool(p.isfinite().all()) for p in model.parameters()):
+        raise SanaNonFiniteError(f"DC-AE training: the weights are non-finite after {config.steps} steps; nothing was saved")
     if config.phase == "full":  # the other phases keep the latent space, hence its scaling factor
         with torch.no_grad():
             latents = torch.cat([model.encoder(images(rng, config.batch_size)) for _ in range(4)])
@@ -128,21 +175,31 @@ def train_dcae(config: DCAETrainConfig, images: Callable[[np.random.Generator, i
     return {"loss": loss_value, "seconds": time.time() - started, "scaling_factor": model.config.scaling_factor, "path": str(out / "vae")}
 
 
+def _model_from_json(path: Path) -> DCAE:
+    try:
+        config = DCAEConfig.from_json(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, TypeError, ValueError) as error:  # SanaInputError is a ValueError
+        raise SanaCheckpointError(f"--config-json {path}: cannot be read as a DCAEConfig: {error}") from None
+    return DCAE(config)
+
+
 def _folder_sampler(config: DCAETrainConfig) -> Callable[[np.random.Generator, int], torch.Tensor]:
-    """Random square crops (scaled to cover `resolution`) from the readable images of `data`."""
-    from sana.resolution import resize_and_crop
+    """Random draws of the readable images of `data`, each loaded once as its centred square
+    scaled to `resolution` (memory bounded by that side, `data.load_fitted`)."""
+    import warnings
 
-    from .data import load_image, read_records
+    from .data import load_fitted, read_records
 
-    records = read_records(config.data) if config.data else []
-    pixels = [img for img in (load_image(r.image) for r in records) if img is not None]
+    records = read_records(config.data, captions=False)
+    square = {"1.0": (config.resolution, config.resolution)}
+    loaded = [load_fitted(r.image, square) for r in records]
+    pixels = [image for image in loaded if image is not None]
     if not pixels:
-        raise SystemExit(f"no readable images in {config.data!r}")
-    side = config.resolution
+        raise SanaCheckpointError(f"--data {config.data}: none of its {len(records)} image(s) can be read")
+    if len(pixels) < len(records):
+        warnings.warn(f"--data {config.data}: {len(records) - len(pixels)} unreadable image(s) skipped", stacklevel=2)
 
     def sample(rng: np.random.Generator, n: int) -> torch.Tensor:
-        chosen = [pixels[int(i)] for i in rng.integers(len(pixels), size=n)]
-        tensors = [torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 127.5 - 1 for img in chosen]
-        return torch.cat([resize_and_crop(t, side, side) for t in tensors]).clamp(-1, 1)
+        return torch.stack([pixels[int(i)] for i in rng.integers(len(pixels), size=n)])
 
     return sample
