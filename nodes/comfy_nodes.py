@@ -63,9 +63,8 @@ DYNAMIC_OPTIONS: dict[str, Callable[[], list[str]]] = {
     specs.DIT_FILES: lambda: logic.list_model_entries(
         _roots("diffusion_models", "checkpoints"), folder_paths.supported_pt_extensions, _dit_is_folder
     ),
-    specs.GEMMA_FOLDERS: lambda: logic.list_model_entries(
-        _roots("text_encoders"), (), logic.is_gemma_folder, include_files=False
-    ),
+    # Folders, and the single-file Gemma-2 ComfyUI users keep for Lumina (gemma_2_2b_fp16.safetensors).
+    specs.GEMMA_FOLDERS: lambda: logic.list_model_entries(_roots("text_encoders"), (".safetensors",), logic.is_gemma_folder),
     specs.VAE_FILES: lambda: logic.list_model_entries(_roots("vae"), folder_paths.supported_pt_extensions, _vae_is_folder),
     specs.LORA_FILES: lambda: folder_paths.get_filename_list("loras"),
 }

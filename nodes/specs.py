@@ -26,7 +26,7 @@ SAMPLER, SIGMAS, GEMMA = "SAMPLER", "SIGMAS", "SANA_GEMMA"
 
 # Dynamic combo sources: the options are the model files/folders found at schema time.
 DIT_FILES = "dit_files"  # diffusion_models + checkpoints (files and diffusers folders)
-GEMMA_FOLDERS = "gemma_folders"  # text_encoders (Gemma-2 folders)
+GEMMA_FOLDERS = "gemma_folders"  # text_encoders (Gemma-2 folders and single .safetensors files)
 VAE_FILES = "vae_files"  # vae (files and diffusers folders)
 LORA_FILES = "lora_files"  # loras
 
@@ -187,12 +187,14 @@ _add(
         "SanaGemmaLoader",
         "Gemma Loader (Sana)",
         "Loads SANA's text encoder, a Gemma-2 folder (e.g. gemma-2-2b-it, or a diffusers SANA folder with "
-        "text_encoder/ and tokenizer/) from models/text_encoders. Offline only; managed by ComfyUI's memory manager.",
+        "text_encoder/ and tokenizer/) or the single file Lumina Image 2.0 uses (gemma_2_2b_fp16.safetensors) from "
+        "models/text_encoders. Offline only; managed by ComfyUI's memory manager.",
         inputs=(
             InputSpec(
                 "gemma_name",
                 COMBO,
-                "A Gemma-2 folder under models/text_encoders (holding config.json, the weights and the tokenizer).",
+                "A Gemma-2 folder under models/text_encoders (holding config.json, the weights and the tokenizer), "
+                "or a single Gemma-2 .safetensors file carrying its tokenizer (gemma_2_2b_fp16.safetensors).",
                 options_source=GEMMA_FOLDERS,
             ),
             _dtype("text encoder"),

@@ -1,8 +1,11 @@
 """Gemma-2 text conditioning for SANA, with the complex human instruction (CHI).
 
-`load_text_encoder(folder)` loads a Gemma-2 decoder and its tokenizer from a local folder
-(never the hub); `TextEncoder.encode` turns prompts into the [B, max_length, hidden] states
-and [B, max_length] mask the DiT cross-attends to, exactly as diffusers' `SanaPipeline`
+`load_text_encoder(path)` loads a Gemma-2 decoder and its tokenizer, offline only, from a
+Hugging Face folder or from the single file ComfyUI users keep for Lumina Image 2.0
+(`gemma_2_2b_fp16.safetensors`: the decoder's weights under `model.` plus its SentencePiece
+model as the uint8 tensor `spiece_model`, no config; the sizes are read from the weights, the
+rest is Gemma-2-2B's). `TextEncoder.encode` turns prompts into the [B, max_length, hidden]
+states and [B, max_length] mask the DiT cross-attends to, exactly as diffusers' `SanaPipeline`
 computes them:
 
 1. prompts are stripped and, by default, lowercased (diffusers with `clean_caption=False`;
@@ -18,7 +21,8 @@ Negative prompts are encoded with `chi=False` (plain `max_length` tokens, nothin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +30,12 @@ import torch
 
 from .checkpoint import (
     CheckpointReader,
+    assign_state,
     check_config_values,
+    check_keys,
     dominant_float_dtype,
     open_checkpoint,
+    preview,
     read_json_file,
     read_shard_index,
     shorten,
@@ -70,6 +77,29 @@ WEIGHT_FILES = (
 
 ChiSpec = bool | str | Sequence[str] | None
 
+# The single-file form (ComfyUI's Gemma-2-2B for Lumina Image 2.0): the tokenizer's key, and the
+# key a causal-LM export may add that the decoder does not use (Gemma ties it to the embedding).
+SPIECE_KEY = "spiece_model"
+IGNORED_FILE_KEYS = frozenset({SPIECE_KEY, "lm_head.weight"})
+# google/gemma-2-2b's config.json less what the weights tell (sizes) and the tokenizer tells
+# (special token ids); ComfyUI hard-codes the same values for this file.
+GEMMA2_2B_SETTINGS: dict = {
+    "model_type": "gemma2",
+    "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "attention_bias": False,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "attn_logit_softcapping": 50.0,
+    "final_logit_softcapping": 30.0,
+}
+# Shapes give heads × head width, not each: Gemma-2 2B and 9B use 256-wide heads. A key/value
+# projection narrower than that is read as one key-value head (the tiny test models).
+GEMMA2_HEAD_DIM = 256
+MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 
 def chi_text(chi: ChiSpec) -> str:
     """The instruction string for a `chi` argument: True -> the default (diffusers) CHI,
@@ -83,9 +113,70 @@ def chi_text(chi: ChiSpec) -> str:
     return "\n".join(chi)
 
 
+class SentencePieceTokenizer:
+    """Gemma's SentencePiece model run by `sentencepiece` itself (as ComfyUI runs the single-file
+    form's `spiece_model`), behind the part of a transformers tokenizer `TextEncoder.encode`
+    uses: BOS first, no EOS, `<pad>` for padding. Gemma's `tokenizer.json` is the conversion of
+    this same model, so a folder's tokenizer and this one give the same ids."""
+
+    def __init__(self, processor, source: str):
+        self._processor = processor
+        if processor.get_piece_size() == 0:
+            raise SanaCheckpointError(f"{source}: an empty SentencePiece model")
+        self.bos_token_id = processor.bos_id()
+        self.eos_token_id = processor.eos_id()
+        self.pad_token_id = processor.pad_id()
+        self.unk_token_id = processor.unk_id()
+        if self.bos_token_id < 0 or self.pad_token_id < 0:
+            raise SanaCheckpointError(f"{source}: the SentencePiece model defines no <bos> or no <pad> piece, which Gemma's has")
+
+    def __len__(self) -> int:
+        return self._processor.get_piece_size()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self._processor.encode(text)
+        return [self.bos_token_id, *ids] if add_special_tokens else ids
+
+    def __call__(
+        self,
+        texts: str | Sequence[str],
+        *,
+        padding: bool | str = False,
+        max_length: int | None = None,
+        truncation: bool = False,
+        add_special_tokens: bool = True,
+        padding_side: str = "right",
+        return_tensors: str | None = None,
+    ):
+        """`input_ids` and `attention_mask` for `texts`, as a transformers tokenizer returns them:
+        truncated to `max_length` (BOS counted), padded to the longest row (`padding=True` or
+        "longest") or to `max_length` ("max_length") on `padding_side`."""
+        from transformers import BatchEncoding
+
+        rows = [self.encode(t, add_special_tokens) for t in ([texts] if isinstance(texts, str) else texts)]
+        if truncation and max_length is not None:
+            rows = [row[:max_length] for row in rows]
+        if padding == "max_length" and max_length is not None:
+            width = max_length
+        else:
+            width = max(map(len, rows), default=0) if padding else 0
+        ids, mask = [], []
+        for row in rows:
+            fill = max(width - len(row), 0)
+            pads, masked = [self.pad_token_id] * fill, [0] * fill
+            ids.append(pads + row if padding_side == "left" else row + pads)
+            mask.append(masked + [1] * len(row) if padding_side == "left" else [1] * len(row) + masked)
+        single = isinstance(texts, str)
+        if single:
+            ids, mask = ids[0], mask[0]
+        return BatchEncoding({"input_ids": ids, "attention_mask": mask}, tensor_type=return_tensors, prepend_batch_axis=single)
+
+
 @dataclass
 class TextEncoder:
-    """A loaded Gemma-2 decoder and its tokenizer. Build with `load_text_encoder`."""
+    """A loaded Gemma-2 decoder and its tokenizer. Build with `load_text_encoder`.
+
+    `folder` is what it was loaded from: a folder, or the single file."""
 
     model: torch.nn.Module
     tokenizer: object
@@ -246,6 +337,158 @@ def _load_tokenizer(tokenizer_folder: Path):
         ) from error
 
 
+def _spiece_tokenizer(reader: CheckpointReader) -> SentencePieceTokenizer:
+    """The tokenizer a single-file Gemma carries as the bytes of a SentencePiece model."""
+    path = reader.path
+    if SPIECE_KEY not in reader:
+        raise SanaCheckpointError(
+            f"{path}: no {SPIECE_KEY!r} tensor, so no tokenizer (a single-file Gemma-2 carries its SentencePiece "
+            "model under that key, as ComfyUI's gemma_2_2b_fp16.safetensors does); use a Hugging Face Gemma-2 folder instead"
+        )
+    info = reader.infos[SPIECE_KEY]
+    if info.dtype != torch.uint8 or len(info.shape) != 1:
+        raise SanaCheckpointError(
+            f"{path}: {SPIECE_KEY!r} is a {info.dtype} tensor of shape {list(info.shape)}; expected the bytes of a "
+            "SentencePiece model (a 1-D uint8 tensor)"
+        )
+    try:
+        import sentencepiece
+    except ImportError:
+        raise SanaCheckpointError(f"{path}: its tokenizer ({SPIECE_KEY!r}) needs the sentencepiece package (pip install sentencepiece)") from None
+    try:
+        processor = sentencepiece.SentencePieceProcessor(model_proto=reader.read(SPIECE_KEY).numpy().tobytes())
+    except (RuntimeError, ValueError, TypeError) as error:
+        raise SanaCheckpointError(f"{path}: {SPIECE_KEY!r} is not a SentencePiece model: {shorten(str(error))}") from None
+    return SentencePieceTokenizer(processor, f"{path} ({SPIECE_KEY!r})")
+
+
+def _decoder_prefix(reader: CheckpointReader) -> str:
+    """"model." for ComfyUI's layout (a causal LM's names), "" for a bare decoder's."""
+    path = reader.path
+    if any(key.endswith("self_attn.q_norm.weight") for key in reader.keys()):
+        raise SanaCheckpointError(
+            f"{path} has q_norm weights, so it holds a Gemma-3 (or another newer model); SANA's text encoder is Gemma-2"
+        )
+    for prefix in ("model.", ""):
+        if f"{prefix}embed_tokens.weight" in reader:
+            return prefix
+    tensors = sorted(k for k in reader.keys() if k not in IGNORED_FILE_KEYS)
+    raise SanaCheckpointError(f"{path}: not a Gemma-2 text encoder (no model.embed_tokens.weight; it holds {preview(tensors)})")
+
+
+def _shape(reader: CheckpointReader, key: str) -> tuple[int, int]:
+    if key not in reader:
+        raise SanaCheckpointError(f"{reader.path}: lacks {key}")
+    shape = reader.shape(key)
+    if len(shape) != 2 or 0 in shape:
+        raise SanaCheckpointError(f"{reader.path}: {key} has shape {list(shape)}; expected a non-empty matrix")
+    return shape
+
+
+def _config_from_weights(reader: CheckpointReader, prefix: str, tokenizer: SentencePieceTokenizer) -> dict:
+    """A Gemma-2 config.json for a file that carries none: the sizes from the weights' shapes, the
+    special token ids from the tokenizer, everything else Gemma-2-2B's."""
+    path = reader.path
+    vocab, hidden = _shape(reader, f"{prefix}embed_tokens.weight")
+    q_key, kv_key = f"{prefix}layers.0.self_attn.q_proj.weight", f"{prefix}layers.0.self_attn.k_proj.weight"
+    q_width, kv_width = _shape(reader, q_key)[0], _shape(reader, kv_key)[0]
+    intermediate = _shape(reader, f"{prefix}layers.0.mlp.gate_proj.weight")[0]
+    indices = {key[len(prefix):].split(".")[1] for key in reader.keys() if key.startswith(f"{prefix}layers.")}
+    layers = 1 + max(int(i) for i in indices if i.isdigit())
+    head_dim = min(GEMMA2_HEAD_DIM, kv_width)
+    if q_width % head_dim or kv_width % head_dim or (q_width // head_dim) % (kv_width // head_dim):
+        raise SanaCheckpointError(
+            f"{path}: cannot work out the attention heads from {q_key} {[q_width, hidden]} and {kv_key} {[kv_width, hidden]} "
+            f"(Gemma-2's heads are {GEMMA2_HEAD_DIM} wide, or one key-value head when the key projection is narrower)"
+        )
+    if len(tokenizer) > vocab:
+        raise SanaCheckpointError(
+            f"{path}: {SPIECE_KEY!r} has {len(tokenizer)} pieces but {prefix}embed_tokens.weight only {vocab} rows"
+        )
+    config = {
+        **GEMMA2_2B_SETTINGS,
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": q_width // head_dim,
+        "num_key_value_heads": kv_width // head_dim,
+        "head_dim": head_dim,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    check_config_values(f"{path} (sizes read from its weights)", config, _CONFIG_BOUNDS)
+    return config
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (no memory, no init) and their
+    buffers for real: Gemma-2's rotary frequencies and embedding scale are computed in `__init__`
+    and never stored, so a model built wholly on meta would lose them. The patch is process-wide
+    for as long as the (millisecond) build takes."""
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Build in `dtype` as transformers' `from_pretrained` does, so buffers made from Python numbers
+    (the embedding scale) are rounded once, to the same value as in a folder-loaded model."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _load_single_file(path: Path, dtype: torch.dtype | None, device: torch.device | str, attn_implementation: str | None) -> TextEncoder:
+    """A Gemma-2 from one file holding the decoder's weights and the `spiece_model` tokenizer.
+
+    Everything is checked from the header (and the tokenizer bytes) before a weight is read; the
+    weights are then streamed one tensor at a time into a model built without parameter memory.
+    """
+    from transformers import Gemma2Config, Gemma2Model
+
+    reader = open_checkpoint(path)
+    prefix = _decoder_prefix(reader)
+    tokenizer = _spiece_tokenizer(reader)
+    config_data = _config_from_weights(reader, prefix, tokenizer)
+    weight_keys = [k for k in reader.keys() if k not in IGNORED_FILE_KEYS]
+    if dtype is None:
+        dtype = dominant_float_dtype(reader, weight_keys)
+        if dtype not in MODEL_DTYPES:
+            raise SanaCheckpointError(f"{path}: its weights are mostly {dtype}; pass dtype=torch.bfloat16 or torch.float32")
+    elif dtype not in MODEL_DTYPES:
+        raise SanaInputError(f"text encoder dtype {dtype} is not one of {', '.join(map(str, MODEL_DTYPES))}")
+    extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    config = Gemma2Config.from_dict(config_data, **extra)
+    try:
+        with _default_dtype(dtype), _parameters_on_meta():
+            model = Gemma2Model(config)
+    except ValueError as error:  # transformers' refusal of an attention implementation
+        if attn_implementation is None:
+            raise
+        raise SanaInputError(f"attn_implementation={attn_implementation!r}: {shorten(str(error))}") from None
+    expected = {prefix + name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    check_keys(path, expected, {k: reader.shape(k) for k in weight_keys})
+    tensors = ((name[len(prefix):], reader.read(name)) for name in expected)
+    model = assign_state(model, tensors, dtype=dtype, device=device)
+    return TextEncoder(model=model.eval().requires_grad_(False), tokenizer=tokenizer, folder=path)
+
+
 def load_text_encoder(
     folder: str | Path,
     *,
@@ -253,24 +496,35 @@ def load_text_encoder(
     device: torch.device | str = "cpu",
     attn_implementation: str | None = None,
 ) -> TextEncoder:
-    """Load a Gemma-2 text encoder and tokenizer from a local folder, offline only.
+    """Load a Gemma-2 text encoder and tokenizer from a local folder or file, offline only.
 
     `folder` is a Hugging Face Gemma-2 folder (`Gemma2Model`, or `Gemma2ForCausalLM` such as
-    gemma-2-2b-it, whose decoder is taken and whose LM head is never built), or a diffusers
-    SANA folder with `text_encoder/` and `tokenizer/`. `dtype=None` keeps the stored dtype: the
-    one `config.json` names, else the one holding most of the weights (SANA's encoder is meant to
-    run in bf16 or fp32). `attn_implementation=None` keeps transformers' default, which is what
-    diffusers and NVlabs get; "eager" is the one that applies Gemma-2's attention logit soft-capping.
+    gemma-2-2b-it, whose decoder is taken and whose LM head is never built), a diffusers SANA
+    folder with `text_encoder/` and `tokenizer/`, or a single file as ComfyUI keeps Gemma-2-2B
+    (`gemma_2_2b_fp16.safetensors`: the decoder's weights, under `model.` or bare, and its
+    SentencePiece model as the uint8 tensor `spiece_model`). A file has no config: vocabulary,
+    width, layers and MLP width come from the weights' shapes, the heads from Gemma-2's 256-wide
+    heads (one key-value head when the key projection is narrower, as in tiny test models), the
+    rest from Gemma-2-2B; its tokenizer is run by `sentencepiece` and gives the same ids as a
+    folder's tokenizer of the same model.
+
+    `dtype=None` keeps the stored dtype: the one `config.json` names, else the one holding most of
+    the weights (SANA's encoder is meant to run in bf16 or fp32; Gemma-2 can overflow in fp16).
+    `attn_implementation=None` keeps transformers' default, which is what diffusers and NVlabs
+    get; "eager" is the one that applies Gemma-2's attention logit soft-capping.
 
     Raises `SanaCheckpointError` naming the folder or file and what is wrong: the folder itself,
     the tokenizer files (missing or damaged), `config.json` (missing, damaged, not Gemma-2, not
-    matching the weights), the weights (missing, truncated, a missing shard or tensor).
+    matching the weights), the weights (missing, truncated, a missing shard or tensor); for a
+    file, a missing or damaged `spiece_model`, missing layers or tensors, shapes that disagree.
     """
     from transformers import Gemma2Config, Gemma2Model
 
     folder = Path(folder)
+    if folder.is_file():
+        return _load_single_file(folder, dtype, device, attn_implementation)
     if not folder.is_dir():
-        raise SanaCheckpointError(f"text encoder folder {folder} does not exist")
+        raise SanaCheckpointError(f"text encoder {folder} does not exist (expected a Gemma-2 folder or single file)")
     model_folder, tokenizer_folder = _resolve_folders(folder)
     if not any((tokenizer_folder / name).is_file() for name in TOKENIZER_FILES):
         raise SanaCheckpointError(
