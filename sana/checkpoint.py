@@ -13,6 +13,10 @@ model. Tensor data is then streamed one tensor at a time:
   or a pipeline root whose sub-folder holds one.
 A file that cannot be used raises `SanaCheckpointError` naming it, with bounded key lists.
 
+`KeySpec` is how both models tie their own parameters to a file layout's keys (one parameter
+may be several keys concatenated along dim 0, and shapes may differ by 1×1 dims):
+`layout_shapes`, `read_spec` and `layout_state` serve every model from those tables.
+
 Writers (`write_safetensors`, `write_torch`, `write_json`, `write_bytes`,
 `write_diffusers_folder`) are atomic: a temp file beside the target, synced, then renamed
 over it with the mode a user expects (0666 less the umask, or the replaced file's mode).
@@ -32,6 +36,7 @@ import stat
 import struct
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,6 +220,54 @@ class CheckpointReader:
             self.metadata,
             None if read_into is None else (lambda k, out: read_into(mapping[k], out)),
         )
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """A model's parameter `name` of `shape` is the dim-0 concatenation of `parts`, each a
+    (file key, file shape) of one layout; a single part may differ from `shape` by 1×1 dims."""
+
+    name: str
+    shape: tuple[int, ...]
+    parts: tuple[tuple[str, tuple[int, ...]], ...]
+
+
+def layout_shapes(specs: Iterable[KeySpec]) -> dict[str, tuple[int, ...]]:
+    """Every key a file of these specs holds, with its shape."""
+    return {key: shape for spec in specs for key, shape in spec.parts}
+
+
+def read_spec(reader: CheckpointReader, spec: KeySpec) -> torch.Tensor:
+    """The parameter `spec` describes, read from `reader` (whose keys are checked already)."""
+    if len(spec.parts) == 1:
+        return reader.read(spec.parts[0][0]).reshape(spec.shape)
+    # Fused parts (Q|K|V, K|V): each is read straight into its rows, with no concatenation temporary.
+    dtypes = {reader.infos[key].dtype for key, _ in spec.parts}
+    if len(dtypes) != 1:
+        raise SanaCheckpointError(
+            f"{reader.path}: {[key for key, _ in spec.parts]} are stored in different dtypes {sorted(map(str, dtypes))}"
+        )
+    out = torch.empty(spec.shape, dtype=dtypes.pop())
+    start = 0
+    for key, shape in spec.parts:
+        reader.read_into(key, out[start : start + shape[0]])
+        start += shape[0]
+    return out
+
+
+def layout_state(state: Mapping[str, torch.Tensor], specs: Iterable[KeySpec]) -> dict[str, torch.Tensor]:
+    """A model's `state` under a layout's key names and shapes (views where possible)."""
+    out: dict[str, torch.Tensor] = {}
+    for spec in specs:
+        tensor = state[spec.name]
+        if len(spec.parts) == 1:  # also 0-d buffers, which cannot be split
+            key, shape = spec.parts[0]
+            out[key] = tensor.reshape(shape)
+            continue
+        sizes = [shape[0] for _, shape in spec.parts]
+        for (key, shape), chunk in zip(spec.parts, torch.split(tensor, sizes, dim=0)):
+            out[key] = chunk.reshape(shape)
+    return out
 
 
 def _open_safetensors(files: list[Path], path: Path, container: str, config: dict | None) -> CheckpointReader:
@@ -467,6 +520,44 @@ def _flatten(value: object) -> list:
     if isinstance(value, (list, tuple)):
         return [n for item in value for n in _flatten(item)]
     return [value]
+
+
+def metadata_json(metadata: Mapping, key: str, source: str) -> dict | None:
+    """The JSON object a saver stored under `metadata[key]` (safetensors `__metadata__`, or a
+    `.pth` entry), None when there is none; `source` names it in messages. Its values are for
+    the caller to check."""
+    stored = metadata.get(key)
+    if stored is None:
+        return None
+    if not isinstance(stored, str):
+        raise SanaCheckpointError(f"{source} is not a JSON string")
+    try:
+        data = json.loads(stored)
+    except (ValueError, RecursionError) as e:
+        raise SanaCheckpointError(f"{source} is corrupt: {shorten(str(e))}") from None
+    if not isinstance(data, dict):
+        raise SanaCheckpointError(f"{source} is corrupt: a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def stored_config(reader: CheckpointReader, key: str) -> tuple[dict, str] | None:
+    """(the config a saver stored under metadata `key`, the source to name in messages), or None."""
+    source = f"{reader.path}: '{key}' metadata"
+    data = metadata_json(reader.metadata, key, source)
+    return None if data is None else (data, source)
+
+
+def warn_on_config_conflict(path: Path, key: str, stored: Mapping, from_json: Mapping, stacklevel: int) -> None:
+    """Warn when the config stored in the weights (metadata `key`) and `path`'s `config.json`,
+    both as `config.json` mappings, describe different models; the stored one is used."""
+    differ = [f"{name}: {stored[name]!r} vs {from_json.get(name)!r}" for name in stored if stored[name] != from_json.get(name)]
+    if differ:
+        warnings.warn(
+            f"{path}: the config stored in the weights ('{key}' metadata) and {path / 'config.json'} disagree "
+            f"({preview(differ)}); using the one stored in the weights, which was written with them "
+            "(pass config= to choose)",
+            stacklevel=stacklevel + 1,
+        )
 
 
 def assign_state(
