@@ -8,6 +8,10 @@ Layouts:
   an index too, or a pipeline root with a `transformer/` sub-folder), or a single safetensors
   file with diffusers keys.
 
+Also NVlabs' training checkpoints (`epoch_*_step_*.pth`, `latest.pth`: `state_dict`,
+`state_dict_ema`, optimizer, scheduler and RNG state; `ema=True` takes the EMA weights) and
+sharded official safetensors given as their `*.safetensors.index.json`.
+
 `key_specs` ties each of our parameters to one or more keys of a layout, as a
 `sana.checkpoint.KeySpec` (Q|K|V and K|V are split along dim 0 in diffusers; 1×1 conv weights
 are 4-D in both layouts and 2-D in ours); detection and shape inference look names up there.
@@ -30,6 +34,7 @@ from typing import Any, Literal
 import torch
 
 from .checkpoint import (
+    EMA_WEIGHTS_ENTRY,
     CheckpointReader,
     KeySpec,
     assign_state,
@@ -425,15 +430,19 @@ def load_dit(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     config: SanaDiTConfig | dict | str | None = None,
+    ema: bool = False,
 ) -> SanaDiT:
     """Load a SANA DiT from any official layout (see the module docstring), in eval mode.
 
     `dtype=None` keeps the stored dtype (the one holding most of the weights, should a few
     tensors be stored in another). `config` (a `SanaDiTConfig`, a preset name from
     `DIT_PRESETS`, a diffusers config dict or a JSON path) overrides what is stored or detected.
+    `ema=True` loads the `state_dict_ema` weights of a checkpoint written by NVlabs' training
+    code instead of its `state_dict` (the weights NVlabs' inference loads, and the default).
     Raises `SanaCheckpointError` naming the file and every missing, unexpected or misshapen key.
     """
-    reader = strip_prefix(open_checkpoint(path, subfolders=("transformer",)), COMFY_PREFIXES)
+    entry = EMA_WEIGHTS_ENTRY if ema else None
+    reader = strip_prefix(open_checkpoint(path, subfolders=("transformer",), entry=entry), COMFY_PREFIXES)
     # W8A8 checkpoints (int8 weights + scales, sana/quant) carry a metadata marker; they have their own loader.
     from .quant.checkpoint import W8A8_METADATA_KEY, load_w8a8_dit
 
