@@ -2,7 +2,9 @@
 
 Original layout (`mit-han-lab/dc-ae-*/model.safetensors`, or a `.pt` holding `state_dict`):
 flat `encoder.*` / `decoder.*` keys of the efficientvit `DCAE` module, e.g.
-`encoder.stages.3.op_list.0.context_module.main.qkv.conv.weight` `[3C, C, 1, 1]`.
+`encoder.stages.3.op_list.0.context_module.main.qkv.conv.weight` `[3C, C, 1, 1]`. The release
+folder, as downloaded, holds that `model.safetensors` and the `config.json` huggingface_hub's
+`PyTorchModelHubMixin` wrote for efficientvit's `DCAE_HF`: only `{"model_name": "dc-ae-..."}`.
 
 Diffusers layout (`mit-han-lab/dc-ae-*-diffusers`: `config.json` +
 `diffusion_pytorch_model.safetensors`, or a single file): `encoder.down_blocks.{i}.{j}...`, the
@@ -16,7 +18,9 @@ and the diffusers one the qkv split and the squeeze; `key_specs` states both as
 
 The layout is detected from the keys; the architecture comes from, in order: the `config=`
 argument, the `dcae_config` metadata that `save_dcae` writes, a diffusers `config.json`, or the
-key names and shapes (then matched against the released presets for the scaling factor).
+key names and shapes. The scaling factor of weights without a config is the one of the release
+the hub `config.json` names (which also tells 'in' from 'mix' and sana-1.0 from 1.1), else of
+the release the path names, else of the release the architecture matches.
 """
 
 from __future__ import annotations
@@ -532,7 +536,8 @@ def resolve_config(
     if config is not None:
         raise SanaCheckpointError(f"config= must be a DCAEConfig or a preset name, got {type(config).__name__}")
     stored = _stored_config(reader)
-    if reader.config is not None:
+    release = _hub_release_name(reader.config)
+    if reader.config is not None and release is None:
         try:
             from_json = config_from_diffusers(reader.config, f"{path}/config.json")
         except SanaCheckpointError as e:
@@ -545,17 +550,44 @@ def resolve_config(
             return stored or from_json
     if stored is not None:
         return stored
+    return _config_from_weights(reader, layout, release)
 
+
+def _hub_release_name(config: Mapping | None) -> str | None:
+    """The release a `config.json` of the original layout names: efficientvit's `DCAE_HF` is
+    saved by huggingface_hub's `PyTorchModelHubMixin`, which writes only its constructor
+    argument, `{"model_name": "dc-ae-f32c32-sana-1.1"}`. None for any other config."""
+    if not isinstance(config, Mapping) or "_class_name" in config:
+        return None
+    name = config.get("model_name")
+    return name if isinstance(name, str) else None
+
+
+def _config_from_weights(reader: CheckpointReader, layout: str, release: str | None) -> DCAEConfig:
+    """The architecture the key names and shapes imply, with the scaling factor of the release
+    `release` (a hub config's `model_name`) or the path names, else of the release it matches."""
+    path = reader.path
+    named = DCAE_PRESETS.get(release) if release else None
     found = {k: reader.shape(k) for k in reader.keys()}
     preset_name, score = _closest_preset(found, layout)
     try:
         inferred = _infer_config(_canonical_shapes(reader, layout))
     except (KeyError, ValueError, IndexError, SanaCheckpointError) as e:
-        if score >= 0.5:
-            # A damaged release: list what is wrong against the release it resembles.
-            check_keys(path, file_shapes(DCAE_PRESETS[preset_name], layout), found)
+        if named is not None or score >= 0.5:
+            # A damaged release: list what is wrong against the release it names or resembles.
+            check_keys(path, file_shapes(named or DCAE_PRESETS[preset_name], layout), found)
         raise SanaCheckpointError(f"{path}: unknown DC-AE layout: cannot work out the architecture from the keys ({e}); "
                                   f"pass config= (a DCAEConfig or one of {sorted(DCAE_PRESETS)})") from None
+    if named is not None:
+        if _architecture(named) == _architecture(inferred):
+            return named
+        warnings.warn(
+            f"{path}: config.json names the release {release}, but the weights have another architecture; "
+            f"using the weights' architecture with that release's scaling_factor {named.scaling_factor} "
+            "(pass config= to choose)",
+            stacklevel=4,
+        )
+        return inferred.replace(scaling_factor=named.scaling_factor)
     match = _matching_preset(inferred, exact_scaling=False)
     if match is None:
         if score >= 0.9:
@@ -563,22 +595,23 @@ def resolve_config(
         warnings.warn(
             f"{path}: a DC-AE of no released architecture and no stored config; scaling_factor is unknown and set "
             f"to 1.0 (pass config= to set it)",
-            stacklevel=3,
+            stacklevel=4,
         )
         return inferred
+    hint = release or Path(path).as_posix()  # the names that tell releases of one architecture apart
     if "sana" in match:
-        version = _SANA_VERSION.search(str(path))
+        version = _SANA_VERSION.search(hint)
         return DCAE_PRESETS[f"dc-ae-f32c32-sana-{version.group(1)}" if version else match]
-    hint = _IN_OR_MIX.search(Path(path).as_posix() + "-")
+    in_or_mix = _IN_OR_MIX.search(hint + "-")
     family = match.replace("-in-", "-mix-")
-    if hint:
-        return DCAE_PRESETS[family.replace("-mix-", f"-{hint.group(1)}-")]
+    if in_or_mix:
+        return DCAE_PRESETS[family.replace("-mix-", f"-{in_or_mix.group(1)}-")]
     chosen = DCAE_PRESETS[family]
     warnings.warn(
         f"{path}: the 'in' and 'mix' releases of {family.replace('-mix-', '-{in,mix}-')} cannot be told apart from "
         f"the weights; assuming 'mix' (scaling_factor {chosen.scaling_factor}). Pass "
         f"config={family.replace('-mix-', '-in-')!r} for the ImageNet-only release.",
-        stacklevel=3,
+        stacklevel=4,
     )
     return chosen
 
