@@ -301,8 +301,10 @@ def _open_safetensors(files: list[Path], path: Path, container: str, config: dic
 def _numpy_rng_globals() -> list:
     """The globals that rebuild `np.random.get_state()`'s uint32 array, under the module path
     of the NumPy that wrote the file (`numpy.core` before 2.0, `numpy._core` since)."""
-    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-    reconstruct = multiarray._reconstruct
+    try:
+        from numpy._core.multiarray import _reconstruct as reconstruct
+    except ImportError:  # NumPy before 1.26
+        from numpy.core.multiarray import _reconstruct as reconstruct
     return [
         (reconstruct, "numpy._core.multiarray._reconstruct"),
         (reconstruct, "numpy.core.multiarray._reconstruct"),
