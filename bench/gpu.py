@@ -139,7 +139,7 @@ def build_dits(preset: str, device: torch.device, dtype: torch.dtype, dry_run: b
     from diffusers import SanaTransformer2DModel
 
     import sana
-    from sana.dit_io import dit_state_dict
+    from sana.dit_io import diffusers_config, dit_state_dict
 
     config = sana.DIT_PRESETS[preset]
     if dry_run:
@@ -153,7 +153,7 @@ def build_dits(preset: str, device: torch.device, dtype: torch.dtype, dry_run: b
                 p.normal_(0, 0.3)
     ours = ours.to(dtype).eval()
     ours.trim_padded_context = False  # the sync-free path (nothing to trim: all caption tokens are valid)
-    kwargs = {k: v for k, v in config.to_diffusers().items() if not k.startswith("_")}
+    kwargs = {k: v for k, v in diffusers_config(config).items() if not k.startswith("_")}
     with torch.device(device):
         theirs = SanaTransformer2DModel(**kwargs).to(dtype).eval()
     theirs.load_state_dict(dit_state_dict(ours, "diffusers"))

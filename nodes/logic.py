@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..sana.checkpoint import SHARD_INDEX_SUFFIX, read_shard_index
 from ..sana.dcae import FP16_OVERFLOW, default_dcae_dtype
 from ..sana.dcae_tiling import default_memory_budget, plan_tiling, tile_spans
 from ..sana.errors import SanaCheckpointError, SanaInputError, SanaNonFiniteError, check_integer
@@ -494,7 +495,8 @@ def list_model_entries(
     max_depth: int = 4,
 ) -> list[str]:
     """Sorted names ("/"-separated, relative to their root) of model files with `extensions` and of
-    folders that `is_model_folder` accepts. A model folder's own files are not listed separately."""
+    folders that `is_model_folder` accepts. A model folder's own files are not listed separately,
+    and sharded safetensors are listed as their `*.safetensors.index.json` rather than shard by shard."""
     suffixes = {e.lower() for e in extensions}
     names: set[str] = set()
     for root in roots:
@@ -512,10 +514,21 @@ def list_model_entries(
                 dirs[:] = []
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             if include_files:
-                for name in files:
-                    if Path(name).suffix.lower() in suffixes:
-                        names.add((here / name).relative_to(root).as_posix())
+                for name in _model_files(here, files, suffixes):
+                    names.add((here / name).relative_to(root).as_posix())
     return sorted(names)
+
+
+def _model_files(folder: Path, files: list[str], suffixes: set[str]) -> list[str]:
+    """The files of `folder` a loader lists: those with `suffixes`, a shard index in place of its shards."""
+    indexes = [name for name in files if name.lower().endswith(SHARD_INDEX_SUFFIX)] if ".safetensors" in suffixes else []
+    shards: set[str] = set()
+    for index in indexes:
+        try:
+            shards.update(read_shard_index(folder / index).values())
+        except SanaCheckpointError:
+            pass  # listed still: loading it names what is wrong
+    return indexes + [name for name in files if Path(name).suffix.lower() in suffixes and name not in shards]
 
 
 def resolve_model_entry(roots: Iterable[str | os.PathLike], name: str) -> Path:

@@ -2,7 +2,7 @@
 
 Public API:
 - `SanaDiT`, `SanaDiTConfig`, `DIT_PRESETS`: the Linear DiT for every SANA release.
-- `load_dit(path, *, dtype=None, device="cpu", config=None)`, `save_dit(model, path, format=...)`.
+- `load_dit(path, *, dtype=None, device="cpu", config=None, ema=False)`, `save_dit(model, path, format=...)`.
 - `DCAE`, `DCAEConfig`, `load_dcae`, `save_dcae`: the deep-compression autoencoder, both weight layouts, tiling.
 - `generate(*, dit, dcae, text_encoder, prompt, ...)`: text (or image) to images, as diffusers' SANA pipelines.
 - `load_lora(model, path, scale)`: merge a diffusers/PEFT-layout SANA LoRA into a DiT.

@@ -7,11 +7,20 @@ model. Tensor data is then streamed one tensor at a time:
 - safetensors are parsed here (the format is an 8-byte header length, a JSON header and
   raw bytes) and each tensor is read with one `readinto` into its own fresh buffer, so
   peak memory stays at one copy of the weights;
-- `.pth`/`.pt`/`.bin`/`.ckpt` go through `torch.load(mmap=True, weights_only=True)`;
+- `.pth`/`.pt`/`.bin`/`.ckpt` go through `torch.load(mmap=True, weights_only=True)`, with
+  exactly the NumPy globals that rebuild the NumPy RNG state NVlabs' training checkpoints
+  hold allowed besides (`NUMPY_RNG_GLOBALS`); a file needing any other global is refused,
+  so nothing in a file runs. The weights are the `state_dict` entry when there is one (or
+  the entry a caller names, e.g. `state_dict_ema`), else the file's top-level tensors;
+- a `*.safetensors.index.json` names the shards beside it (NVlabs' `find_model` reads these);
 - a folder is either a diffusers model folder (`config.json` + one or more safetensors,
   sharded with an `*.index.json`; diffusers' own file names win over variants beside them)
   or a pipeline root whose sub-folder holds one.
 A file that cannot be used raises `SanaCheckpointError` naming it, with bounded key lists.
+
+`KeySpec` is how both models tie their own parameters to a file layout's keys (one parameter
+may be several keys concatenated along dim 0, and shapes may differ by 1×1 dims):
+`layout_shapes`, `read_spec` and `layout_state` serve every model from those tables.
 
 Writers (`write_safetensors`, `write_torch`, `write_json`, `write_bytes`,
 `write_diffusers_folder`) are atomic: a temp file beside the target, synced, then renamed
@@ -26,16 +35,19 @@ import ctypes
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import stat
 import struct
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import SanaCheckpointError
@@ -57,6 +69,11 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 _DTYPE_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+SHARD_INDEX_SUFFIX = ".safetensors.index.json"
+# The entries of NVlabs' training checkpoints (`save_checkpoint_ddp`) that hold weights; their
+# inference loads `state_dict`.
+WEIGHTS_ENTRY = "state_dict"
+EMA_WEIGHTS_ENTRY = "state_dict_ema"
 # A header larger than this is not a safetensors header but garbage.
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 # The weights file names diffusers writes and reads first; a folder may hold others beside them
@@ -217,6 +234,54 @@ class CheckpointReader:
         )
 
 
+@dataclass(frozen=True)
+class KeySpec:
+    """A model's parameter `name` of `shape` is the dim-0 concatenation of `parts`, each a
+    (file key, file shape) of one layout; a single part may differ from `shape` by 1×1 dims."""
+
+    name: str
+    shape: tuple[int, ...]
+    parts: tuple[tuple[str, tuple[int, ...]], ...]
+
+
+def layout_shapes(specs: Iterable[KeySpec]) -> dict[str, tuple[int, ...]]:
+    """Every key a file of these specs holds, with its shape."""
+    return {key: shape for spec in specs for key, shape in spec.parts}
+
+
+def read_spec(reader: CheckpointReader, spec: KeySpec) -> torch.Tensor:
+    """The parameter `spec` describes, read from `reader` (whose keys are checked already)."""
+    if len(spec.parts) == 1:
+        return reader.read(spec.parts[0][0]).reshape(spec.shape)
+    # Fused parts (Q|K|V, K|V): each is read straight into its rows, with no concatenation temporary.
+    dtypes = {reader.infos[key].dtype for key, _ in spec.parts}
+    if len(dtypes) != 1:
+        raise SanaCheckpointError(
+            f"{reader.path}: {[key for key, _ in spec.parts]} are stored in different dtypes {sorted(map(str, dtypes))}"
+        )
+    out = torch.empty(spec.shape, dtype=dtypes.pop())
+    start = 0
+    for key, shape in spec.parts:
+        reader.read_into(key, out[start : start + shape[0]])
+        start += shape[0]
+    return out
+
+
+def layout_state(state: Mapping[str, torch.Tensor], specs: Iterable[KeySpec]) -> dict[str, torch.Tensor]:
+    """A model's `state` under a layout's key names and shapes (views where possible)."""
+    out: dict[str, torch.Tensor] = {}
+    for spec in specs:
+        tensor = state[spec.name]
+        if len(spec.parts) == 1:  # also 0-d buffers, which cannot be split
+            key, shape = spec.parts[0]
+            out[key] = tensor.reshape(shape)
+            continue
+        sizes = [shape[0] for _, shape in spec.parts]
+        for (key, shape), chunk in zip(spec.parts, torch.split(tensor, sizes, dim=0)):
+            out[key] = chunk.reshape(shape)
+    return out
+
+
 def _open_safetensors(files: list[Path], path: Path, container: str, config: dict | None) -> CheckpointReader:
     owner: dict[str, _SafetensorsFile] = {}
     metadata: dict = {}
@@ -233,31 +298,99 @@ def _open_safetensors(files: list[Path], path: Path, container: str, config: dic
     )
 
 
-def _open_torch(path: Path) -> CheckpointReader:
+def _numpy_rng_globals() -> list:
+    """The globals that rebuild `np.random.get_state()`'s uint32 array, under the module path
+    of the NumPy that wrote the file (`numpy.core` before 2.0, `numpy._core` since)."""
     try:
+        from numpy._core.multiarray import _reconstruct as reconstruct
+    except ImportError:  # NumPy before 1.26
+        from numpy.core.multiarray import _reconstruct as reconstruct
+    return [
+        (reconstruct, "numpy._core.multiarray._reconstruct"),
+        (reconstruct, "numpy.core.multiarray._reconstruct"),
+        np.ndarray,
+        np.dtype,
+        type(np.dtype(np.uint32)),  # numpy.dtypes.UInt32DType: the array's dtype is rebuilt through it
+    ]
+
+
+# NVlabs' training checkpoints (`save_checkpoint_ddp`) keep `np.random.get_state()` in
+# `rng_state`: a tuple holding one uint32 array. These globals rebuild that array and nothing
+# else; every other global stays refused by PyTorch's weights-only unpickler.
+NUMPY_RNG_GLOBALS = _numpy_rng_globals()
+# PyTorch reads a (global, "module.name") pair from 2.6 on, the way a file written by another
+# NumPy names `_reconstruct`; older versions read the NumPy-less files only.
+_ALLOWLIST_READY = hasattr(torch.serialization, "safe_globals") and torch.torch_version.TorchVersion(torch.__version__) >= (2, 6)
+
+
+def _allowed_global_names() -> set[str]:
+    return {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in NUMPY_RNG_GLOBALS}
+
+
+def _torch_load(path: Path) -> object:
+    allowlist = torch.serialization.safe_globals(NUMPY_RNG_GLOBALS) if _ALLOWLIST_READY else contextlib.nullcontext()
+    with allowlist:
         try:
-            obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         except RuntimeError as e:
             if "mmap" not in str(e):
                 raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy, non-zip file
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy, non-zip file
+
+
+def _refused_globals(path: Path) -> list[str]:
+    """The globals `path`'s pickle names beyond what a weights-only load allows (read, never run)."""
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # damaged, or a PyTorch without this scanner: the error says what torch said
+        return []
+    return sorted(set(found) - _allowed_global_names())
+
+
+def _open_torch(path: Path, entry: str | None) -> CheckpointReader:
+    try:
+        obj = _torch_load(path)
+    except pickle.UnpicklingError as e:
+        refused = _refused_globals(path)
+        if refused:
+            raise SanaCheckpointError(
+                f"{path}: refused: reading it would call {preview(refused)}, which no weights file needs "
+                "(only tensors, plain containers and NumPy's RNG state are read, so nothing in a file runs); "
+                "re-save the weights as .safetensors or as a plain dict of tensors"
+            ) from None
+        raise SanaCheckpointError(f"{path}: cannot be read as a PyTorch checkpoint (corrupt or truncated?): {e}") from e
     except Exception as e:  # torch raises many types for damaged files
         raise SanaCheckpointError(f"{path}: cannot be read as a PyTorch checkpoint (corrupt or truncated?): {e}") from e
     if not isinstance(obj, dict):
         raise SanaCheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
-    extra: dict = {}
-    if isinstance(obj.get("state_dict"), dict):
-        extra = {k: v for k, v in obj.items() if k != "state_dict" and not isinstance(v, (dict, torch.Tensor))}
-        obj = obj["state_dict"]
-    elif isinstance(obj.get("model"), dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        obj = obj["model"]
-    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    weights, extra = _weights_entry(path, obj, entry)
+    tensors = {k: v for k, v in weights.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise SanaCheckpointError(f"{path}: holds no tensors (keys: {preview(sorted(map(str, obj)))})")
+        raise SanaCheckpointError(f"{path}: holds no tensors (keys: {preview(sorted(map(str, weights)))})")
     infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in tensors.items()}
     # Handed over as loaded: memory-mapped (copy-on-write) tensors, so the model becomes the
     # only copy. A clone here would double the peak.
     return CheckpointReader(path, "torch", infos, lambda k: tensors[k], None, extra)
+
+
+def _weights_entry(path: Path, obj: dict, entry: str | None) -> tuple[dict, dict]:
+    """(the dict holding the weights, the file's other plain entries as metadata).
+
+    `entry` names the dict to take; by default `state_dict` when there is one (as NVlabs'
+    inference does), a `model` entry of a file with no top-level tensors, else the file itself."""
+    if entry is None and isinstance(obj.get(WEIGHTS_ENTRY), dict):
+        entry = WEIGHTS_ENTRY
+    if entry is None:
+        model = obj.get("model")
+        if isinstance(model, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+            return model, {}
+        return obj, {}
+    if not isinstance(obj.get(entry), dict):
+        entries = sorted(str(k) for k, v in obj.items() if isinstance(v, dict))
+        raise SanaCheckpointError(f"{path}: has no '{entry}' entry of weights (the entries holding tensors: {preview(entries)})")
+    # Optimizer and scheduler state, RNG state and the other weights are dicts: left out.
+    extra = {k: v for k, v in obj.items() if k != entry and not isinstance(v, (dict, torch.Tensor))}
+    return obj[entry], extra
 
 
 def read_json_file(path: Path, what: str = "JSON file") -> object:
@@ -275,12 +408,7 @@ def _open_folder(path: Path, subfolders: Iterable[str]) -> CheckpointReader:
         if (path / sub / "config.json").is_file():
             path = path / sub
             break
-    config = None
-    config_path = path / "config.json"
-    if config_path.is_file():
-        config = read_json_file(config_path, "model config")
-        if not isinstance(config, dict):
-            raise SanaCheckpointError(f"{config_path}: not a model config (a JSON {type(config).__name__}, not an object)")
+    config = _folder_config(path)
     index = _weights_index(path)
     if index is not None:
         return _open_sharded(path, index, config)
@@ -293,6 +421,17 @@ def _open_folder(path: Path, subfolders: Iterable[str]) -> CheckpointReader:
             f"{path}: several safetensors files ({preview(f.name for f in files)}) and no *.safetensors.index.json"
         )
     return _open_safetensors(files, path, "folder", config)
+
+
+def _folder_config(folder: Path) -> dict | None:
+    """The `config.json` of a model folder, if it has one."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        return None
+    config = read_json_file(config_path, "model config")
+    if not isinstance(config, dict):
+        raise SanaCheckpointError(f"{config_path}: not a model config (a JSON {type(config).__name__}, not an object)")
+    return config
 
 
 def _weights_index(folder: Path) -> Path | None:
@@ -330,10 +469,12 @@ def _open_sharded(path: Path, index: Path, config: dict | None) -> CheckpointRea
     return reader
 
 
-def open_checkpoint(path: str | os.PathLike, *, subfolders: Iterable[str] = ()) -> CheckpointReader:
-    """Open a checkpoint file or folder for lazy reading.
+def open_checkpoint(path: str | os.PathLike, *, subfolders: Iterable[str] = (), entry: str | None = None) -> CheckpointReader:
+    """Open a checkpoint file, shard index or folder for lazy reading.
 
-    `subfolders` are tried when `path` is a pipeline root (e.g. `("transformer",)`).
+    `subfolders` are tried when `path` is a pipeline root (e.g. `("transformer",)`). `entry`
+    names the dict of a PyTorch checkpoint that holds the weights (e.g. `EMA_WEIGHTS_ENTRY`);
+    by default `state_dict`, else the top level. Other containers hold one set of weights only.
     """
     path = Path(path)
     try:
@@ -342,13 +483,20 @@ def open_checkpoint(path: str | os.PathLike, *, subfolders: Iterable[str] = ()) 
         raise SanaCheckpointError(f"{path}: cannot be opened: {e}") from e
     if not exists:
         raise SanaCheckpointError(f"{path}: no such file or folder")
+    suffix = path.suffix.lower()
+    if entry is not None and (is_dir or suffix not in TORCH_SUFFIXES):
+        raise SanaCheckpointError(
+            f"{path}: holds one set of weights; an entry such as '{entry}' is part of a PyTorch "
+            f"training checkpoint ({', '.join(TORCH_SUFFIXES)})"
+        )
     if is_dir:
         return _open_folder(path, subfolders)
-    suffix = path.suffix.lower()
+    if path.name.lower().endswith(SHARD_INDEX_SUFFIX):
+        return _open_sharded(path.parent, path, _folder_config(path.parent))
     if suffix == ".safetensors":
         return _open_safetensors([path], path, "safetensors", None)
     if suffix in TORCH_SUFFIXES:
-        return _open_torch(path)
+        return _open_torch(path, entry)
     # Unknown extension: sniff the content rather than trusting the name.
     try:
         with open(path, "rb") as f:
@@ -356,14 +504,15 @@ def open_checkpoint(path: str | os.PathLike, *, subfolders: Iterable[str] = ()) 
     except OSError as e:
         raise SanaCheckpointError(f"{path}: cannot read: {e}") from e
     if head[:2] == b"PK":
-        return _open_torch(path)
+        return _open_torch(path, None)
     if len(head) == 8 and struct.unpack("<Q", head)[0] < _MAX_HEADER_BYTES:
         try:
             return _open_safetensors([path], path, "safetensors", None)
         except SanaCheckpointError:
             pass
     raise SanaCheckpointError(
-        f"{path}: unknown checkpoint format (expected .safetensors, .pth/.pt/.bin/.ckpt or a diffusers folder)"
+        f"{path}: unknown checkpoint format (expected .safetensors, .pth/.pt/.bin/.ckpt, a "
+        f"*{SHARD_INDEX_SUFFIX} or a diffusers folder)"
     )
 
 
@@ -467,6 +616,44 @@ def _flatten(value: object) -> list:
     if isinstance(value, (list, tuple)):
         return [n for item in value for n in _flatten(item)]
     return [value]
+
+
+def metadata_json(metadata: Mapping, key: str, source: str) -> dict | None:
+    """The JSON object a saver stored under `metadata[key]` (safetensors `__metadata__`, or a
+    `.pth` entry), None when there is none; `source` names it in messages. Its values are for
+    the caller to check."""
+    stored = metadata.get(key)
+    if stored is None:
+        return None
+    if not isinstance(stored, str):
+        raise SanaCheckpointError(f"{source} is not a JSON string")
+    try:
+        data = json.loads(stored)
+    except (ValueError, RecursionError) as e:
+        raise SanaCheckpointError(f"{source} is corrupt: {shorten(str(e))}") from None
+    if not isinstance(data, dict):
+        raise SanaCheckpointError(f"{source} is corrupt: a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def stored_config(reader: CheckpointReader, key: str) -> tuple[dict, str] | None:
+    """(the config a saver stored under metadata `key`, the source to name in messages), or None."""
+    source = f"{reader.path}: '{key}' metadata"
+    data = metadata_json(reader.metadata, key, source)
+    return None if data is None else (data, source)
+
+
+def warn_on_config_conflict(path: Path, key: str, stored: Mapping, from_json: Mapping, stacklevel: int) -> None:
+    """Warn when the config stored in the weights (metadata `key`) and `path`'s `config.json`,
+    both as `config.json` mappings, describe different models; the stored one is used."""
+    differ = [f"{name}: {stored[name]!r} vs {from_json.get(name)!r}" for name in stored if stored[name] != from_json.get(name)]
+    if differ:
+        warnings.warn(
+            f"{path}: the config stored in the weights ('{key}' metadata) and {path / 'config.json'} disagree "
+            f"({preview(differ)}); using the one stored in the weights, which was written with them "
+            "(pass config= to choose)",
+            stacklevel=stacklevel + 1,
+        )
 
 
 def assign_state(

@@ -2,7 +2,9 @@
 
 Original layout (`mit-han-lab/dc-ae-*/model.safetensors`, or a `.pt` holding `state_dict`):
 flat `encoder.*` / `decoder.*` keys of the efficientvit `DCAE` module, e.g.
-`encoder.stages.3.op_list.0.context_module.main.qkv.conv.weight` `[3C, C, 1, 1]`.
+`encoder.stages.3.op_list.0.context_module.main.qkv.conv.weight` `[3C, C, 1, 1]`. The release
+folder, as downloaded, holds that `model.safetensors` and the `config.json` huggingface_hub's
+`PyTorchModelHubMixin` wrote for efficientvit's `DCAE_HF`: only `{"model_name": "dc-ae-..."}`.
 
 Diffusers layout (`mit-han-lab/dc-ae-*-diffusers`: `config.json` +
 `diffusion_pytorch_model.safetensors`, or a single file): `encoder.down_blocks.{i}.{j}...`, the
@@ -10,12 +12,15 @@ qkv conv split in thirds into `attn.to_q/to_k/to_v.weight` `[C, C]` (thirds of t
 per-head q|k|v channels, not true Q, K, V) and `attn.to_out.weight` squeezed to 2-D.
 
 The model's own names (`sana/dcae.py`) are the diffusers ones with the qkv conv fused and the
-1×1 convs 4-D, so the original layout is a pure renaming and the diffusers one a renaming plus
-the qkv split and the squeeze.
+1×1 convs 4-D, so the original layout is a pure renaming (one two-way table, read both ways)
+and the diffusers one the qkv split and the squeeze; `key_specs` states both as
+`sana.checkpoint.KeySpec`s, as `sana.dit_io` does for the DiT.
 
 The layout is detected from the keys; the architecture comes from, in order: the `config=`
 argument, the `dcae_config` metadata that `save_dcae` writes, a diffusers `config.json`, or the
-key names and shapes (then matched against the released presets for the scaling factor).
+key names and shapes. The scaling factor of weights without a config is the one of the release
+the hub `config.json` names (which also tells 'in' from 'mix' and sana-1.0 from 1.1), else of
+the release the path names, else of the release the architecture matches.
 """
 
 from __future__ import annotations
@@ -33,15 +38,20 @@ import torch
 
 from .checkpoint import (
     CheckpointReader,
+    KeySpec,
     assign_state,
     check_config_values,
     check_keys,
     dominant_float_dtype,
+    layout_shapes,
+    layout_state,
     open_checkpoint,
     pipeline_subfolder,
-    preview,
+    read_spec,
     shorten,
+    stored_config,
     strip_prefix,
+    warn_on_config_conflict,
     write_diffusers_folder,
     write_safetensors,
     write_torch,
@@ -60,12 +70,27 @@ _PREFIXES = ("vae.", "first_stage_model.", "ae.", "model.", "module.")
 
 # --------------------------------------------------------------------------- key maps
 
-# Block-internal names, ours -> original (the part after `stages.{i}.op_list.{j}.`).
-_ORIGINAL_BLOCK_PREFIXES = (
+# The one two-way table of names, ours <-> original mit-han-lab: prefix pairs read in either
+# direction, `{n}` standing for a stage, block or branch number. A stage block's name is a
+# stage pair followed by a block pair.
+_TOP_NAMES = (
+    ("encoder.conv_in.", "encoder.project_in.conv."),
+    ("encoder.conv_out.", "encoder.project_out.main.op_list.0.conv."),
+    ("decoder.conv_in.", "decoder.project_in.main.conv."),
+    ("decoder.norm_out.", "decoder.project_out.op_list.0."),
+    ("decoder.conv_out.", "decoder.project_out.op_list.2.conv."),
+)
+_STAGE_NAMES = (
+    ("encoder.down_blocks.{n}.{n}.", "encoder.stages.{n}.op_list.{n}."),
+    ("decoder.up_blocks.{n}.{n}.", "decoder.stages.{n}.op_list.{n}."),
+)
+_BLOCK_NAMES = (
     ("conv1.", "main.conv1.conv."),
     ("conv2.", "main.conv2.conv."),
     ("norm.", "main.conv2.norm."),
     ("attn.to_qkv.", "context_module.main.qkv.conv."),
+    ("attn.to_qkv_multiscale.{n}.proj_in.", "context_module.main.aggreg.{n}.0."),
+    ("attn.to_qkv_multiscale.{n}.proj_out.", "context_module.main.aggreg.{n}.1."),
     ("attn.to_out.", "context_module.main.proj.conv."),
     ("attn.norm_out.", "context_module.main.proj.norm."),
     ("conv_out.conv_inverted.", "local_module.main.inverted_conv.conv."),
@@ -73,71 +98,64 @@ _ORIGINAL_BLOCK_PREFIXES = (
     ("conv_out.conv_point.", "local_module.main.point_conv.conv."),
     ("conv_out.norm.", "local_module.main.point_conv.norm."),
 )
-_MULTISCALE = re.compile(r"attn\.to_qkv_multiscale\.(\d+)\.proj_(in|out)\.(.+)")
-_ORIGINAL_MULTISCALE = re.compile(r"context_module\.main\.aggreg\.(\d+)\.([01])\.(.+)")
-# Top-level names, ours -> original.
-_ORIGINAL_TOP = (
-    ("encoder.conv_in.", "encoder.project_in.conv."),
-    ("encoder.conv_out.", "encoder.project_out.main.op_list.0.conv."),
-    ("decoder.conv_in.", "decoder.project_in.main.conv."),
-    ("decoder.norm_out.", "decoder.project_out.op_list.0."),
-    ("decoder.conv_out.", "decoder.project_out.op_list.2.conv."),
-)
+# The pixel-(un)shuffle and interpolate resamplers wrap a conv, hence the doubled `conv.conv.`;
+# the stride-2 downsampler (SANA's encoder) is a bare conv. Read back, the longer name goes first.
+_WRAPPED_RESAMPLER = ("conv.", "main.conv.conv.")
+_PLAIN_RESAMPLER = ("conv.", "main.conv.")
 _OURS_STAGE = re.compile(r"(encoder|decoder)\.(down_blocks|up_blocks)\.(\d+)\.(\d+)\.(.+)")
-_ORIGINAL_STAGE = re.compile(r"(encoder|decoder)\.stages\.(\d+)\.op_list\.(\d+)\.(.+)")
+_MULTISCALE = re.compile(r"attn\.to_qkv_multiscale\.(\d+)\.proj_(in|out)\.(.+)")
+
+
+@functools.lru_cache(maxsize=None)
+def _name_pattern(template: str) -> re.Pattern:
+    return re.compile(re.escape(template).replace(r"\{n\}", r"(\d+)"))
+
+
+def _swap_prefix(key: str, pairs: tuple[tuple[str, str], ...], to_original: bool) -> tuple[str, str] | None:
+    """(the other side of the first pair whose one side starts `key`, the rest of `key`)."""
+    for ours, original in pairs:
+        source, target = (ours, original) if to_original else (original, ours)
+        match = _name_pattern(source).match(key)
+        if match:
+            return target.replace("{n}", "{}").format(*match.groups()), key[match.end():]
+    return None
+
+
+def _rename(key: str, to_original: bool, plain_downsampler: bool = False) -> str | None:
+    """`key` in the other naming by the table above, or None when it names nothing there."""
+    top = _swap_prefix(key, _TOP_NAMES, to_original)
+    if top is not None:
+        return "".join(top)
+    stage = _swap_prefix(key, _STAGE_NAMES, to_original)
+    if stage is None:
+        return None
+    prefix, inner = stage
+    if to_original:
+        plain = plain_downsampler and key.startswith("encoder.")
+        resamplers = (_PLAIN_RESAMPLER if plain else _WRAPPED_RESAMPLER,)
+    else:
+        resamplers = (_WRAPPED_RESAMPLER, _PLAIN_RESAMPLER)
+    block = _swap_prefix(inner, _BLOCK_NAMES + resamplers, to_original)
+    return None if block is None else prefix + "".join(block)
 
 
 def original_name(key: str, config: DCAEConfig) -> str:
     """Our parameter name -> the original mit-han-lab name."""
-    for ours, theirs in _ORIGINAL_TOP:
-        if key.startswith(ours):
-            return theirs + key[len(ours):]
-    match = _OURS_STAGE.fullmatch(key)
-    if not match:
+    name = _rename(key, to_original=True, plain_downsampler=config.downsample_block_type == "conv")
+    if name is None:
         raise SanaCheckpointError(f"internal error: no original name for DC-AE key {key!r}")
-    side, _, stage, index, inner = match.groups()
-    prefix = f"{side}.stages.{stage}.op_list.{index}."
-    for ours, theirs in _ORIGINAL_BLOCK_PREFIXES:
-        if inner.startswith(ours):
-            return prefix + theirs + inner[len(ours):]
-    multiscale = _MULTISCALE.fullmatch(inner)
-    if multiscale:
-        branch, which, rest = multiscale.groups()
-        return f"{prefix}context_module.main.aggreg.{branch}.{0 if which == 'in' else 1}.{rest}"
-    if inner.startswith("conv."):
-        # The stride-2 downsampler is a bare ConvLayer; the pixel-(un)shuffle and interpolate
-        # resamplers wrap one, hence the doubled `conv.conv.`.
-        plain = side == "encoder" and config.downsample_block_type == "conv"
-        return prefix + ("main.conv." if plain else "main.conv.conv.") + inner[len("conv."):]
-    raise SanaCheckpointError(f"internal error: no original name for DC-AE key {key!r}")
+    return name
 
 
 def _canonical_from_original(key: str) -> str:
     """Original name -> our name, without knowing the architecture (used to infer it)."""
-    for ours, theirs in _ORIGINAL_TOP:
-        if key.startswith(theirs):
-            return ours + key[len(theirs):]
-    match = _ORIGINAL_STAGE.fullmatch(key)
-    if not match:
-        return key
-    side, stage, index, inner = match.groups()
-    prefix = f"{side}.{'down_blocks' if side == 'encoder' else 'up_blocks'}.{stage}.{index}."
-    for ours, theirs in _ORIGINAL_BLOCK_PREFIXES:
-        if inner.startswith(theirs):
-            return prefix + ours + inner[len(theirs):]
-    multiscale = _ORIGINAL_MULTISCALE.fullmatch(inner)
-    if multiscale:
-        branch, which, rest = multiscale.groups()
-        return f"{prefix}attn.to_qkv_multiscale.{branch}.proj_{'in' if which == '0' else 'out'}.{rest}"
-    for theirs in ("main.conv.conv.", "main.conv."):
-        if inner.startswith(theirs):
-            return prefix + "conv." + inner[len(theirs):]
-    return key
+    return _rename(key, to_original=False) or key
 
 
-_QKV_SUFFIX = "attn.to_qkv.weight"
-_OUT_SUFFIX = "attn.to_out.weight"
-_SPLIT_SUFFIXES = ("attn.to_q.weight", "attn.to_k.weight", "attn.to_v.weight")
+# Diffusers' names are ours, but for the qkv conv split in thirds (2-D) and `to_out` squeezed to 2-D.
+_QKV = "attn.to_qkv.weight"
+_QKV_THIRDS = ("attn.to_q.weight", "attn.to_k.weight", "attn.to_v.weight")
+_SQUEEZED = "attn.to_out.weight"
 
 
 def _model_shapes(config: DCAEConfig) -> dict[str, tuple[int, ...]]:
@@ -146,57 +164,43 @@ def _model_shapes(config: DCAEConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
 
 
-def file_shapes(config: DCAEConfig, layout: str) -> dict[str, tuple[int, ...]]:
-    """Every key a checkpoint of `config` holds in `layout`, with its shape."""
-    return dict(_file_shapes(config, layout))
+def key_specs(config: DCAEConfig, layout: str) -> list[KeySpec]:
+    """Every tensor of `DCAE(config)` (parameters and buffers) and where it lives in `layout`."""
+    return list(_key_specs(config, layout))
 
 
 @functools.lru_cache(maxsize=32)
-def _file_shapes(config: DCAEConfig, layout: str) -> dict[str, tuple[int, ...]]:
-    shapes = {}
+def _key_specs(config: DCAEConfig, layout: str) -> tuple[KeySpec, ...]:
+    if layout not in LAYOUTS:
+        raise SanaCheckpointError(f"unknown DC-AE layout {layout!r} (known: {list(LAYOUTS)})")
+    specs = []
     for name, shape in _model_shapes(config).items():
         if layout == ORIGINAL:
-            shapes[original_name(name, config)] = shape
-        elif name.endswith(_QKV_SUFFIX):
-            for suffix in _SPLIT_SUFFIXES:
-                shapes[name[: -len(_QKV_SUFFIX)] + suffix] = (shape[0] // 3, shape[1])
-        elif name.endswith(_OUT_SUFFIX):
-            shapes[name] = shape[:2]
+            parts = ((original_name(name, config), shape),)
+        elif name.endswith(_QKV):
+            base = name[: -len(_QKV)]
+            parts = tuple((base + third, (shape[0] // 3, shape[1])) for third in _QKV_THIRDS)
+        elif name.endswith(_SQUEEZED):
+            parts = ((name, shape[:2]),)
         else:
-            shapes[name] = shape
-    return shapes
+            parts = ((name, shape),)
+        specs.append(KeySpec(name, shape, parts))
+    return tuple(specs)
+
+
+def file_shapes(config: DCAEConfig, layout: str) -> dict[str, tuple[int, ...]]:
+    """Every key a checkpoint of `config` holds in `layout`, with its shape."""
+    return layout_shapes(_key_specs(config, layout))
 
 
 def state_in_layout(model: DCAE, layout: str) -> dict[str, torch.Tensor]:
     """The model's state dict under the names and shapes of `layout` (tensors shared where possible)."""
-    if layout not in LAYOUTS:
-        raise SanaCheckpointError(f"unknown DC-AE layout {layout!r} (known: {list(LAYOUTS)})")
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        if layout == ORIGINAL:
-            out[original_name(name, model.config)] = tensor
-        elif name.endswith(_QKV_SUFFIX):
-            for suffix, third in zip(_SPLIT_SUFFIXES, tensor.flatten(1).chunk(3, dim=0)):
-                out[name[: -len(_QKV_SUFFIX)] + suffix] = third
-        elif name.endswith(_OUT_SUFFIX):
-            out[name] = tensor.flatten(1)
-        else:
-            out[name] = tensor
-    return out
+    return layout_state(model.state_dict(), _key_specs(model.config, layout))
 
 
 def _stream_state(reader: CheckpointReader, config: DCAEConfig, layout: str) -> Iterator[tuple[str, torch.Tensor]]:
     """(our name, tensor) pairs read one at a time from a checkpoint in `layout`."""
-    for name, shape in _model_shapes(config).items():
-        if layout == ORIGINAL:
-            yield name, reader.read(original_name(name, config))
-        elif name.endswith(_QKV_SUFFIX):
-            base = name[: -len(_QKV_SUFFIX)]
-            yield name, torch.cat([reader.read(base + s) for s in _SPLIT_SUFFIXES]).reshape(shape)
-        elif name.endswith(_OUT_SUFFIX):
-            yield name, reader.read(name).reshape(shape)
-        else:
-            yield name, reader.read(name)
+    return ((spec.name, read_spec(reader, spec)) for spec in _key_specs(config, layout))
 
 
 # --------------------------------------------------------------------------- diffusers config.json
@@ -303,19 +307,14 @@ def _check_config(config: DCAEConfig, source: str) -> None:
 
 def _stored_config(reader: CheckpointReader) -> DCAEConfig | None:
     """The config `save_dcae` stored in a single file's metadata, checked."""
-    stored = reader.metadata.get(METADATA_KEY)
-    if stored is None:
+    found = stored_config(reader, METADATA_KEY)
+    if found is None:
         return None
-    source = f"{reader.path}: '{METADATA_KEY}' metadata"
+    data, source = found
+    check_config_values(source, data, _BOUNDS)
     try:
-        data = json.loads(stored)
-        if not isinstance(data, dict):
-            raise TypeError(f"a JSON {type(data).__name__}, not an object")
-        check_config_values(source, data, _BOUNDS)
-        config = DCAEConfig.from_json(stored)
-    except SanaCheckpointError:
-        raise
-    except (ValueError, TypeError, RecursionError) as e:
+        config = DCAEConfig.from_json(json.dumps(data))
+    except (ValueError, TypeError) as e:
         raise SanaCheckpointError(f"{source} is unreadable: {shorten(str(e))}") from None
     _check_config(config, source)
     return config
@@ -399,9 +398,9 @@ def _canonical_shapes(reader: CheckpointReader, layout: str) -> dict[str, tuple[
         shape = reader.shape(key)
         if layout == ORIGINAL:
             shapes[_canonical_from_original(key)] = shape
-        elif key.endswith(_SPLIT_SUFFIXES[0]) and len(shape) == 2:
-            shapes[key[: -len(_SPLIT_SUFFIXES[0])] + _QKV_SUFFIX] = (3 * shape[0], shape[1], 1, 1)
-        elif key.endswith(_OUT_SUFFIX) and len(shape) == 2:
+        elif key.endswith(_QKV_THIRDS[0]) and len(shape) == 2:
+            shapes[key[: -len(_QKV_THIRDS[0])] + _QKV] = (3 * shape[0], shape[1], 1, 1)
+        elif key.endswith(_SQUEEZED) and len(shape) == 2:
             shapes[key] = (*shape, 1, 1)
         else:
             shapes[key] = shape
@@ -537,7 +536,8 @@ def resolve_config(
     if config is not None:
         raise SanaCheckpointError(f"config= must be a DCAEConfig or a preset name, got {type(config).__name__}")
     stored = _stored_config(reader)
-    if reader.config is not None:
+    release = _hub_release_name(reader.config)
+    if reader.config is not None and release is None:
         try:
             from_json = config_from_diffusers(reader.config, f"{path}/config.json")
         except SanaCheckpointError as e:
@@ -546,21 +546,48 @@ def resolve_config(
             warnings.warn(f"{e}; using the config stored in the weights ('{METADATA_KEY}' metadata)", stacklevel=4)
         else:
             if stored is not None:
-                _warn_on_conflict(path, stored, from_json)
+                warn_on_config_conflict(path, METADATA_KEY, diffusers_config(stored), diffusers_config(from_json), stacklevel=4)
             return stored or from_json
     if stored is not None:
         return stored
+    return _config_from_weights(reader, layout, release)
 
+
+def _hub_release_name(config: Mapping | None) -> str | None:
+    """The release a `config.json` of the original layout names: efficientvit's `DCAE_HF` is
+    saved by huggingface_hub's `PyTorchModelHubMixin`, which writes only its constructor
+    argument, `{"model_name": "dc-ae-f32c32-sana-1.1"}`. None for any other config."""
+    if not isinstance(config, Mapping) or "_class_name" in config:
+        return None
+    name = config.get("model_name")
+    return name if isinstance(name, str) else None
+
+
+def _config_from_weights(reader: CheckpointReader, layout: str, release: str | None) -> DCAEConfig:
+    """The architecture the key names and shapes imply, with the scaling factor of the release
+    `release` (a hub config's `model_name`) or the path names, else of the release it matches."""
+    path = reader.path
+    named = DCAE_PRESETS.get(release) if release else None
     found = {k: reader.shape(k) for k in reader.keys()}
     preset_name, score = _closest_preset(found, layout)
     try:
         inferred = _infer_config(_canonical_shapes(reader, layout))
     except (KeyError, ValueError, IndexError, SanaCheckpointError) as e:
-        if score >= 0.5:
-            # A damaged release: list what is wrong against the release it resembles.
-            check_keys(path, file_shapes(DCAE_PRESETS[preset_name], layout), found)
+        if named is not None or score >= 0.5:
+            # A damaged release: list what is wrong against the release it names or resembles.
+            check_keys(path, file_shapes(named or DCAE_PRESETS[preset_name], layout), found)
         raise SanaCheckpointError(f"{path}: unknown DC-AE layout: cannot work out the architecture from the keys ({e}); "
                                   f"pass config= (a DCAEConfig or one of {sorted(DCAE_PRESETS)})") from None
+    if named is not None:
+        if _architecture(named) == _architecture(inferred):
+            return named
+        warnings.warn(
+            f"{path}: config.json names the release {release}, but the weights have another architecture; "
+            f"using the weights' architecture with that release's scaling_factor {named.scaling_factor} "
+            "(pass config= to choose)",
+            stacklevel=4,
+        )
+        return inferred.replace(scaling_factor=named.scaling_factor)
     match = _matching_preset(inferred, exact_scaling=False)
     if match is None:
         if score >= 0.9:
@@ -568,36 +595,25 @@ def resolve_config(
         warnings.warn(
             f"{path}: a DC-AE of no released architecture and no stored config; scaling_factor is unknown and set "
             f"to 1.0 (pass config= to set it)",
-            stacklevel=3,
+            stacklevel=4,
         )
         return inferred
+    hint = release or Path(path).as_posix()  # the names that tell releases of one architecture apart
     if "sana" in match:
-        version = _SANA_VERSION.search(str(path))
+        version = _SANA_VERSION.search(hint)
         return DCAE_PRESETS[f"dc-ae-f32c32-sana-{version.group(1)}" if version else match]
-    hint = _IN_OR_MIX.search(Path(path).as_posix() + "-")
+    in_or_mix = _IN_OR_MIX.search(hint + "-")
     family = match.replace("-in-", "-mix-")
-    if hint:
-        return DCAE_PRESETS[family.replace("-mix-", f"-{hint.group(1)}-")]
+    if in_or_mix:
+        return DCAE_PRESETS[family.replace("-mix-", f"-{in_or_mix.group(1)}-")]
     chosen = DCAE_PRESETS[family]
     warnings.warn(
         f"{path}: the 'in' and 'mix' releases of {family.replace('-mix-', '-{in,mix}-')} cannot be told apart from "
         f"the weights; assuming 'mix' (scaling_factor {chosen.scaling_factor}). Pass "
         f"config={family.replace('-mix-', '-in-')!r} for the ImageNet-only release.",
-        stacklevel=3,
+        stacklevel=4,
     )
     return chosen
-
-
-def _warn_on_conflict(path: Path, stored: DCAEConfig, from_json: DCAEConfig) -> None:
-    ours, theirs = diffusers_config(stored), diffusers_config(from_json)
-    differ = [f"{key}: {ours[key]!r} vs {theirs[key]!r}" for key in ours if ours[key] != theirs[key]]
-    if differ:
-        warnings.warn(
-            f"{path}: the config stored in the weights ('{METADATA_KEY}' metadata) and {path}/config.json disagree "
-            f"({preview(differ)}); using the one stored in the weights, which was written with them "
-            "(pass config= to choose)",
-            stacklevel=5,  # the caller of load_dcae
-        )
 
 
 def validate_checkpoint(reader: CheckpointReader, config: DCAEConfig | str | None = None) -> tuple[str, DCAEConfig]:

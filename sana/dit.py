@@ -30,7 +30,6 @@ from torch.utils.checkpoint import checkpoint
 from .errors import SanaCheckpointError, SanaInputError
 from .kernels.constants import LINEAR_ATTENTION_EPS  # shared with the Triton kernel
 from .ops import Linear, fused
-from .schedules import default_flow_shift
 
 # LINEAR_ATTENTION_EPS, the linear-attention denominator epsilon: diffusers uses 1e-15 (NVlabs
 # passes 1e-8). Only an all-zero query or key row feels it, and then the output is 0 either way.
@@ -94,69 +93,6 @@ class SanaDiTConfig:
         if unknown:
             raise SanaInputError(f"unknown SanaDiTConfig fields: {unknown}")
         return cls(**d)
-
-    def to_diffusers(self) -> dict[str, Any]:
-        """The `config.json` diffusers' `SanaTransformer2DModel` reads."""
-        return {
-            "_class_name": "SanaTransformer2DModel",
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "num_attention_heads": self.num_attention_heads,
-            "attention_head_dim": self.attention_head_dim,
-            "num_layers": self.depth,
-            "num_cross_attention_heads": self.cross_attention_heads,
-            "cross_attention_head_dim": self.cross_attention_head_dim,
-            "cross_attention_dim": self.hidden_size,
-            "caption_channels": self.caption_channels,
-            "mlp_ratio": self.mlp_ratio,
-            "dropout": 0.0,
-            "attention_bias": False,
-            "sample_size": self.sample_size,
-            "patch_size": self.patch_size,
-            "norm_elementwise_affine": False,
-            "norm_eps": self.norm_eps,
-            "interpolation_scale": self.interpolation_scale,
-            "guidance_embeds": self.guidance_embeds,
-            "guidance_embeds_scale": self.guidance_embeds_scale,
-            "qk_norm": "rms_norm_across_heads" if self.qk_norm else None,
-            "timestep_scale": self.timestep_scale,
-        }
-
-    @classmethod
-    def from_diffusers(cls, d: dict[str, Any], **overrides: Any) -> SanaDiTConfig:
-        heads, head_dim = d.get("num_attention_heads", 70), d.get("attention_head_dim", 32)
-        hidden = heads * head_dim
-        cross_dim = d.get("cross_attention_dim", hidden)
-        if cross_dim != hidden:
-            raise SanaInputError(f"cross_attention_dim {cross_dim} differs from the hidden size {hidden}: not a SANA DiT")
-        qk_norm = d.get("qk_norm")
-        if qk_norm not in (None, "rms_norm_across_heads"):
-            raise SanaInputError(f"unsupported qk_norm {qk_norm!r} (SANA uses 'rms_norm_across_heads')")
-        sample_size = d.get("sample_size", 32)
-        interpolation_scale = d.get("interpolation_scale")
-        fields = dict(
-            hidden_size=hidden,
-            depth=d.get("num_layers", 20),
-            attention_head_dim=head_dim,
-            cross_attention_heads=d.get("num_cross_attention_heads", 20),
-            cross_attention_head_dim=d.get("cross_attention_head_dim", 112),
-            caption_channels=d.get("caption_channels", 2304),
-            in_channels=d.get("in_channels", 32),
-            out_channels=d.get("out_channels") or d.get("in_channels", 32),
-            patch_size=d.get("patch_size", 1),
-            mlp_ratio=d.get("mlp_ratio", 2.5),
-            sample_size=sample_size,
-            interpolation_scale=None if interpolation_scale is None else float(interpolation_scale),
-            qk_norm=qk_norm is not None,
-            guidance_embeds=bool(d.get("guidance_embeds", False)),
-            guidance_embeds_scale=d.get("guidance_embeds_scale", 0.1),
-            timestep_scale=d.get("timestep_scale", 1.0),
-            norm_eps=d.get("norm_eps", 1e-6),
-            flow_shift=default_flow_shift(sample_size),
-        )
-        fields.update(overrides)
-        config = cls(**fields)
-        return config.replace(variant=variant_name(config)) if "variant" not in overrides else config
 
 
 _SANA_600M = dict(hidden_size=1152, depth=28, cross_attention_heads=16, cross_attention_head_dim=72)

@@ -8,35 +8,49 @@ Layouts:
   an index too, or a pipeline root with a `transformer/` sub-folder), or a single safetensors
   file with diffusers keys.
 
-A `KeySpec` ties each of our parameters to one or more keys of a layout (Q|K|V and K|V are
-split along dim 0 in diffusers; 1×1 conv weights are 4-D in both layouts and 2-D in ours).
+Also NVlabs' training checkpoints (`epoch_*_step_*.pth`, `latest.pth`: `state_dict`,
+`state_dict_ema`, optimizer, scheduler and RNG state; `ema=True` takes the EMA weights) and
+sharded official safetensors given as their `*.safetensors.index.json`.
+
+`key_specs` ties each of our parameters to one or more keys of a layout, as a
+`sana.checkpoint.KeySpec` (Q|K|V and K|V are split along dim 0 in diffusers; 1×1 conv weights
+are 4-D in both layouts and 2-D in ours); detection and shape inference look names up there.
+The diffusers `config.json` translation (`diffusers_config`, `config_from_diffusers`) lives here.
 Loading validates every key and shape before any tensor data is read, then streams tensors
 into a model built on the meta device, so peak memory is one copy of the weights.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from .checkpoint import (
+    EMA_WEIGHTS_ENTRY,
     CheckpointReader,
+    KeySpec,
     assign_state,
     check_config_values,
     check_keys,
     dominant_float_dtype,
+    layout_shapes,
+    layout_state,
     open_checkpoint,
     pipeline_subfolder,
     preview,
     read_json_file,
+    read_spec,
+    stored_config,
     strip_prefix,
+    warn_on_config_conflict,
     write_diffusers_folder,
     write_safetensors,
     write_torch,
@@ -56,15 +70,6 @@ DEFAULT_MAX_SHARD_BYTES = 10 * 1024**3  # diffusers' default shard size
 
 # Cross-attention heads of the released widths; the weights cannot tell heads apart.
 KNOWN_CROSS_HEADS = {1152: (16, 72), 2240: (20, 112)}
-
-
-@dataclass(frozen=True)
-class KeySpec:
-    """Our parameter `name` of `shape` is the dim-0 concatenation of `parts` (layout key, layout shape)."""
-
-    name: str
-    shape: tuple[int, ...]
-    parts: tuple[tuple[str, tuple[int, ...]], ...]
 
 
 def key_specs(config: SanaDiTConfig, layout: Layout) -> list[KeySpec]:
@@ -136,11 +141,19 @@ def key_specs(config: SanaDiTConfig, layout: Layout) -> list[KeySpec]:
 # --------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=2)
+def _layout_names(layout: Layout) -> dict[str, str]:
+    """Our parameter name -> its (first) key in `layout`, for one block of a model with every
+    optional part; what detection and shape inference look up, told by the one key table."""
+    probe = SanaDiTConfig(depth=1, qk_norm=True, guidance_embeds=True)
+    return {spec.name: spec.parts[0][0] for spec in key_specs(probe, layout)}
+
+
 def detect_layout(reader: CheckpointReader) -> Layout:
-    if "x_embedder.proj.weight" in reader or "blocks.0.attn.qkv.weight" in reader:
-        return "official"
-    if "patch_embed.proj.weight" in reader or "transformer_blocks.0.attn1.to_q.weight" in reader:
-        return "diffusers"
+    for layout in ("official", "diffusers"):
+        names = _layout_names(layout)
+        if names["x_embedder.proj.weight"] in reader or names["blocks.0.attn.qkv.weight"] in reader:
+            return layout
     sample = sorted(reader.keys())[:8]
     raise SanaCheckpointError(
         f"{reader.path}: unknown format: neither official SANA keys (x_embedder.*, blocks.N.*) nor diffusers "
@@ -177,22 +190,19 @@ def _official_pe(reader: CheckpointReader, hidden: int) -> tuple[int | None, flo
 def infer_config(reader: CheckpointReader, layout: Layout) -> tuple[SanaDiTConfig, list[str]]:
     """A config from tensor shapes and keys, plus notes on what the weights could not tell."""
     notes: list[str] = []
-    if layout == "official":
-        patch = _require(reader, "x_embedder.proj.weight")
-        depth = len({k.split(".")[1] for k in reader.keys() if k.startswith("blocks.")})
-        caption = _require(reader, "y_embedder.y_proj.fc1.weight")[1]
-        final = _require(reader, "final_layer.linear.weight")[0]
-        mlp2 = _require(reader, "blocks.0.mlp.inverted_conv.conv.weight")[0]
-        qk_norm = "blocks.0.attn.q_norm.weight" in reader
-        guidance = "cfg_embedder.mlp.0.weight" in reader
-    else:
-        patch = _require(reader, "patch_embed.proj.weight")
-        depth = len({k.split(".")[1] for k in reader.keys() if k.startswith("transformer_blocks.")})
-        caption = _require(reader, "caption_projection.linear_1.weight")[1]
-        final = _require(reader, "proj_out.weight")[0]
-        mlp2 = _require(reader, "transformer_blocks.0.ff.conv_inverted.weight")[0]
-        qk_norm = "transformer_blocks.0.attn1.norm_q.weight" in reader
-        guidance = "time_embed.guidance_embedder.linear_1.weight" in reader
+    names = _layout_names(layout)
+
+    def shape(ours: str) -> tuple[int, ...]:
+        return _require(reader, names[ours])
+
+    patch = shape("x_embedder.proj.weight")
+    blocks = names["blocks.0.scale_shift_table"].removesuffix("0.scale_shift_table")
+    depth = len({k[len(blocks):].split(".")[0] for k in reader.keys() if k.startswith(blocks)})
+    caption = shape("y_embedder.y_proj.fc1.weight")[1]
+    final = shape("final_layer.linear.weight")[0]
+    mlp2 = shape("blocks.0.mlp.inverted_conv.weight")[0]
+    qk_norm = names["blocks.0.attn.q_norm.weight"] in reader
+    guidance = names["cfg_embedder.mlp.0.weight"] in reader
     hidden, in_channels, p = patch[0], patch[1], patch[2]
     if hidden not in KNOWN_CROSS_HEADS:
         raise SanaCheckpointError(
@@ -262,22 +272,98 @@ _DIFFUSERS_BOUNDS: dict[str, tuple[float, float]] = {
 _OPTIONAL = ("interpolation_scale", "out_channels")
 
 
+def diffusers_config(config: SanaDiTConfig) -> dict[str, Any]:
+    """The `config.json` diffusers' `SanaTransformer2DModel` reads for `config`."""
+    return {
+        "_class_name": "SanaTransformer2DModel",
+        "in_channels": config.in_channels,
+        "out_channels": config.out_channels,
+        "num_attention_heads": config.num_attention_heads,
+        "attention_head_dim": config.attention_head_dim,
+        "num_layers": config.depth,
+        "num_cross_attention_heads": config.cross_attention_heads,
+        "cross_attention_head_dim": config.cross_attention_head_dim,
+        "cross_attention_dim": config.hidden_size,
+        "caption_channels": config.caption_channels,
+        "mlp_ratio": config.mlp_ratio,
+        "dropout": 0.0,
+        "attention_bias": False,
+        "sample_size": config.sample_size,
+        "patch_size": config.patch_size,
+        "norm_elementwise_affine": False,
+        "norm_eps": config.norm_eps,
+        "interpolation_scale": config.interpolation_scale,
+        "guidance_embeds": config.guidance_embeds,
+        "guidance_embeds_scale": config.guidance_embeds_scale,
+        "qk_norm": "rms_norm_across_heads" if config.qk_norm else None,
+        "timestep_scale": config.timestep_scale,
+    }
+
+
+def config_from_diffusers(data: Mapping, source: str = "config.json") -> SanaDiTConfig:
+    """Our config from a diffusers `SanaTransformer2DModel` config.json (missing fields take
+    diffusers' defaults), its values checked against sane bounds before anything is built from it."""
+    if not isinstance(data, Mapping):
+        raise SanaCheckpointError(f"{source}: not a SANA DiT config (a JSON {type(data).__name__}, not an object)")
+    check_config_values(source, data, _DIFFUSERS_BOUNDS, optional=_OPTIONAL)
+    try:
+        config = _translate_diffusers(data)
+    except (TypeError, ValueError) as e:  # SanaInputError is a ValueError
+        raise SanaCheckpointError(f"{source}: not a valid SANA DiT config: {e}") from e
+    check_config_values(source, config.to_dict(), _BOUNDS, optional=_OPTIONAL)  # derived sizes (hidden = heads × dim)
+    return config
+
+
+def _translate_diffusers(d: Mapping) -> SanaDiTConfig:
+    heads, head_dim = d.get("num_attention_heads", 70), d.get("attention_head_dim", 32)
+    hidden = heads * head_dim
+    cross_dim = d.get("cross_attention_dim", hidden)
+    if cross_dim != hidden:
+        raise SanaInputError(f"cross_attention_dim {cross_dim} differs from the hidden size {hidden}: not a SANA DiT")
+    qk_norm = d.get("qk_norm")
+    if qk_norm not in (None, "rms_norm_across_heads"):
+        raise SanaInputError(f"unsupported qk_norm {qk_norm!r} (SANA uses 'rms_norm_across_heads')")
+    sample_size = d.get("sample_size", 32)
+    interpolation_scale = d.get("interpolation_scale")
+    config = SanaDiTConfig(
+        hidden_size=hidden,
+        depth=d.get("num_layers", 20),
+        attention_head_dim=head_dim,
+        cross_attention_heads=d.get("num_cross_attention_heads", 20),
+        cross_attention_head_dim=d.get("cross_attention_head_dim", 112),
+        caption_channels=d.get("caption_channels", 2304),
+        in_channels=d.get("in_channels", 32),
+        out_channels=d.get("out_channels") or d.get("in_channels", 32),
+        patch_size=d.get("patch_size", 1),
+        mlp_ratio=d.get("mlp_ratio", 2.5),
+        sample_size=sample_size,
+        interpolation_scale=None if interpolation_scale is None else float(interpolation_scale),
+        qk_norm=qk_norm is not None,
+        guidance_embeds=bool(d.get("guidance_embeds", False)),
+        guidance_embeds_scale=d.get("guidance_embeds_scale", 0.1),
+        timestep_scale=d.get("timestep_scale", 1.0),
+        norm_eps=d.get("norm_eps", 1e-6),
+        flow_shift=default_flow_shift(sample_size),
+    )
+    return config.replace(variant=variant_name(config))
+
+
 def _config_from_mapping(data: object, source: str) -> SanaDiTConfig:
     """A config from a diffusers `config.json` or a `SanaDiTConfig.to_dict()` mapping read from `source`,
     its values checked against sane bounds before anything is built from it."""
     if not isinstance(data, dict):
         raise SanaCheckpointError(f"{source}: not a SANA DiT config (a JSON {type(data).__name__}, not an object)")
-    diffusers = "num_layers" in data or "_class_name" in data
-    check_config_values(source, data, _DIFFUSERS_BOUNDS if diffusers else _BOUNDS, optional=_OPTIONAL)
-    if not diffusers:
-        unknown = sorted(set(data) - set(SanaDiTConfig.__dataclass_fields__))
-        if unknown:
-            raise SanaCheckpointError(f"{source}: unknown SanaDiTConfig fields {preview(unknown)}")
+    if "num_layers" in data or "_class_name" in data:
+        return config_from_diffusers(data, source)
+    check_config_values(source, data, _BOUNDS, optional=_OPTIONAL)
+    unknown = sorted(set(data) - set(SanaDiTConfig.__dataclass_fields__))
+    if unknown:
+        raise SanaCheckpointError(f"{source}: unknown SanaDiTConfig fields {preview(unknown)}")
     try:
-        config = SanaDiTConfig.from_diffusers(data) if diffusers else SanaDiTConfig.from_dict(data)
+        config = SanaDiTConfig.from_dict(data)
     except (TypeError, ValueError) as e:  # SanaInputError is a ValueError
         raise SanaCheckpointError(f"{source}: not a valid SANA DiT config: {e}") from e
-    check_config_values(source, config.to_dict(), _BOUNDS, optional=_OPTIONAL)  # derived sizes (hidden = heads × dim)
+    check_config_values(source, config.to_dict(), _BOUNDS, optional=_OPTIONAL)
     return config
 
 
@@ -318,7 +404,9 @@ def resolve_config(
             warnings.warn(f"{e}; using the config stored in the weights ('{CONFIG_METADATA_KEY}' metadata)", stacklevel=3)
     if stored is not None:
         if from_json is not None:
-            _warn_on_conflict(reader, stored, from_json)
+            warn_on_config_conflict(
+                reader.path, CONFIG_METADATA_KEY, diffusers_config(stored), diffusers_config(from_json), stacklevel=3
+            )
         return stored
     inferred, notes = infer_config(reader, layout)
     for note in notes:
@@ -327,50 +415,13 @@ def resolve_config(
 
 
 def _stored_config(reader: CheckpointReader) -> SanaDiTConfig | None:
-    stored = reader.metadata.get(CONFIG_METADATA_KEY)
-    if stored is None:
-        return None
-    source = f"{reader.path}: '{CONFIG_METADATA_KEY}' metadata"
-    if not isinstance(stored, str):
-        raise SanaCheckpointError(f"{source} is not a JSON string")
-    try:
-        data = json.loads(stored)
-    except (ValueError, RecursionError) as e:
-        raise SanaCheckpointError(f"{source} is corrupt: {e}") from e
-    return _config_from_mapping(data, source)
-
-
-def _warn_on_conflict(reader: CheckpointReader, stored: SanaDiTConfig, from_json: SanaDiTConfig) -> None:
-    """Warn when the config stored in the weights and `config.json` describe different models."""
-    ours, theirs = stored.to_diffusers(), from_json.to_diffusers()
-    differ = [f"{key}: {ours[key]!r} vs {theirs[key]!r}" for key in ours if ours[key] != theirs[key]]
-    if differ:
-        warnings.warn(
-            f"{reader.path}: the config stored in the weights ('{CONFIG_METADATA_KEY}' metadata) and "
-            f"{reader.path / 'config.json'} disagree ({preview(differ)}); using the one stored in the weights, "
-            "which was written with them (pass config= to choose)",
-            stacklevel=4,
-        )
+    found = stored_config(reader, CONFIG_METADATA_KEY)
+    return None if found is None else _config_from_mapping(*found)
 
 
 # --------------------------------------------------------------------------------------------
 # Load / save
 # --------------------------------------------------------------------------------------------
-
-
-def _assemble(reader: CheckpointReader, spec: KeySpec) -> torch.Tensor:
-    if len(spec.parts) == 1:
-        return reader.read(spec.parts[0][0]).reshape(spec.shape)
-    # Fused Q|K|V and K|V: each part is read straight into its rows, with no concatenation temporary.
-    dtypes = {reader.infos[key].dtype for key, _ in spec.parts}
-    if len(dtypes) != 1:
-        raise SanaCheckpointError(f"{reader.path}: {[key for key, _ in spec.parts]} are stored in different dtypes {sorted(map(str, dtypes))}")
-    out = torch.empty(spec.shape, dtype=dtypes.pop())
-    start = 0
-    for key, shape in spec.parts:
-        reader.read_into(key, out[start : start + shape[0]])
-        start += shape[0]
-    return out
 
 
 def load_dit(
@@ -379,15 +430,19 @@ def load_dit(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     config: SanaDiTConfig | dict | str | None = None,
+    ema: bool = False,
 ) -> SanaDiT:
     """Load a SANA DiT from any official layout (see the module docstring), in eval mode.
 
     `dtype=None` keeps the stored dtype (the one holding most of the weights, should a few
     tensors be stored in another). `config` (a `SanaDiTConfig`, a preset name from
     `DIT_PRESETS`, a diffusers config dict or a JSON path) overrides what is stored or detected.
+    `ema=True` loads the `state_dict_ema` weights of a checkpoint written by NVlabs' training
+    code instead of its `state_dict` (the weights NVlabs' inference loads, and the default).
     Raises `SanaCheckpointError` naming the file and every missing, unexpected or misshapen key.
     """
-    reader = strip_prefix(open_checkpoint(path, subfolders=("transformer",)), COMFY_PREFIXES)
+    entry = EMA_WEIGHTS_ENTRY if ema else None
+    reader = strip_prefix(open_checkpoint(path, subfolders=("transformer",), entry=entry), COMFY_PREFIXES)
     # W8A8 checkpoints (int8 weights + scales, sana/quant) carry a metadata marker; they have their own loader.
     from .quant.checkpoint import W8A8_METADATA_KEY, load_w8a8_dit
 
@@ -396,7 +451,7 @@ def load_dit(
     layout = detect_layout(reader)
     cfg = resolve_config(reader, layout, config)
     specs = key_specs(cfg, layout)
-    expected = {key: shape for spec in specs for key, shape in spec.parts}
+    expected = layout_shapes(specs)
     found = {key: reader.shape(key) for key in reader.keys()}
     ignored = (lambda k: k in OFFICIAL_EXTRA_KEYS) if layout == "official" else (lambda k: False)
     check_keys(reader.path, expected, found, ignored=ignored)
@@ -405,7 +460,7 @@ def load_dit(
     with torch.device("meta"):
         model = SanaDiT(cfg)
     try:
-        assign_state(model, ((spec.name, _assemble(reader, spec)) for spec in specs), dtype=dtype, device=device)
+        assign_state(model, ((spec.name, read_spec(reader, spec)) for spec in specs), dtype=dtype, device=device)
     except SanaCheckpointError:
         raise
     except (RuntimeError, OSError) as e:
@@ -417,14 +472,7 @@ def load_dit(
 
 def dit_state_dict(model: SanaDiT, layout: Layout) -> dict[str, torch.Tensor]:
     """The model's weights under `layout`'s key names and shapes (views where possible)."""
-    ours = model.state_dict()
-    out: dict[str, torch.Tensor] = {}
-    for spec in key_specs(model.config, layout):
-        tensor = ours[spec.name]
-        sizes = [shape[0] for _, shape in spec.parts]
-        for (key, shape), chunk in zip(spec.parts, torch.split(tensor, sizes, dim=0)):
-            out[key] = chunk.reshape(shape)
-    return out
+    return layout_state(model.state_dict(), key_specs(model.config, layout))
 
 
 def save_dit(
@@ -478,7 +526,7 @@ def save_dit(
     if path.suffix.lower() == ".safetensors":
         write_safetensors(path, tensors, metadata)
         return
-    config = {**cfg.to_diffusers(), "_diffusers_version": "0.42.1"}
+    config = {**diffusers_config(cfg), "_diffusers_version": "0.42.1"}
     write_diffusers_folder(
         pipeline_subfolder(path, "transformer"), tensors, config, metadata=metadata, max_shard_bytes=max_shard_bytes
     )

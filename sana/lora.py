@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import open_checkpoint, write_safetensors
+from .checkpoint import metadata_json, open_checkpoint, write_safetensors
 from .dit import SanaDiT
 from .dit_io import key_specs
 from .errors import SanaCheckpointError, SanaInputError
@@ -200,15 +200,9 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?:transformer\.)?(?P<module>.+)\.l
 
 def _alphas(metadata: dict[str, str]) -> tuple[float | None, dict[str, float], dict[str, int]]:
     """(lora_alpha, alpha_pattern, rank_pattern) from diffusers' adapter metadata, if any."""
-    raw = metadata.get(METADATA_KEY)
-    if not raw:
+    if not metadata.get(METADATA_KEY):
         return None, {}, {}
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        raise SanaCheckpointError(f"corrupt '{METADATA_KEY}' metadata: {e}") from None
-    if not isinstance(data, dict):
-        raise SanaCheckpointError(f"corrupt '{METADATA_KEY}' metadata: a JSON {type(data).__name__}, not an object")
+    data = metadata_json(metadata, METADATA_KEY, f"'{METADATA_KEY}' metadata")
     data = {k[len(PREFIX) :] if k.startswith(PREFIX) else k: v for k, v in data.items()}
     alpha, alpha_pattern, rank_pattern = data.get("lora_alpha"), data.get("alpha_pattern") or {}, data.get("rank_pattern") or {}
     numbers = [alpha] if alpha is not None else []

@@ -18,7 +18,7 @@ from dit_checkpoints import (
     write_official_pth,
     write_official_safetensors,
 )
-from sana.dit_io import dit_state_dict
+from sana.dit_io import config_from_diffusers, dit_state_dict
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -46,7 +46,7 @@ def write_checkpoint(ref, fmt: str, tmp_path):
         assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
         return tmp_path / "sharded", None
     # Bare files carry no head counts at tiny width: the config comes from the caller.
-    config = sana.SanaDiTConfig.from_diffusers(dict(ref.config))
+    config = config_from_diffusers(dict(ref.config))
     if fmt == "diffusers-file":
         return write_diffusers_single_file(ref, tmp_path / "model.safetensors"), config
     if fmt == "official-pth":
@@ -245,7 +245,7 @@ def test_official_diffusers_round_trip_is_bit_exact(variant, tmp_path):
     ref = random_reference(variant)
     original = official_state_dict(ref)
     torch.save({"state_dict": original}, tmp_path / "a.pth")
-    model = sana.load_dit(tmp_path / "a.pth", config=sana.SanaDiTConfig.from_diffusers(dict(ref.config)))
+    model = sana.load_dit(tmp_path / "a.pth", config=config_from_diffusers(dict(ref.config)))
 
     sana.save_dit(model, tmp_path / "diffusers", format="diffusers")
     written = load_file(str(tmp_path / "diffusers" / "diffusion_pytorch_model.safetensors"))
@@ -271,7 +271,7 @@ def test_official_diffusers_round_trip_is_bit_exact(variant, tmp_path):
 
 def test_official_safetensors_and_sharded_saves_round_trip(tmp_path):
     ref = random_reference("sana-sprint")
-    config = sana.SanaDiTConfig.from_diffusers(dict(ref.config))
+    config = config_from_diffusers(dict(ref.config))
     model = sana.load_dit(write_official_pth(ref, tmp_path / "m.pth"), config=config)
     sana.save_dit(model, tmp_path / "official.safetensors", format="official")
     sana.save_dit(model, tmp_path / "single.safetensors", format="diffusers")

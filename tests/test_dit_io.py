@@ -12,7 +12,7 @@ import sana
 from dit_checkpoints import official_state_dict, random_reference, write_official_pth
 from sana.checkpoint import CheckpointReader, TensorInfo
 from sana.dit import DIT_PRESETS, sincos_pos_embed_2d
-from sana.dit_io import infer_config, key_specs, load_dit, resolve_config, save_dit
+from sana.dit_io import config_from_diffusers, infer_config, key_specs, load_dit, resolve_config, save_dit
 
 
 def shapes_only_reader(preset: str, layout: str) -> CheckpointReader:
@@ -84,7 +84,7 @@ def test_full_width_file_is_detected_end_to_end(tmp_path):
 @pytest.fixture
 def official_file(tmp_path):
     ref = random_reference("sana-1.5")
-    return write_official_pth(ref, tmp_path / "model.pth"), sana.SanaDiTConfig.from_diffusers(dict(ref.config))
+    return write_official_pth(ref, tmp_path / "model.pth"), config_from_diffusers(dict(ref.config))
 
 
 def test_missing_file(tmp_path):
@@ -127,7 +127,7 @@ def test_corrupt_files(tmp_path, official_file):
 
 def test_missing_and_unexpected_keys_are_listed(tmp_path):
     sd = official_state_dict(random_reference("sana-1.5"))
-    config = sana.SanaDiTConfig.from_diffusers(dict(random_reference("sana-1.5").config))
+    config = config_from_diffusers(dict(random_reference("sana-1.5").config))
     del sd["blocks.1.attn.proj.bias"], sd["blocks.0.cross_attn.k_norm.weight"]
     sd["blocks.0.attn.extra.weight"] = torch.zeros(3)
     torch.save({"state_dict": sd}, tmp_path / "m.pth")
