@@ -150,7 +150,7 @@ def run_gemma_loader(gemma_name: str, dtype: str):
 
 def _encode(gemma: SanaGemma, text: str, chi, max_tokens: int):
     if not isinstance(gemma, SanaGemma):
-        raise SanaInputError("the gemma input must come from 'Gemma Loader (Sana)'")
+        raise SanaInputError("the gemma input must come from 'Sana Gemma Loader'")
     model_management.load_models_gpu([gemma.patcher])
     return (logic.encode_conditioning(gemma.text_encoder, text, chi=chi, max_tokens=max_tokens),)
 

@@ -184,7 +184,7 @@ def test_extension_imports_cleanly(server):
     assert "IMPORT FAILED" not in "\n".join(l for l in log.splitlines() if "sana" in l.lower())
     info = json.loads(server.get("/object_info"))
     assert {k for k in info if k.startswith("Sana")} >= {"SanaDiTLoader", "SanaKSampler", "SanaDCAELoader", "SanaEmptyLatentImage"}
-    assert info["SanaKSampler"]["category"] == "Sana"
+    assert info["SanaKSampler"]["category"] == "Sana/sampling"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
