@@ -9,7 +9,10 @@ needs this project's runtime requirements (torch, transformers, safetensors, ein
    converted UI -> API with the server's own /object_info, shrunk to 256x192 px for CPU time
    (the 4K workflow keeps a forced tiled decode, with 128 px tiles), queued, and must finish
    with no node errors and a PNG of the expected size. The server is always killed.
-2. `test_ksampler_node_matches_sana_generate`: in a ComfyUI process (no server), the
+2. `test_every_missing_model_file_is_reported_at_queue_time`: the same workflows queued with the
+   model folders moved away are refused before anything runs, every loader named with its file
+   and the folders searched (and an empty file is refused as well, naming its path).
+3. `test_ksampler_node_matches_sana_generate`: in a ComfyUI process (no server), the
    SanaKSampler node (Flow-DPM-Solver, Flow-DPM-Solver + PAG, Sprint's trigflow) against
    `sana.generate` on the same noise: ComfyUI starts flow sampling at sigma0 * noise, so the
    reference gets `latents = sigma0 * noise` (Sprint: the seed, whose stream also gives the
@@ -18,6 +21,7 @@ needs this project's runtime requirements (torch, transformers, safetensors, ein
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -123,14 +127,21 @@ class ComfyServer:
                 time.sleep(1)
         pytest.fail(f"ComfyUI did not start within {STARTUP_TIMEOUT_S} s:\n{self.log_path.read_text()[-4000:]}")
 
-    def queue(self, prompt: dict, workflow: dict) -> dict:
+    def post_prompt(self, prompt: dict, workflow: dict) -> tuple[int, dict]:
+        """POST /prompt; returns the HTTP status and the answer, refusals included."""
         body = json.dumps({"prompt": prompt, "client_id": str(uuid.uuid4()), "extra_data": {"extra_pnginfo": {"workflow": workflow}}})
         request = urllib.request.Request(self.url + "/prompt", data=body.encode(), headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
-                return json.loads(response.read())
+                return response.status, json.loads(response.read())
         except urllib.error.HTTPError as error:
-            pytest.fail(f"/prompt refused the workflow: {error.read().decode()}")
+            return error.code, json.loads(error.read())
+
+    def queue(self, prompt: dict, workflow: dict) -> dict:
+        status, answer = self.post_prompt(prompt, workflow)
+        if status != 200:
+            pytest.fail(f"/prompt refused the workflow: {answer}")
+        return answer
 
     def wait_history(self, prompt_id: str) -> dict:
         deadline = time.monotonic() + PROMPT_TIMEOUT_S
@@ -204,6 +215,73 @@ def test_shipped_workflows_run_headless(server, path):
     for image in images:
         query = f"/view?filename={image['filename']}&subfolder={image['subfolder']}&type={image['type']}"
         assert png_size(server.get(query)) == (width, height)
+
+
+MODEL_FOLDERS = ("diffusion_models", "vae", "text_encoders")
+LOADER_FOLDERS = {"SanaDiTLoader": "diffusion_models", "SanaGemmaLoader": "text_encoders", "SanaDCAELoader": "vae"}
+
+
+@contextlib.contextmanager
+def model_folders_moved_away(model_root: Path):
+    """The tiny models' folders renamed for the duration (the configured folders then do not exist)."""
+    for name in MODEL_FOLDERS:
+        (model_root / name).rename(model_root / f"{name}.away")
+    try:
+        yield
+    finally:
+        for name in MODEL_FOLDERS:
+            (model_root / f"{name}.away").rename(model_root / name)
+
+
+def loader_errors(answer: dict, prompt: dict) -> dict[str, str]:
+    """class_type -> the validation details ComfyUI gave for each of our loaders."""
+    errors = answer.get("node_errors", {})
+    return {
+        prompt[node_id]["class_type"]: " | ".join(e["details"] for e in errors.get(node_id, {}).get("errors", []))
+        for node_id in prompt if prompt[node_id]["class_type"] in LOADER_FOLDERS
+    }
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_every_missing_model_file_is_reported_at_queue_time(server, model_root, path):
+    """With no model files, queueing a shipped workflow is refused before anything runs, and the
+    answer names every loader's file and the folders searched, all at once."""
+    write_png(server.input / "example.png", TEST_WIDTH, TEST_HEIGHT)
+    workflow = json.loads(path.read_text())
+    prompt = to_api_prompt(workflow, json.loads(server.get("/object_info")))
+    history_before = json.loads(server.get("/history"))
+    with model_folders_moved_away(model_root):
+        status, answer = server.post_prompt(prompt, workflow)
+    assert status == 400 and answer["error"]["type"] == "prompt_outputs_failed_validation", answer
+    reported = loader_errors(answer, prompt)
+    assert set(reported) == set(LOADER_FOLDERS), reported  # every loader, in one answer
+    for class_type, details in reported.items():
+        inputs = next(n["inputs"] for n in prompt.values() if n["class_type"] == class_type)
+        model_name = next(value for key, value in inputs.items() if key.endswith("_name"))
+        assert repr(model_name) in details and "was not found in" in details, details
+        assert str(model_root / LOADER_FOLDERS[class_type]) in details, details  # the folders searched
+    assert json.loads(server.get("/history")) == history_before  # nothing ran
+    assert json.loads(server.get("/queue")) == {"queue_running": [], "queue_pending": []}
+
+
+def test_empty_model_file_is_reported_at_queue_time(server, model_root):
+    """A model file that exists but cannot be used (here empty, as an interrupted download leaves
+    it) is refused at queue time too, naming its path."""
+    workflow = json.loads((ROOT / "workflows" / "sana_1600m_1024px_t2i.json").read_text())
+    prompt = to_api_prompt(workflow, json.loads(server.get("/object_info")))
+    empty = model_root / "diffusion_models" / "interrupted.safetensors"
+    empty.write_bytes(b"")
+    try:
+        for node in prompt.values():
+            if node["class_type"] == "SanaDiTLoader":
+                node["inputs"]["dit_name"] = empty.name
+        status, answer = server.post_prompt(prompt, workflow)
+    finally:
+        empty.unlink()
+    assert status == 400, answer
+    reported = loader_errors(answer, prompt)
+    assert f"{empty} is empty" in reported["SanaDiTLoader"], reported
+    assert reported["SanaGemmaLoader"] == reported["SanaDCAELoader"] == "", reported  # the others are fine
 
 
 PARITY_SCRIPT = textwrap.dedent(
