@@ -9,6 +9,7 @@ needs this project's runtime requirements (torch, transformers, safetensors, ein
    converted UI -> API with the server's own /object_info, shrunk to 256x192 px for CPU time
    (the 4K workflow keeps a forced tiled decode, with 128 px tiles), queued, and must finish
    with no node errors and a PNG of the expected size. The server is always killed.
+   `test_workflows_are_served_as_templates`: the same files, as ComfyUI's template list serves them.
 2. `test_every_missing_model_file_is_reported_at_queue_time`: the same workflows queued with the
    model folders moved away are refused before anything runs, every loader named with its file
    and the folders searched (and an empty file is refused as well, naming its path).
@@ -21,51 +22,22 @@ needs this project's runtime requirements (torch, transformers, safetensors, ein
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import socket
 import struct
 import subprocess
-import sys
 import textwrap
-import time
-import urllib.error
-import urllib.request
-import uuid
-import zlib
 from pathlib import Path
 
 import pytest
 
 from comfy_api_format import to_api_prompt
+from comfy_server import COMFYUI_DIR, COMFYUI_PYTHON, PROMPT_TIMEOUT_S, ComfyServer, model_folders_moved_away, write_png
 from node_fixtures import ROOT, write_model_folders
 
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
-COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR (and COMFYUI_PYTHON) to run against a real ComfyUI")
 
-STARTUP_TIMEOUT_S = 240
-PROMPT_TIMEOUT_S = 900  # generous: a shared 2-core CPU can be 5x slower than an idle one
 TEST_WIDTH, TEST_HEIGHT = 256, 192
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_png(path: Path, width: int, height: int) -> None:
-    """A small RGB gradient PNG, written without an imaging library."""
-    rows = b"".join(b"\x00" + b"".join(bytes((x * 255 // width, y * 255 // height, 128)) for x in range(width)) for y in range(height))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -73,96 +45,11 @@ def png_size(data: bytes) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-def extension_already_installed(comfy_dir: Path) -> bool:
-    custom = comfy_dir / "custom_nodes"
-    return custom.is_dir() and any(p.resolve() == ROOT for p in custom.iterdir() if p.is_dir())
-
-
 @pytest.fixture(scope="module")
 def model_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("comfy_models")
     write_model_folders(root)
     return root
-
-
-class ComfyServer:
-    def __init__(self, base: Path, model_root: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.output, self.input = base / "output", base / "input"
-        for folder in (self.output, self.input, base / "temp", base / "user"):
-            folder.mkdir(parents=True, exist_ok=True)
-        lines = ["sana_test:", f"    base_path: {model_root}", "    diffusion_models: diffusion_models", "    vae: vae",
-                 "    text_encoders: text_encoders"]
-        if not extension_already_installed(Path(COMFYUI_DIR)):
-            (base / "custom_nodes").mkdir()
-            (base / "custom_nodes" / "sana-comfy").symlink_to(ROOT, target_is_directory=True)
-            lines.append(f"    custom_nodes: {base / 'custom_nodes'}")
-        (base / "extra_model_paths.yaml").write_text("\n".join(lines) + "\n")
-        self.log_path = base / "server.log"
-        command = [
-            COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--disable-auto-launch",
-            "--extra-model-paths-config", str(base / "extra_model_paths.yaml"), "--output-directory", str(self.output),
-            "--input-directory", str(self.input), "--temp-directory", str(base / "temp"), "--user-directory", str(base / "user"),
-            "--database-url", "sqlite:///:memory:", "--preview-method", "auto",
-        ]
-        self.log = open(self.log_path, "w")
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        self.process = subprocess.Popen(command, cwd=COMFYUI_DIR, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-    def get(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=30) as response:
-            return response.read()
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"ComfyUI exited with {self.process.returncode}:\n{self.log_path.read_text()[-4000:]}")
-            try:
-                if json.loads(self.get("/object_info/SanaKSampler")):
-                    return
-                pytest.fail(f"SanaKSampler is not registered:\n{self.log_path.read_text()[-4000:]}")
-            except (urllib.error.URLError, ConnectionError, OSError):
-                time.sleep(1)
-        pytest.fail(f"ComfyUI did not start within {STARTUP_TIMEOUT_S} s:\n{self.log_path.read_text()[-4000:]}")
-
-    def post_prompt(self, prompt: dict, workflow: dict) -> tuple[int, dict]:
-        """POST /prompt; returns the HTTP status and the answer, refusals included."""
-        body = json.dumps({"prompt": prompt, "client_id": str(uuid.uuid4()), "extra_data": {"extra_pnginfo": {"workflow": workflow}}})
-        request = urllib.request.Request(self.url + "/prompt", data=body.encode(), headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
-
-    def queue(self, prompt: dict, workflow: dict) -> dict:
-        status, answer = self.post_prompt(prompt, workflow)
-        if status != 200:
-            pytest.fail(f"/prompt refused the workflow: {answer}")
-        return answer
-
-    def wait_history(self, prompt_id: str) -> dict:
-        deadline = time.monotonic() + PROMPT_TIMEOUT_S
-        while time.monotonic() < deadline:
-            history = json.loads(self.get(f"/history/{prompt_id}"))
-            if history:
-                return history[prompt_id]
-            if self.process.poll() is not None:
-                pytest.fail(f"ComfyUI died:\n{self.log_path.read_text()[-4000:]}")
-            time.sleep(0.5)
-        pytest.fail(f"prompt {prompt_id} did not finish within {PROMPT_TIMEOUT_S} s")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=20)
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +85,15 @@ def test_extension_imports_cleanly(server):
     assert info["SanaKSampler"]["category"] == "Sana/sampling"
 
 
+def test_workflows_are_served_as_templates(server):
+    """ComfyUI lists workflows/ among this extension's templates and serves each file as it is."""
+    templates = json.loads(server.get("/workflow_templates"))
+    (folder,) = [name for name, stems in templates.items() if "sana_1600m_1024px_t2i" in stems]
+    assert sorted(templates[folder]) == sorted(p.stem for p in WORKFLOWS)  # each once
+    for path in WORKFLOWS:
+        assert json.loads(server.get(f"/api/workflow_templates/{folder}/{path.name}")) == json.loads(path.read_text())
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_shipped_workflows_run_headless(server, path):
     write_png(server.input / "example.png", TEST_WIDTH, TEST_HEIGHT)  # LoadImage's file in the img2img workflow
@@ -217,20 +113,7 @@ def test_shipped_workflows_run_headless(server, path):
         assert png_size(server.get(query)) == (width, height)
 
 
-MODEL_FOLDERS = ("diffusion_models", "vae", "text_encoders")
 LOADER_FOLDERS = {"SanaDiTLoader": "diffusion_models", "SanaGemmaLoader": "text_encoders", "SanaDCAELoader": "vae"}
-
-
-@contextlib.contextmanager
-def model_folders_moved_away(model_root: Path):
-    """The tiny models' folders renamed for the duration (the configured folders then do not exist)."""
-    for name in MODEL_FOLDERS:
-        (model_root / name).rename(model_root / f"{name}.away")
-    try:
-        yield
-    finally:
-        for name in MODEL_FOLDERS:
-            (model_root / f"{name}.away").rename(model_root / name)
 
 
 def loader_errors(answer: dict, prompt: dict) -> dict[str, str]:
