@@ -2,12 +2,14 @@
 
 Each node's schema is generated from its `NodeSpec` (nodes/specs.py, the single source of ids,
 widget order, defaults and tooltips); each `run_*` function below adds ComfyUI's services
-(model folders, devices, memory management, progress, previews) around `nodes/logic.py`.
+(model folders, devices, memory management, progress, previews) around `nodes/logic.py`, and
+the loaders' `validate_*` functions report unusable model files when a prompt is queued.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -40,6 +42,12 @@ set_cache_dir(Path(folder_paths.get_user_directory()) / "sana-comfy")
 # --------------------------------------------------------------------------------------------
 # Model folders
 
+# The ComfyUI folder keys each loader searches, in order.
+DIT_FOLDER_KEYS = ("diffusion_models", "checkpoints")
+GEMMA_FOLDER_KEYS = ("text_encoders",)
+VAE_FOLDER_KEYS = ("vae",)
+LORA_FOLDER_KEYS = ("loras",)
+
 
 def _roots(*keys: str) -> list[str]:
     roots: list[str] = []
@@ -61,11 +69,11 @@ def _vae_is_folder(path: Path) -> bool:
 
 DYNAMIC_OPTIONS: dict[str, Callable[[], list[str]]] = {
     specs.DIT_FILES: lambda: logic.list_model_entries(
-        _roots("diffusion_models", "checkpoints"), folder_paths.supported_pt_extensions, _dit_is_folder
+        _roots(*DIT_FOLDER_KEYS), folder_paths.supported_pt_extensions, _dit_is_folder
     ),
     # Folders, and the single-file Gemma-2 ComfyUI users keep for Lumina (gemma_2_2b_fp16.safetensors).
-    specs.GEMMA_FOLDERS: lambda: logic.list_model_entries(_roots("text_encoders"), (".safetensors",), logic.is_gemma_folder),
-    specs.VAE_FILES: lambda: logic.list_model_entries(_roots("vae"), folder_paths.supported_pt_extensions, _vae_is_folder),
+    specs.GEMMA_FOLDERS: lambda: logic.list_model_entries(_roots(*GEMMA_FOLDER_KEYS), (".safetensors",), logic.is_gemma_folder),
+    specs.VAE_FILES: lambda: logic.list_model_entries(_roots(*VAE_FOLDER_KEYS), folder_paths.supported_pt_extensions, _vae_is_folder),
     specs.LORA_FILES: lambda: folder_paths.get_filename_list("loras"),
 }
 
@@ -132,12 +140,12 @@ class SanaGemma:
 
 
 def run_dit_loader(dit_name: str, dtype: str, variant: str):
-    path = logic.resolve_model_entry(_roots("diffusion_models", "checkpoints"), dit_name)
+    path = logic.resolve_model_entry(_roots(*DIT_FOLDER_KEYS), dit_name)
     return (load_sana_model(path, logic.DTYPES[dtype], None if variant == "auto" else variant),)
 
 
 def run_gemma_loader(gemma_name: str, dtype: str):
-    path = logic.resolve_model_entry(_roots("text_encoders"), gemma_name)
+    path = logic.resolve_model_entry(_roots(*GEMMA_FOLDER_KEYS), gemma_name)
     load_device = model_management.text_encoder_device()
     offload_device = model_management.text_encoder_offload_device()
     weight_dtype = auto_dtype(logic.DTYPES[dtype], load_device)
@@ -149,7 +157,7 @@ def run_gemma_loader(gemma_name: str, dtype: str):
 
 def _encode(gemma: SanaGemma, text: str, chi, max_tokens: int):
     if not isinstance(gemma, SanaGemma):
-        raise SanaInputError("the gemma input must come from 'Gemma Loader (Sana)'")
+        raise SanaInputError("the gemma input must come from 'Sana Gemma Loader'")
     model_management.load_models_gpu([gemma.patcher])
     return (logic.encode_conditioning(gemma.text_encoder, text, chi=chi, max_tokens=max_tokens),)
 
@@ -163,7 +171,7 @@ def run_negative_encode(gemma, text: str, max_tokens: int):
 
 
 def run_dcae_loader(vae_name: str, dtype: str):
-    path = logic.resolve_model_entry(_roots("vae"), vae_name)
+    path = logic.resolve_model_entry(_roots(*VAE_FOLDER_KEYS), vae_name)
     device = model_management.vae_device()
     weight_dtype = logic.dcae_dtype(dtype, model_management.vae_dtype(device, [torch.bfloat16, torch.float32]), device)
     dcae = load_dcae(path, dtype=weight_dtype, device=model_management.vae_offload_device())
@@ -288,6 +296,78 @@ def run_w8a8_quantize(model):
     return (w8a8_model(model),)
 
 
+# --------------------------------------------------------------------------------------------
+# Validation before anything runs
+#
+# ComfyUI validates every node of a queued prompt before it runs any, and answers with all the
+# failures at once (`node_errors`). It does not check a V3 combo's value against its options,
+# so without these checks a missing model file surfaces only when its loader runs: one file per
+# run. Each check is a classmethod named `validate_inputs` whose parameters name the inputs it
+# takes (ComfyUI passes only those and keeps its own checks of the others; a linked input comes
+# as None); it returns True or the reason, which ComfyUI shows on the node.
+
+
+def model_entry_problem(keys: tuple[str, ...], name: str, is_model_folder: Callable[[Path], bool], folder_kind: str) -> str | None:
+    """Why model entry `name` cannot be loaded from the folders of `keys` (missing, with the folders
+    searched; unreadable; empty; a folder that is not a `folder_kind`), or None."""
+    try:
+        path = logic.resolve_model_entry(_roots(*keys), name)
+    except (SanaCheckpointError, SanaInputError) as error:
+        return str(error)
+    if path.is_dir():
+        if not os.access(path, os.R_OK | os.X_OK):
+            return f"{path} cannot be read (permission denied)"
+        if not is_model_folder(path):
+            return f"{path} is not a {folder_kind}"
+        return None
+    try:
+        with open(path, "rb") as file:
+            if not file.read(1):
+                return f"{path} is empty (an interrupted download?)"
+    except OSError as error:
+        return f"{path} cannot be read: {error.strerror or error}"
+    return None
+
+
+def _verdict(problem: str | None) -> bool | str:
+    return True if problem is None else problem
+
+
+def validate_dit_loader(cls, dit_name: str | None = None) -> bool | str:
+    if dit_name is None:
+        return True
+    return _verdict(model_entry_problem(DIT_FOLDER_KEYS, dit_name, _dit_is_folder,
+                                        "diffusers DiT folder (no config.json, nor transformer/config.json)"))
+
+
+def validate_gemma_loader(cls, gemma_name: str | None = None) -> bool | str:
+    if gemma_name is None:
+        return True
+    return _verdict(model_entry_problem(GEMMA_FOLDER_KEYS, gemma_name, logic.is_gemma_folder,
+                                        "Gemma-2 folder (no config.json with model_type gemma2, nor text_encoder/config.json)"))
+
+
+def validate_dcae_loader(cls, vae_name: str | None = None) -> bool | str:
+    if vae_name is None:
+        return True
+    return _verdict(model_entry_problem(VAE_FOLDER_KEYS, vae_name, _vae_is_folder,
+                                        "diffusers DC-AE folder (no config.json, nor vae/config.json)"))
+
+
+def validate_lora_loader(cls, lora_name: str | None = None) -> bool | str:
+    if lora_name is None:
+        return True
+    return _verdict(model_entry_problem(LORA_FOLDER_KEYS, lora_name, lambda path: False, "LoRA file"))
+
+
+VALIDATORS: dict[str, Callable[..., bool | str]] = {
+    "SanaDiTLoader": validate_dit_loader,
+    "SanaGemmaLoader": validate_gemma_loader,
+    "SanaDCAELoader": validate_dcae_loader,
+    "SanaLoRALoader": validate_lora_loader,
+}
+
+
 RUNNERS: dict[str, Callable[..., tuple]] = {
     "SanaDiTLoader": run_dit_loader,
     "SanaGemmaLoader": run_gemma_loader,
@@ -305,8 +385,10 @@ RUNNERS: dict[str, Callable[..., tuple]] = {
 }
 
 
-def make_node(spec: specs.NodeSpec, run: Callable[..., tuple]) -> type[io.ComfyNode]:
-    """A V3 node class whose schema comes from `spec` and whose execute calls `run`."""
+def make_node(spec: specs.NodeSpec, run: Callable[..., tuple],
+              validate: Callable[..., bool | str] | None = None) -> type[io.ComfyNode]:
+    """A V3 node class whose schema comes from `spec`, whose execute calls `run` and, if given,
+    whose `validate_inputs` is `validate`."""
 
     class SanaNode(io.ComfyNode):
         @classmethod
@@ -317,8 +399,12 @@ def make_node(spec: specs.NodeSpec, run: Callable[..., tuple]) -> type[io.ComfyN
         def execute(cls, **inputs) -> io.NodeOutput:
             return io.NodeOutput(*run(**inputs))
 
+    if validate is not None:
+        SanaNode.validate_inputs = classmethod(validate)
     SanaNode.__name__ = SanaNode.__qualname__ = spec.node_id
     return SanaNode
 
 
-NODE_CLASSES: list[type[io.ComfyNode]] = [make_node(spec, RUNNERS[node_id]) for node_id, spec in specs.NODE_SPECS.items()]
+NODE_CLASSES: list[type[io.ComfyNode]] = [
+    make_node(spec, RUNNERS[node_id], VALIDATORS.get(node_id)) for node_id, spec in specs.NODE_SPECS.items()
+]

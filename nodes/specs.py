@@ -15,6 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CATEGORY = "Sana"
+# The node library ("Add Node" menu) groups the nodes by stage of a SANA graph, as ComfyUI's own
+# loaders/conditioning/sampling/latent categories do.
+LOADERS_CATEGORY = f"{CATEGORY}/loaders"
+CONDITIONING_CATEGORY = f"{CATEGORY}/conditioning"
+SAMPLING_CATEGORY = f"{CATEGORY}/sampling"
+LATENT_CATEGORY = f"{CATEGORY}/latent"
+QUANTIZATION_CATEGORY = f"{CATEGORY}/quantization"
 
 # Widget kinds: inputs of these kinds take a slot in a UI workflow's `widgets_values`.
 INT, FLOAT, STRING, BOOLEAN, COMBO = "INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"
@@ -76,7 +83,7 @@ class NodeSpec:
     description: str
     inputs: tuple[InputSpec, ...]
     outputs: tuple[OutputSpec, ...]
-    category: str = CATEGORY
+    category: str
     is_output_node: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -179,13 +186,14 @@ _add(
             ),
         ),
         outputs=(OutputSpec(MODEL, "MODEL", "The SANA DiT as a native ComfyUI flow model."),),
+        category=LOADERS_CATEGORY,
     )
 )
 
 _add(
     NodeSpec(
         "SanaGemmaLoader",
-        "Gemma Loader (Sana)",
+        "Sana Gemma Loader",
         "Loads SANA's text encoder, a Gemma-2 folder (e.g. gemma-2-2b-it, or a diffusers SANA folder with "
         "text_encoder/ and tokenizer/) or the single file Lumina Image 2.0 uses (gemma_2_2b_fp16.safetensors) from "
         "models/text_encoders. Offline only; managed by ComfyUI's memory manager.",
@@ -200,6 +208,7 @@ _add(
             _dtype("text encoder"),
         ),
         outputs=(OutputSpec(GEMMA, "gemma", "The Gemma-2 text encoder and tokenizer."),),
+        category=LOADERS_CATEGORY,
     )
 )
 
@@ -215,12 +224,12 @@ _MAX_TOKENS = InputSpec(
 _add(
     NodeSpec(
         "SanaGemmaTextEncode",
-        "Gemma CHI Text Encode (Sana)",
+        "Sana CHI Text Encode",
         "Encodes the positive prompt with Gemma-2 and SANA's complex human instruction (CHI), as the official "
         "pipelines do. The CONDITIONING carries its own attention mask. Encode negative prompts with "
-        "'Gemma Negative Text Encode (Sana)', which never adds the CHI.",
+        "Sana Negative Text Encode, which never adds the CHI.",
         inputs=(
-            InputSpec("gemma", GEMMA, "The Gemma-2 text encoder from Gemma Loader (Sana)."),
+            InputSpec("gemma", GEMMA, "The Gemma-2 text encoder from Sana Gemma Loader."),
             InputSpec("text", STRING, "The prompt.", default="", multiline=True, dynamic_prompts=True),
             InputSpec(
                 "chi",
@@ -240,28 +249,30 @@ _add(
             _MAX_TOKENS,
         ),
         outputs=(OutputSpec(CONDITIONING, "CONDITIONING", "Prompt embeddings with their attention mask."),),
+        category=CONDITIONING_CATEGORY,
     )
 )
 
 _add(
     NodeSpec(
         "SanaGemmaNegativeEncode",
-        "Gemma Negative Text Encode (Sana)",
+        "Sana Negative Text Encode",
         "Encodes a negative (or empty) prompt with Gemma-2 and no CHI, as diffusers' SANA pipelines encode the "
         "negative prompt.",
         inputs=(
-            InputSpec("gemma", GEMMA, "The Gemma-2 text encoder from Gemma Loader (Sana)."),
+            InputSpec("gemma", GEMMA, "The Gemma-2 text encoder from Sana Gemma Loader."),
             InputSpec("text", STRING, "The negative prompt (often empty).", default="", multiline=True, dynamic_prompts=True),
             _MAX_TOKENS,
         ),
         outputs=(OutputSpec(CONDITIONING, "CONDITIONING", "Negative prompt embeddings with their attention mask."),),
+        category=CONDITIONING_CATEGORY,
     )
 )
 
 _add(
     NodeSpec(
         "SanaDCAELoader",
-        "DC-AE Loader (Sana)",
+        "Sana DC-AE Loader",
         "Loads a DC-AE autoencoder (mit-han-lab original .safetensors/.pth or a diffusers AutoencoderDC folder) "
         "from models/vae. The result is a native VAE: ComfyUI's VAE Decode, VAE Encode and VAE Decode (Tiled) work "
         "with it. Also fits the latent-preview colours for this DC-AE.",
@@ -275,51 +286,54 @@ _add(
             _dtype("DC-AE", _DCAE_NO_FP16),
         ),
         outputs=(OutputSpec(VAE, "VAE", "The DC-AE as a native ComfyUI VAE."),),
+        category=LOADERS_CATEGORY,
     )
 )
 
 _add(
     NodeSpec(
         "SanaDCAEDecode",
-        "DC-AE Decode (Sana)",
+        "Sana DC-AE Decode",
         "Decodes SANA latents to images with the DC-AE. Tiles automatically when the image would not fit in "
         "free memory (4K), or with the tile size you set.",
         inputs=(
             InputSpec("samples", LATENT, "The latents to decode."),
-            InputSpec("vae", VAE, "The DC-AE from DC-AE Loader (Sana)."),
+            InputSpec("vae", VAE, "The DC-AE from Sana DC-AE Loader."),
             *_tile_inputs("decode"),
         ),
         outputs=(OutputSpec(IMAGE, "IMAGE", "The decoded images."),),
+        category=LATENT_CATEGORY,
     )
 )
 
 _add(
     NodeSpec(
         "SanaDCAEEncode",
-        "DC-AE Encode (Sana)",
+        "Sana DC-AE Encode",
         "Encodes images to SANA latents with the DC-AE (for image-to-image). Images are centre-cropped to a "
         "multiple of 32 pixels.",
         inputs=(
             InputSpec("pixels", IMAGE, "The images to encode."),
-            InputSpec("vae", VAE, "The DC-AE from DC-AE Loader (Sana)."),
+            InputSpec("vae", VAE, "The DC-AE from Sana DC-AE Loader."),
             *_tile_inputs("encode"),
         ),
         outputs=(OutputSpec(LATENT, "LATENT", "The image latents."),),
+        category=LATENT_CATEGORY,
     )
 )
 
 _add(
     NodeSpec(
         "SanaKSampler",
-        "Flow-DPM-Solver KSampler (Sana)",
+        "Sana KSampler",
         "Samples a SANA model with Flow-DPM-Solver (or Flow-Euler, or Sprint's TrigFlow), classifier-free guidance "
         "and optional perturbed-attention guidance, the way the official pipelines do. For the same noise it "
         "gives the same latents as sana.generate. Previews, progress and interrupts come from ComfyUI.",
         inputs=(
             InputSpec("model", MODEL, "A SANA model from Sana DiT Loader."),
-            InputSpec("positive", CONDITIONING, "The prompt conditioning (Gemma CHI Text Encode)."),
-            InputSpec("negative", CONDITIONING, "The negative conditioning (Gemma Negative Text Encode); unused by trigflow."),
-            InputSpec("latent_image", LATENT, "The starting latent: Empty Sana Latent, or DC-AE Encode for img2img."),
+            InputSpec("positive", CONDITIONING, "The prompt conditioning (Sana CHI Text Encode)."),
+            InputSpec("negative", CONDITIONING, "The negative conditioning (Sana Negative Text Encode); unused by trigflow."),
+            InputSpec("latent_image", LATENT, "The starting latent: Sana Empty Latent Image, or Sana DC-AE Encode for img2img."),
             InputSpec(
                 "seed",
                 INT,
@@ -366,17 +380,19 @@ _add(
             ),
         ),
         outputs=(OutputSpec(LATENT, "LATENT", "The denoised latents."),),
+        category=SAMPLING_CATEGORY,
     )
 )
 
 _add(
     NodeSpec(
         "SanaSampler",
-        "Flow-DPM-Solver Sampler (Sana)",
+        "Sana Sampler",
         "A SAMPLER for SamplerCustom / SamplerCustomAdvanced: Flow-DPM-Solver, Flow-Euler, or SANA-Sprint's "
         "TrigFlow (which re-noises every step from the noise seed). Pair it with Sana Sigmas of the same solver.",
         inputs=(InputSpec("solver", COMBO, _SOLVER_TOOLTIP, default="flow_dpm_solver", options=SOLVER_OPTIONS),),
         outputs=(OutputSpec(SAMPLER, "SAMPLER", "The sampler."),),
+        category=SAMPLING_CATEGORY,
     )
 )
 
@@ -402,13 +418,14 @@ _add(
             ),
         ),
         outputs=(OutputSpec(SIGMAS, "SIGMAS", "The sigmas, descending to 0."),),
+        category=SAMPLING_CATEGORY,
     )
 )
 
 _add(
     NodeSpec(
         "SanaEmptyLatentImage",
-        "Empty Sana Latent",
+        "Sana Empty Latent Image",
         "An empty 32-channel SANA latent (1/32 of the image size). With resolution bins on, the size snaps to "
         "the nearest trained aspect-ratio bin of that resolution (height and width kept the right way round).",
         inputs=(
@@ -429,13 +446,14 @@ _add(
             OutputSpec(INT, "width", "The image width used (after snapping)."),
             OutputSpec(INT, "height", "The image height used (after snapping)."),
         ),
+        category=LATENT_CATEGORY,
     )
 )
 
 _add(
     NodeSpec(
         "SanaW8A8Quantize",
-        "W8A8 Quantize (Sana)",
+        "Sana W8A8",
         "Quantizes a SANA DiT to W8A8 as the SANA paper does: int8 weights per output channel and int8 activations "
         "per token for the blocks' linear and 1x1-conv layers (Triton int8 GEMMs on CUDA), with norms, linear "
         "attention, embedders and the final layer kept in high precision and the cross-attention K/V projection "
@@ -443,6 +461,7 @@ _add(
         "the float model and save merged weights first: a MODEL with weight patches is refused.",
         inputs=(InputSpec("model", MODEL, "A SANA model from Sana DiT Loader (float weights)."),),
         outputs=(OutputSpec(MODEL, "MODEL", "The W8A8 SANA model."),),
+        category=QUANTIZATION_CATEGORY,
     )
 )
 
@@ -470,5 +489,6 @@ _add(
             ),
         ),
         outputs=(OutputSpec(MODEL, "MODEL", "The model with the LoRA applied."),),
+        category=LOADERS_CATEGORY,
     )
 )

@@ -23,6 +23,9 @@ DIT_1024 = "Sana_1600M_1024px_BF16.pth"
 DIT_4K = "Sana_1600M_4Kpx_BF16.pth"
 DIT_SPRINT = "Sana_Sprint_1.6B_1024px.pth"
 DCAE_FOLDER = "dc-ae-f32c32-sana-1.1-diffusers"
+# The single file the workflows name instead of that folder: its diffusion_pytorch_model.safetensors
+# saved under this name (ComfyUI's frontend downloads single .safetensors files, not folders).
+DCAE_FILE = "dc-ae-f32c32-sana-1.1.safetensors"
 GEMMA_FOLDER = "gemma-2-2b-it"
 
 GEMMA_HIDDEN = 32
@@ -113,8 +116,8 @@ def random_dcae(dcae_module, seed: int = 0):
 
 def write_model_folders(root: Path) -> dict[str, Path]:
     """Write tiny random models under the official names into ComfyUI-style folders below `root`:
-    diffusion_models/ (the three DiT .pth files), vae/ (the DC-AE diffusers folder) and
-    text_encoders/ (a Gemma-2 causal-LM folder). Official .pth files carry no config, so the DiTs
+    diffusion_models/ (the three DiT .pth files), vae/ (the DC-AE diffusers folder, and the same
+    weights as one diffusers-layout file) and text_encoders/ (a Gemma-2 causal-LM folder). Official .pth files carry no config, so the DiTs
     use a released width (1152) at depth 1 for the loader to detect them. Returns the folders."""
     from tiny_gemma import build_tiny_gemma
 
@@ -132,6 +135,8 @@ def write_model_folders(root: Path) -> dict[str, Path]:
     ):
         dit = random_dit(lib, tiny_dit_config(lib, **released, **kwargs), seed).to(torch.bfloat16)
         lib.save_dit(dit, folders["diffusion_models"] / name, format="official")
-    dcae_io.save_dcae(random_dcae(dcae_module), folders["vae"] / DCAE_FOLDER)
+    dcae = random_dcae(dcae_module)
+    dcae_io.save_dcae(dcae, folders["vae"] / DCAE_FOLDER)
+    dcae_io.save_dcae(dcae, folders["vae"] / DCAE_FILE, layout="diffusers")
     build_tiny_gemma(folders["text_encoders"] / GEMMA_FOLDER, hidden_size=GEMMA_HIDDEN, causal_lm=True)
     return folders

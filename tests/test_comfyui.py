@@ -9,7 +9,11 @@ needs this project's runtime requirements (torch, transformers, safetensors, ein
    converted UI -> API with the server's own /object_info, shrunk to 256x192 px for CPU time
    (the 4K workflow keeps a forced tiled decode, with 128 px tiles), queued, and must finish
    with no node errors and a PNG of the expected size. The server is always killed.
-2. `test_ksampler_node_matches_sana_generate`: in a ComfyUI process (no server), the
+   `test_workflows_are_served_as_templates`: the same files, as ComfyUI's template list serves them.
+2. `test_every_missing_model_file_is_reported_at_queue_time`: the same workflows queued with the
+   model folders moved away are refused before anything runs, every loader named with its file
+   and the folders searched (and an empty file is refused as well, naming its path).
+3. `test_ksampler_node_matches_sana_generate`: in a ComfyUI process (no server), the
    SanaKSampler node (Flow-DPM-Solver, Flow-DPM-Solver + PAG, Sprint's trigflow) against
    `sana.generate` on the same noise: ComfyUI starts flow sampling at sigma0 * noise, so the
    reference gets `latents = sigma0 * noise` (Sprint: the seed, whose stream also gives the
@@ -20,48 +24,20 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import struct
 import subprocess
-import sys
 import textwrap
-import time
-import urllib.error
-import urllib.request
-import uuid
-import zlib
 from pathlib import Path
 
 import pytest
 
 from comfy_api_format import to_api_prompt
+from comfy_server import COMFYUI_DIR, COMFYUI_PYTHON, PROMPT_TIMEOUT_S, ComfyServer, model_folders_moved_away, write_png
 from node_fixtures import ROOT, write_model_folders
 
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
-COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR (and COMFYUI_PYTHON) to run against a real ComfyUI")
 
-STARTUP_TIMEOUT_S = 240
-PROMPT_TIMEOUT_S = 900  # generous: a shared 2-core CPU can be 5x slower than an idle one
 TEST_WIDTH, TEST_HEIGHT = 256, 192
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_png(path: Path, width: int, height: int) -> None:
-    """A small RGB gradient PNG, written without an imaging library."""
-    rows = b"".join(b"\x00" + b"".join(bytes((x * 255 // width, y * 255 // height, 128)) for x in range(width)) for y in range(height))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -69,89 +45,11 @@ def png_size(data: bytes) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-def extension_already_installed(comfy_dir: Path) -> bool:
-    custom = comfy_dir / "custom_nodes"
-    return custom.is_dir() and any(p.resolve() == ROOT for p in custom.iterdir() if p.is_dir())
-
-
 @pytest.fixture(scope="module")
 def model_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("comfy_models")
     write_model_folders(root)
     return root
-
-
-class ComfyServer:
-    def __init__(self, base: Path, model_root: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.output, self.input = base / "output", base / "input"
-        for folder in (self.output, self.input, base / "temp", base / "user"):
-            folder.mkdir(parents=True, exist_ok=True)
-        lines = ["sana_test:", f"    base_path: {model_root}", "    diffusion_models: diffusion_models", "    vae: vae",
-                 "    text_encoders: text_encoders"]
-        if not extension_already_installed(Path(COMFYUI_DIR)):
-            (base / "custom_nodes").mkdir()
-            (base / "custom_nodes" / "sana-comfy").symlink_to(ROOT, target_is_directory=True)
-            lines.append(f"    custom_nodes: {base / 'custom_nodes'}")
-        (base / "extra_model_paths.yaml").write_text("\n".join(lines) + "\n")
-        self.log_path = base / "server.log"
-        command = [
-            COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--disable-auto-launch",
-            "--extra-model-paths-config", str(base / "extra_model_paths.yaml"), "--output-directory", str(self.output),
-            "--input-directory", str(self.input), "--temp-directory", str(base / "temp"), "--user-directory", str(base / "user"),
-            "--database-url", "sqlite:///:memory:", "--preview-method", "auto",
-        ]
-        self.log = open(self.log_path, "w")
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        self.process = subprocess.Popen(command, cwd=COMFYUI_DIR, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-    def get(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=30) as response:
-            return response.read()
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"ComfyUI exited with {self.process.returncode}:\n{self.log_path.read_text()[-4000:]}")
-            try:
-                if json.loads(self.get("/object_info/SanaKSampler")):
-                    return
-                pytest.fail(f"SanaKSampler is not registered:\n{self.log_path.read_text()[-4000:]}")
-            except (urllib.error.URLError, ConnectionError, OSError):
-                time.sleep(1)
-        pytest.fail(f"ComfyUI did not start within {STARTUP_TIMEOUT_S} s:\n{self.log_path.read_text()[-4000:]}")
-
-    def queue(self, prompt: dict, workflow: dict) -> dict:
-        body = json.dumps({"prompt": prompt, "client_id": str(uuid.uuid4()), "extra_data": {"extra_pnginfo": {"workflow": workflow}}})
-        request = urllib.request.Request(self.url + "/prompt", data=body.encode(), headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            pytest.fail(f"/prompt refused the workflow: {error.read().decode()}")
-
-    def wait_history(self, prompt_id: str) -> dict:
-        deadline = time.monotonic() + PROMPT_TIMEOUT_S
-        while time.monotonic() < deadline:
-            history = json.loads(self.get(f"/history/{prompt_id}"))
-            if history:
-                return history[prompt_id]
-            if self.process.poll() is not None:
-                pytest.fail(f"ComfyUI died:\n{self.log_path.read_text()[-4000:]}")
-            time.sleep(0.5)
-        pytest.fail(f"prompt {prompt_id} did not finish within {PROMPT_TIMEOUT_S} s")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=20)
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +82,16 @@ def test_extension_imports_cleanly(server):
     assert "IMPORT FAILED" not in "\n".join(l for l in log.splitlines() if "sana" in l.lower())
     info = json.loads(server.get("/object_info"))
     assert {k for k in info if k.startswith("Sana")} >= {"SanaDiTLoader", "SanaKSampler", "SanaDCAELoader", "SanaEmptyLatentImage"}
-    assert info["SanaKSampler"]["category"] == "Sana"
+    assert info["SanaKSampler"]["category"] == "Sana/sampling"
+
+
+def test_workflows_are_served_as_templates(server):
+    """ComfyUI lists workflows/ among this extension's templates and serves each file as it is."""
+    templates = json.loads(server.get("/workflow_templates"))
+    (folder,) = [name for name, stems in templates.items() if "sana_1600m_1024px_t2i" in stems]
+    assert sorted(templates[folder]) == sorted(p.stem for p in WORKFLOWS)  # each once
+    for path in WORKFLOWS:
+        assert json.loads(server.get(f"/api/workflow_templates/{folder}/{path.name}")) == json.loads(path.read_text())
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -204,6 +111,60 @@ def test_shipped_workflows_run_headless(server, path):
     for image in images:
         query = f"/view?filename={image['filename']}&subfolder={image['subfolder']}&type={image['type']}"
         assert png_size(server.get(query)) == (width, height)
+
+
+LOADER_FOLDERS = {"SanaDiTLoader": "diffusion_models", "SanaGemmaLoader": "text_encoders", "SanaDCAELoader": "vae"}
+
+
+def loader_errors(answer: dict, prompt: dict) -> dict[str, str]:
+    """class_type -> the validation details ComfyUI gave for each of our loaders."""
+    errors = answer.get("node_errors", {})
+    return {
+        prompt[node_id]["class_type"]: " | ".join(e["details"] for e in errors.get(node_id, {}).get("errors", []))
+        for node_id in prompt if prompt[node_id]["class_type"] in LOADER_FOLDERS
+    }
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_every_missing_model_file_is_reported_at_queue_time(server, model_root, path):
+    """With no model files, queueing a shipped workflow is refused before anything runs, and the
+    answer names every loader's file and the folders searched, all at once."""
+    write_png(server.input / "example.png", TEST_WIDTH, TEST_HEIGHT)
+    workflow = json.loads(path.read_text())
+    prompt = to_api_prompt(workflow, json.loads(server.get("/object_info")))
+    history_before = json.loads(server.get("/history"))
+    with model_folders_moved_away(model_root):
+        status, answer = server.post_prompt(prompt, workflow)
+    assert status == 400 and answer["error"]["type"] == "prompt_outputs_failed_validation", answer
+    reported = loader_errors(answer, prompt)
+    assert set(reported) == set(LOADER_FOLDERS), reported  # every loader, in one answer
+    for class_type, details in reported.items():
+        inputs = next(n["inputs"] for n in prompt.values() if n["class_type"] == class_type)
+        model_name = next(value for key, value in inputs.items() if key.endswith("_name"))
+        assert repr(model_name) in details and "was not found in" in details, details
+        assert str(model_root / LOADER_FOLDERS[class_type]) in details, details  # the folders searched
+    assert json.loads(server.get("/history")) == history_before  # nothing ran
+    assert json.loads(server.get("/queue")) == {"queue_running": [], "queue_pending": []}
+
+
+def test_empty_model_file_is_reported_at_queue_time(server, model_root):
+    """A model file that exists but cannot be used (here empty, as an interrupted download leaves
+    it) is refused at queue time too, naming its path."""
+    workflow = json.loads((ROOT / "workflows" / "sana_1600m_1024px_t2i.json").read_text())
+    prompt = to_api_prompt(workflow, json.loads(server.get("/object_info")))
+    empty = model_root / "diffusion_models" / "interrupted.safetensors"
+    empty.write_bytes(b"")
+    try:
+        for node in prompt.values():
+            if node["class_type"] == "SanaDiTLoader":
+                node["inputs"]["dit_name"] = empty.name
+        status, answer = server.post_prompt(prompt, workflow)
+    finally:
+        empty.unlink()
+    assert status == 400, answer
+    reported = loader_errors(answer, prompt)
+    assert f"{empty} is empty" in reported["SanaDiTLoader"], reported
+    assert reported["SanaGemmaLoader"] == reported["SanaDCAELoader"] == "", reported  # the others are fine
 
 
 PARITY_SCRIPT = textwrap.dedent(

@@ -45,9 +45,28 @@ PINNED_OUTPUTS = {
     "SanaW8A8Quantize": ["MODEL"],
 }
 
+# Display names follow one style ("Sana <what it is>") and each node sits in the sub-category of
+# its stage. Display names and categories may change (workflows store node ids, not names), but
+# deliberately: update these pins together with workflows/README.md.
+PINNED_NAMES_AND_CATEGORIES = {
+    "SanaDiTLoader": ("Sana DiT Loader", "Sana/loaders"),
+    "SanaGemmaLoader": ("Sana Gemma Loader", "Sana/loaders"),
+    "SanaDCAELoader": ("Sana DC-AE Loader", "Sana/loaders"),
+    "SanaLoRALoader": ("Sana LoRA Loader", "Sana/loaders"),
+    "SanaGemmaTextEncode": ("Sana CHI Text Encode", "Sana/conditioning"),
+    "SanaGemmaNegativeEncode": ("Sana Negative Text Encode", "Sana/conditioning"),
+    "SanaKSampler": ("Sana KSampler", "Sana/sampling"),
+    "SanaSampler": ("Sana Sampler", "Sana/sampling"),
+    "SanaSigmas": ("Sana Sigmas", "Sana/sampling"),
+    "SanaEmptyLatentImage": ("Sana Empty Latent Image", "Sana/latent"),
+    "SanaDCAEDecode": ("Sana DC-AE Decode", "Sana/latent"),
+    "SanaDCAEEncode": ("Sana DC-AE Encode", "Sana/latent"),
+    "SanaW8A8Quantize": ("Sana W8A8", "Sana/quantization"),
+}
+
 
 def test_every_shipped_node_is_pinned():
-    assert set(SPECS) == set(PINNED_INPUT_ORDER)
+    assert set(SPECS) == set(PINNED_INPUT_ORDER) == set(PINNED_NAMES_AND_CATEGORIES)
 
 
 @pytest.mark.parametrize("node_id", sorted(PINNED_INPUT_ORDER))
@@ -65,7 +84,8 @@ def test_input_order_only_grows_by_optional_appends(node_id):
 def test_ids_category_and_tooltips(node_id):
     spec = SPECS[node_id]
     assert spec.node_id == node_id and node_id.startswith("Sana")
-    assert spec.category == "Sana" and spec.display_name and spec.description
+    assert (spec.display_name, spec.category) == PINNED_NAMES_AND_CATEGORIES[node_id]
+    assert spec.description
     for i in spec.inputs:
         assert len(i.tooltip) > 10, (node_id, i.name)
         if i.options is not None:
@@ -90,3 +110,14 @@ def test_defaults_follow_the_official_pipelines():
 def test_widget_inputs_skip_sockets():
     assert [i.name for i in SPECS["SanaKSampler"].widget_inputs()] == PINNED_INPUT_ORDER["SanaKSampler"][4:]
     assert [i.name for i in SPECS["SanaDCAEDecode"].widget_inputs()] == ["tile_size", "tile_overlap"]
+
+
+def test_one_naming_style_in_names_and_texts():
+    """Every display name reads "Sana <what>", and no description or tooltip still names a node in
+    the old "<what> (Sana)" style or by a display name that no longer exists."""
+    names = [spec.display_name for spec in SPECS.values()]
+    assert len(set(names)) == len(names)
+    assert all(name.startswith("Sana ") and "(Sana)" not in name for name in names)
+    texts = [spec.description for spec in SPECS.values()] + [i.tooltip for spec in SPECS.values() for i in spec.inputs]
+    for stale in ("(Sana)", "Empty Sana Latent", "Gemma CHI Text Encode", "Gemma Negative Text Encode", "Flow-DPM-Solver KSampler"):
+        assert not [t for t in texts if stale in t], stale

@@ -4,7 +4,9 @@ Checks, per workflow: UI-format shape (nodes, links, version), each node type kn
 nodes/specs.py, core ones from ComfyUI v0.3.64's definitions), widget values in number and order
 (control_after_generate and upload slots included), their types, ranges and combo options,
 links consistent on both ends and type-correct, every socket input linked, an output node
-present, the official model file names listed in workflows/README.md, and the API conversion.
+present, the official model file names listed in workflows/README.md, the model metadata that
+ComfyUI's frontend turns into download offers, the saved layout, and the API conversion.
+The same workflows in the real frontend: tests/test_frontend_layout.py.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from canvas_geometry import REFERENCE_CANVAS, TAB_STRIP_HEIGHT, overlap, saved_node_box, to_screen
 from comfy_api_format import WorkflowError, spec_object_info, to_api_prompt, widget_layout, widget_values
-from node_fixtures import DCAE_FOLDER, DIT_1024, DIT_4K, DIT_SPRINT, GEMMA_FOLDER, ROOT, ext_module
+from node_fixtures import DCAE_FILE, DIT_1024, DIT_4K, DIT_SPRINT, GEMMA_FOLDER, ROOT, ext_module
 
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 SPECS = ext_module("nodes.specs").NODE_SPECS
@@ -104,9 +107,59 @@ def test_workflow_names_official_files_listed_in_the_readme(path):
     readme = (ROOT / "workflows" / "README.md").read_text()
     names = model_names(load(path))
     assert names, "a workflow must name the model files it needs"
-    assert names <= {DIT_1024, DIT_4K, DIT_SPRINT, DCAE_FOLDER, GEMMA_FOLDER}
+    assert names <= {DIT_1024, DIT_4K, DIT_SPRINT, DCAE_FILE, GEMMA_FOLDER}
     for name in names:
         assert name in readme, f"{name} is not listed in workflows/README.md"
+
+
+# What ComfyUI's frontend (1.27, MissingModelsWarning) offers to download from a workflow's model
+# metadata: only URLs from these hosts, and only files with these suffixes (plus three URLs it
+# lists by name). It matches `name` against the file listing of `directory` (files only, so a
+# folder such as a Gemma-2 checkout can never be found), and reads the metadata of a node only
+# for the names that node's widgets hold.
+DOWNLOAD_HOSTS = ("https://huggingface.co/", "https://civitai.com/")
+DOWNLOAD_SUFFIXES = (".safetensors", ".sft")
+LOADER_DIRECTORIES = {"SanaDiTLoader": "diffusion_models", "SanaDCAELoader": "vae"}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_tells_the_frontend_where_each_model_file_comes_from(path):
+    readme = (ROOT / "workflows" / "README.md").read_text()
+    workflow = load(path)
+    for node in workflow["nodes"]:
+        spec = SPECS.get(node["type"])
+        if spec is None:
+            continue
+        values = widget_values(node, OBJECT_INFO[node["type"]])
+        names = [values[i.name] for i in spec.inputs if i.options_source is not None]
+        models = node.get("properties", {}).get("models", [])
+        if node["type"] not in LOADER_DIRECTORIES:
+            assert not models, (node["type"], "folders cannot be matched by the frontend: say in the README what to fetch")
+            continue
+        assert [(m["name"], m["directory"]) for m in models] == [(names[0], LOADER_DIRECTORIES[node["type"]])], models
+        url = models[0]["url"]
+        assert url.startswith(DOWNLOAD_HOSTS) and "/resolve/main/" in url, url
+        if not names[0].endswith(DOWNLOAD_SUFFIXES):  # listed as missing, but not offered for download
+            assert url.rsplit("/", 1)[1] == names[0] and url in readme, (url, "fetch it by hand: the README must give the URL")
+    assert "models" not in workflow  # node metadata only: the frontend then asks only for the files the widgets pick
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_saved_layout_has_room_for_every_node_at_the_saved_view(path):
+    """Without a browser: no two nodes (title bars and badge strips included) overlap, and at the
+    saved view all of them lie on the reference canvas below the tab strip, at a zoom where the
+    frontend still draws text (8 px / 14 px). tests/test_frontend_layout.py checks the rest."""
+    workflow = load(path)
+    boxes = {node["id"]: saved_node_box(node) for node in workflow["nodes"]}
+    ids = sorted(boxes)
+    crowded = [(a, b) for i, a in enumerate(ids) for b in ids[i + 1 :] if overlap(boxes[a], boxes[b], 8)]
+    assert not crowded, crowded
+    ds = workflow["extra"]["ds"]
+    assert ds["scale"] >= 8 / 14, ds
+    width, height = REFERENCE_CANVAS
+    for node_id, box in boxes.items():
+        left, top, right, bottom = to_screen(box, ds)
+        assert 0 <= left and TAB_STRIP_HEIGHT <= top and right <= width and bottom <= height, (node_id, ds)
 
 
 def test_each_workflow_does_what_its_name_says():
