@@ -41,8 +41,7 @@ from .checkpoint import (
     write_safetensors,
     write_torch,
 )
-from .dit import DIT_PRESETS, SanaDiT, SanaDiTConfig, sincos_pos_embed_2d, variant_name
-from .schedules import default_flow_shift
+from .dit import DIT_PRESETS, SanaDiT, SanaDiTConfig, default_flow_shift, sincos_pos_embed_2d, variant_name
 from .errors import SanaCheckpointError, SanaInputError
 
 Layout = Literal["official", "diffusers"]
