@@ -65,6 +65,10 @@ DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 _PREFERRED_WEIGHTS = (DIFFUSERS_WEIGHTS_NAME, "model.safetensors")
 # Lists in error messages show this many items and a count, so a hostile file cannot make a huge message.
 PREVIEW_ITEMS = 10
+# The safetensors metadata key (and `.pth` entry) under which a saved SANA DiT carries its config
+# (`SanaDiTConfig.to_dict()` as JSON). Written and read by `sana.dit_io` and by the W8A8 format
+# (`sana.quant.checkpoint`), which sits below it.
+CONFIG_METADATA_KEY = "sana_dit_config"
 
 
 def preview(items: Iterable, limit: int = PREVIEW_ITEMS) -> str:
