@@ -1,5 +1,5 @@
-"""SANA as native ComfyUI objects: the DiT as a MODEL (flow model under a ModelPatcher), the latent
-format with fitted RGB previews, and the managed holders for Gemma-2 and the DC-AE.
+"""SANA as native ComfyUI objects: the DiT as a MODEL (flow model under a ModelPatcher) and the
+latent format with fitted RGB previews (the holders for Gemma-2 and the DC-AE: `comfy_holders.py`).
 
 Imported only inside ComfyUI (it imports `comfy`). The numerics stay in `sana/`; this module
 translates ComfyUI's calling conventions:
@@ -30,14 +30,17 @@ import comfy.latent_formats
 import comfy.model_base
 import comfy.model_management as model_management
 import comfy.model_patcher
+import comfy.samplers
 import comfy.supported_models_base
 
 from ..sana.dit import SanaDiT, kept_context_length, perturbed_self_attention
 from ..sana.dit_io import load_dit
 from ..sana.errors import SanaInputError
-from ..sana.pipeline import default_pag_layers
-from ..sana.samplers import require_finite
-from .logic import DIT_TIMESTEP_KEY, PAG_LAYERS_KEY, SANA_LATENT_CHANNELS, SANA_LATENT_SCALE, preview_factors
+from ..sana.quant import is_w8a8, quantize_w8a8
+from ..sana.sampling import default_pag_layers
+from .latents import SANA_LATENT_CHANNELS, SANA_LATENT_SCALE
+from .previews import preview_factors
+from .sampling import DIT_TIMESTEP_KEY, PAG_LAYERS_KEY, pag_denoised
 
 SPRINT_DEFAULT_GUIDANCE = 4.5  # SANA-Sprint's default embedded guidance (diffusers' SanaSprintPipeline)
 
@@ -193,8 +196,6 @@ def w8a8_model(model: comfy.model_patcher.ModelPatcher) -> comfy.model_patcher.M
     would run (weight patches such as LoRAs merged) on the load device; the result is moved to
     the offload device. Weight patches therefore do not carry over (int8 weights cannot take
     them); object patches (e.g. ModelSamplingSD3's shift) and model options (e.g. PAG) do."""
-    from ..sana.quant import is_w8a8, quantize_w8a8
-
     if is_w8a8(sana_dit(model)):
         raise SanaInputError("this MODEL is already W8A8-quantized")
     model_management.load_models_gpu([model])
@@ -221,10 +222,6 @@ def with_pag(model: comfy.model_patcher.ModelPatcher, scale: float, layers=None)
     """A clone of `model` with perturbed-attention guidance: after CFG, one more conditional pass
     with identity self-attention in `layers` (default: NVlabs' PAG block), added as
     denoised + scale (x0_cond - x0_perturbed)."""
-    import comfy.samplers
-
-    from .logic import pag_denoised
-
     layers = tuple(layers) if layers is not None else default_pag_layers(sana_dit(model))
 
     def post_cfg(args):
@@ -236,24 +233,3 @@ def with_pag(model: comfy.model_patcher.ModelPatcher, scale: float, layers=None)
     patched = model.clone()
     patched.set_model_sampler_post_cfg_function(post_cfg, disable_cfg1_optimization=False)
     return patched
-
-
-class ManagedModule(nn.Module):
-    """A holder ModelPatcher can manage: it needs a writable `device` attribute, which transformers'
-    models and our DCAE expose only as read-only properties."""
-
-    def __init__(self, module: nn.Module, device: torch.device):
-        super().__init__()
-        self.inner = module
-        self.device = device
-
-
-class DCAEHolder(ManagedModule):
-    """`first_stage_model` for ComfyUI's VAE: forwards encode/decode to the DC-AE (which tiles by itself)."""
-
-    def encode(self, images, **kwargs):
-        return require_finite(self.inner.encode(images, **kwargs), "DC-AE encoding", "check the DC-AE's weights and dtype")
-
-    def decode(self, latents, **kwargs):
-        # ComfyUI's own VAE Decode nodes come here: NaN pixels would otherwise save as black.
-        return require_finite(self.inner.decode(latents, **kwargs), "DC-AE decoding", "check the DC-AE's weights and dtype")

@@ -2,8 +2,9 @@
 
 Each node's schema is generated from its `NodeSpec` (nodes/specs.py, the single source of ids,
 widget order, defaults and tooltips); each `run_*` function below adds ComfyUI's services
-(model folders, devices, memory management, progress, previews) around `nodes/logic.py`, and
-the loaders' `validate_*` functions report unusable model files when a prompt is queued.
+(model folders, devices, memory management, progress, previews) around the comfy-free module
+of its concern: `loaders`, `text`, `vae`, `sampling`, `latents`, `previews`, `lora`; the loaders'
+`validate_*` functions report unusable model files when a prompt is queued.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+import comfy.lora
 import comfy.model_management as model_management
 import comfy.model_patcher
 import comfy.sample
@@ -26,15 +28,24 @@ import latent_preview
 import node_helpers
 from comfy_api.latest import io
 
+from ..sana.checkpoint import open_checkpoint
 from ..sana.dcae_io import load_dcae
 from ..sana.errors import SanaCheckpointError, SanaInputError
 from ..sana.kernels import set_cache_dir
-from ..sana.pipeline import FLOW_DPM_SOLVER, TRIGFLOW, select_solver
-from ..sana.text_encoder import TextEncoder, load_text_encoder
 from ..sana.samplers import uses_cfg, uses_pag
-from . import logic, specs
-from .comfy_model import ManagedModule, auto_dtype, load_sana_model, sana_dit, w8a8_model, with_pag
+from ..sana.sampling import FLOW_DPM_SOLVER, TRIGFLOW, sampling_schedule, select_solver
+from ..sana.text_encoder import load_text_encoder
+from . import specs
+from .comfy_holders import ManagedModule, SanaGemma
+from .comfy_model import auto_dtype, load_sana_model, sana_dit, w8a8_model, with_pag
 from .comfy_vae import SanaDCAEVAE
+from .latents import empty_latent
+from .loaders import DTYPES, dcae_dtype, has_config, is_gemma_folder, list_model_entries, resolve_model_entry
+from .lora import lora_alpha_entries, lora_patch_keys
+from .previews import fit_latent_rgb_factors, preview_fit_images, register_preview_factors
+from .sampling import check_sampler_inputs, sampler_function
+from .text import chi_argument, encode_conditioning
+from .vae import decode_latents, encode_images
 
 # The kernel dispatcher keeps its per-GPU timing choices with the user's ComfyUI data.
 set_cache_dir(Path(folder_paths.get_user_directory()) / "sana-comfy")
@@ -60,20 +71,20 @@ def _roots(*keys: str) -> list[str]:
 
 
 def _dit_is_folder(path: Path) -> bool:
-    return logic.has_config(path, "transformer")
+    return has_config(path, "transformer")
 
 
 def _vae_is_folder(path: Path) -> bool:
-    return logic.has_config(path, "vae")
+    return has_config(path, "vae")
 
 
 DYNAMIC_OPTIONS: dict[str, Callable[[], list[str]]] = {
-    specs.DIT_FILES: lambda: logic.list_model_entries(
+    specs.DIT_FILES: lambda: list_model_entries(
         _roots(*DIT_FOLDER_KEYS), folder_paths.supported_pt_extensions, _dit_is_folder
     ),
     # Folders, and the single-file Gemma-2 ComfyUI users keep for Lumina (gemma_2_2b_fp16.safetensors).
-    specs.GEMMA_FOLDERS: lambda: logic.list_model_entries(_roots(*GEMMA_FOLDER_KEYS), (".safetensors",), logic.is_gemma_folder),
-    specs.VAE_FILES: lambda: logic.list_model_entries(_roots(*VAE_FOLDER_KEYS), folder_paths.supported_pt_extensions, _vae_is_folder),
+    specs.GEMMA_FOLDERS: lambda: list_model_entries(_roots(*GEMMA_FOLDER_KEYS), (".safetensors",), is_gemma_folder),
+    specs.VAE_FILES: lambda: list_model_entries(_roots(*VAE_FOLDER_KEYS), folder_paths.supported_pt_extensions, _vae_is_folder),
     specs.LORA_FILES: lambda: folder_paths.get_filename_list("loras"),
 }
 
@@ -131,24 +142,16 @@ def schema_for(spec: specs.NodeSpec) -> io.Schema:
 # Node behaviour
 
 
-@dataclass
-class SanaGemma:
-    """SANA_GEMMA: a loaded Gemma-2 with its tokenizer, under a ModelPatcher."""
-
-    text_encoder: TextEncoder
-    patcher: comfy.model_patcher.ModelPatcher
-
-
 def run_dit_loader(dit_name: str, dtype: str, variant: str):
-    path = logic.resolve_model_entry(_roots(*DIT_FOLDER_KEYS), dit_name)
-    return (load_sana_model(path, logic.DTYPES[dtype], None if variant == "auto" else variant),)
+    path = resolve_model_entry(_roots(*DIT_FOLDER_KEYS), dit_name)
+    return (load_sana_model(path, DTYPES[dtype], None if variant == "auto" else variant),)
 
 
 def run_gemma_loader(gemma_name: str, dtype: str):
-    path = logic.resolve_model_entry(_roots(*GEMMA_FOLDER_KEYS), gemma_name)
+    path = resolve_model_entry(_roots(*GEMMA_FOLDER_KEYS), gemma_name)
     load_device = model_management.text_encoder_device()
     offload_device = model_management.text_encoder_offload_device()
-    weight_dtype = auto_dtype(logic.DTYPES[dtype], load_device)
+    weight_dtype = auto_dtype(DTYPES[dtype], load_device)
     text_encoder = load_text_encoder(path, dtype=weight_dtype, device=offload_device)
     holder = ManagedModule(text_encoder.model, offload_device)
     patcher = comfy.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload_device)
@@ -159,11 +162,11 @@ def _encode(gemma: SanaGemma, text: str, chi, max_tokens: int):
     if not isinstance(gemma, SanaGemma):
         raise SanaInputError("the gemma input must come from 'Sana Gemma Loader'")
     model_management.load_models_gpu([gemma.patcher])
-    return (logic.encode_conditioning(gemma.text_encoder, text, chi=chi, max_tokens=max_tokens),)
+    return (encode_conditioning(gemma.text_encoder, text, chi=chi, max_tokens=max_tokens),)
 
 
 def run_text_encode(gemma, text: str, chi: str, custom_chi: str, max_tokens: int):
-    return _encode(gemma, text, logic.chi_argument(chi, custom_chi), max_tokens)
+    return _encode(gemma, text, chi_argument(chi, custom_chi), max_tokens)
 
 
 def run_negative_encode(gemma, text: str, max_tokens: int):
@@ -171,16 +174,16 @@ def run_negative_encode(gemma, text: str, max_tokens: int):
 
 
 def run_dcae_loader(vae_name: str, dtype: str):
-    path = logic.resolve_model_entry(_roots(*VAE_FOLDER_KEYS), vae_name)
+    path = resolve_model_entry(_roots(*VAE_FOLDER_KEYS), vae_name)
     device = model_management.vae_device()
-    weight_dtype = logic.dcae_dtype(dtype, model_management.vae_dtype(device, [torch.bfloat16, torch.float32]), device)
+    weight_dtype = dcae_dtype(dtype, model_management.vae_dtype(device, [torch.bfloat16, torch.float32]), device)
     dcae = load_dcae(path, dtype=weight_dtype, device=model_management.vae_offload_device())
     vae = SanaDCAEVAE(dcae, weight_dtype)
     try:
-        images = logic.preview_fit_images(dcae.spatial_compression)
+        images = preview_fit_images(dcae.spatial_compression)
         vae.load(images.shape, "encode")
-        factors, bias = logic.fit_latent_rgb_factors(vae.dcae, images)
-        logic.register_preview_factors(dcae.latent_channels, factors, bias)
+        factors, bias = fit_latent_rgb_factors(vae.dcae, images)
+        register_preview_factors(dcae.latent_channels, factors, bias)
     except Exception as error:  # previews are a convenience: never fail the load over them
         logging.warning("Sana: could not fit latent preview colours for %s: %s", vae_name, error)
     return (vae,)
@@ -200,7 +203,7 @@ def run_dcae_decode(samples: dict, vae, tile_size: int, tile_overlap: int):
             return (vae.decode_tiled(latents, tile_x=tile_size // f, tile_y=tile_size // f, overlap=tile_overlap // f),)
         return (vae.decode(latents),)
     vae.load(latents.shape, "decode")
-    images = logic.decode_latents(vae.dcae, latents, tile_size, tile_overlap, _progress())
+    images = decode_latents(vae.dcae, latents, tile_size, tile_overlap, _progress())
     return (images.to(model_management.intermediate_device()),)
 
 
@@ -208,7 +211,7 @@ def run_dcae_encode(pixels: torch.Tensor, vae, tile_size: int, tile_overlap: int
     if not isinstance(vae, SanaDCAEVAE):
         return ({"samples": vae.encode(pixels[:, :, :, :3])},)
     vae.load(tuple(pixels.movedim(-1, 1).shape), "encode")
-    latents = logic.encode_images(vae.dcae, pixels, tile_size, tile_overlap, _progress())
+    latents = encode_images(vae.dcae, pixels, tile_size, tile_overlap, _progress())
     return ({"samples": latents.to(model_management.intermediate_device())},)
 
 
@@ -222,12 +225,12 @@ def _shift(model, flow_shift: float) -> float:
 
 def run_ksampler(model, positive, negative, latent_image: dict, seed: int, steps: int, cfg: float,
                  flow_shift: float, solver: str, pag_scale: float, denoise: float):
-    logic.check_sampler_inputs(seed=seed, steps=steps, cfg=cfg, flow_shift=flow_shift, pag_scale=pag_scale, denoise=denoise)
+    check_sampler_inputs(seed=seed, steps=steps, cfg=cfg, flow_shift=flow_shift, pag_scale=pag_scale, denoise=denoise)
     dit = sana_dit(model)
     solver = select_solver(dit, solver)
-    schedule = logic.sana_schedule(solver, steps, _shift(model, flow_shift), denoise)
+    schedule = sampling_schedule(solver, steps, _shift(model, flow_shift), denoise)
     sampler = comfy.samplers.KSAMPLER(
-        logic.sampler_function(solver, schedule.timesteps if solver == FLOW_DPM_SOLVER else None)
+        sampler_function(solver, schedule.timesteps if solver == FLOW_DPM_SOLVER else None)
     )
     if solver == TRIGFLOW:
         if uses_pag(pag_scale):
@@ -254,34 +257,30 @@ def run_ksampler(model, positive, negative, latent_image: dict, seed: int, steps
 
 
 def run_sampler(solver: str):
-    return (comfy.samplers.KSAMPLER(logic.sampler_function(solver)),)
+    return (comfy.samplers.KSAMPLER(sampler_function(solver)),)
 
 
 def run_sigmas(model, solver: str, steps: int, flow_shift: float, denoise: float):
-    logic.check_sampler_inputs(steps=steps, flow_shift=flow_shift, denoise=denoise)
+    check_sampler_inputs(steps=steps, flow_shift=flow_shift, denoise=denoise)
     solver = select_solver(sana_dit(model), solver)
-    return (logic.sana_schedule(solver, steps, _shift(model, flow_shift), denoise).sigmas,)
+    return (sampling_schedule(solver, steps, _shift(model, flow_shift), denoise).sigmas,)
 
 
 def run_empty_latent(width: int, height: int, batch_size: int, resolution_bins: str):
-    latent, width, height = logic.empty_latent(
+    latent, width, height = empty_latent(
         width, height, batch_size, resolution_bins, device=model_management.intermediate_device()
     )
     return ({"samples": latent}, width, height)
 
 
 def run_lora_loader(model, lora_name: str, strength: float):
-    import comfy.lora
-
-    from ..sana.checkpoint import open_checkpoint
-
     path = folder_paths.get_full_path_or_raise("loras", lora_name)
     dit = sana_dit(model)
     anchor = dit.x_embedder.proj.weight
     weight_prefix = next(n for n, p in model.model.named_parameters() if p is anchor)[: -len("x_embedder.proj.weight")]
-    key_map = logic.lora_patch_keys(dit, weight_prefix)
+    key_map = lora_patch_keys(dit, weight_prefix)
     lora_state = comfy.utils.load_torch_file(path, safe_load=True)
-    lora_state.update(logic.lora_alpha_entries(lora_state, open_checkpoint(path).metadata))
+    lora_state.update(lora_alpha_entries(lora_state, open_checkpoint(path).metadata))
     patches = comfy.lora.load_lora(lora_state, key_map)
     if not patches:
         raise SanaCheckpointError(f"{lora_name}: no SANA LoRA weights found (expected keys like transformer.transformer_blocks.0.attn1.to_q.lora_A.weight)")
@@ -311,7 +310,7 @@ def model_entry_problem(keys: tuple[str, ...], name: str, is_model_folder: Calla
     """Why model entry `name` cannot be loaded from the folders of `keys` (missing, with the folders
     searched; unreadable; empty; a folder that is not a `folder_kind`), or None."""
     try:
-        path = logic.resolve_model_entry(_roots(*keys), name)
+        path = resolve_model_entry(_roots(*keys), name)
     except (SanaCheckpointError, SanaInputError) as error:
         return str(error)
     if path.is_dir():
@@ -343,7 +342,7 @@ def validate_dit_loader(cls, dit_name: str | None = None) -> bool | str:
 def validate_gemma_loader(cls, gemma_name: str | None = None) -> bool | str:
     if gemma_name is None:
         return True
-    return _verdict(model_entry_problem(GEMMA_FOLDER_KEYS, gemma_name, logic.is_gemma_folder,
+    return _verdict(model_entry_problem(GEMMA_FOLDER_KEYS, gemma_name, is_gemma_folder,
                                         "Gemma-2 folder (no config.json with model_type gemma2, nor text_encoder/config.json)"))
 
 

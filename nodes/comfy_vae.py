@@ -17,7 +17,7 @@ import comfy.sd
 from ..sana.dcae import DCAE
 from ..sana.dcae_tiling import DEFAULT_TILE_SIZE, estimate_peak_bytes
 from ..sana.samplers import require_finite
-from .comfy_model import DCAEHolder
+from .comfy_holders import DCAEHolder
 
 
 def _shape_latents(shape, f: int, direction: str) -> tuple[int, int, int]:

@@ -8,20 +8,24 @@ Public API:
 - `load_lora(model, path, scale)`: merge a diffusers/PEFT-layout SANA LoRA into a DiT.
 - `load_text_encoder(folder, *, dtype=None, device="cpu")`: Gemma-2 with the CHI prompt, `.encode(prompts)`.
 - `sana.schedules`, `sana.samplers`, `sana.resolution`: flow schedules, Flow-DPM-Solver / Flow-Euler /
-  TrigFlow samplers with CFG and PAG, and the aspect-ratio bins.
+  TrigFlow samplers with CFG and PAG, and the aspect-ratio bins; `sana.sampling`: what `generate`,
+  the ComfyUI nodes and the trainer share (solver names, schedule choice, guided text batch,
+  latents <-> images); `sana.pipeline`: the stages of `generate`.
 - `quantize_w8a8(model)`, `save_w8a8`, `load_w8a8`: W8A8 int8 DiT (`load_dit` reads the files too).
 - `SanaError` and its family: `SanaCheckpointError` (a file cannot be used), `SanaInputError`
   (a value cannot be used; also a `ValueError`), `SanaNonFiniteError` (a stage produced NaN/inf).
+
+The modules form layers, each importing only from those below it (README, "Layout").
 """
 
 from .dit import DIT_PRESETS, SanaDiT, SanaDiTConfig
-from .dit_io import load_dit, save_dit
+from .dit_io import load_dit, load_w8a8, save_dit
 from .dcae import DCAE, DCAEConfig
 from .dcae_io import load_dcae, save_dcae
 from .errors import SanaCheckpointError, SanaError, SanaInputError, SanaNonFiniteError
 from .lora import load_lora
 from .pipeline import generate
-from .quant import load_w8a8, quantize_w8a8, save_w8a8
+from .quant import quantize_w8a8, save_w8a8
 from .text_encoder import TextEncoder, load_text_encoder
 
 __all__ = [

@@ -82,6 +82,10 @@ DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 _PREFERRED_WEIGHTS = (DIFFUSERS_WEIGHTS_NAME, "model.safetensors")
 # Lists in error messages show this many items and a count, so a hostile file cannot make a huge message.
 PREVIEW_ITEMS = 10
+# The safetensors metadata key (and `.pth` entry) under which a saved SANA DiT carries its config
+# (`SanaDiTConfig.to_dict()` as JSON). Written and read by `sana.dit_io` and by the W8A8 format
+# (`sana.quant.checkpoint`), which sits below it.
+CONFIG_METADATA_KEY = "sana_dit_config"
 
 
 def preview(items: Iterable, limit: int = PREVIEW_ITEMS) -> str:
@@ -973,15 +977,17 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _atomic_write(Path(path), lambda f: f.write(data))
 
 
-def load_torch_data(path: str | os.PathLike) -> object:
+def load_torch_data(path: str | os.PathLike, *, numpy_rng: bool = False) -> object:
     """A file written by `write_torch`, loaded without running code: tensors and plain data
-    (dicts, lists, tuples, numbers, strings, None) only, through `torch.load(weights_only=True)`.
-    A caller that trusts a few more types allows exactly those with
-    `torch.serialization.safe_globals([...])` around the call. Anything else (a truncated or
-    corrupt file, an object whose unpickling would run code) is a `SanaCheckpointError`."""
+    (dicts, lists, tuples, numbers, strings, None) only, through `torch.load(weights_only=True)`;
+    with `numpy_rng`, also a NumPy RNG state (`NUMPY_RNG_GLOBALS`, as older trainer states hold).
+    Anything else (a truncated or corrupt file, an object whose unpickling would run code) is a
+    `SanaCheckpointError`."""
     path = Path(path)
+    allowlist = torch.serialization.safe_globals(NUMPY_RNG_GLOBALS) if numpy_rng and _ALLOWLIST_READY else contextlib.nullcontext()
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with allowlist:
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for damaged or unsafe files
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         reason = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else type(e).__name__)

@@ -163,7 +163,8 @@ def command_generate(args: argparse.Namespace) -> int:
     import sana
     from sana.dcae import check_dcae_dtype
     from sana.dcae_io import load_dcae
-    from sana.pipeline import TRIGFLOW, check_sampling_values, generate, select_solver
+    from sana.pipeline import check_sampling_values, generate
+    from sana.sampling import TRIGFLOW, select_solver
 
     device = args.device or _default_device()
     # Every option a model is not needed to judge, before anything is loaded.

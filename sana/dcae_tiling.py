@@ -16,20 +16,42 @@ the result needs no final division and every pixel is a convex mix of tile outpu
 DC-AE's attention is global over the feature map, so a tile's output differs from the
 untiled one everywhere, not only at seams; `docs/BENCHMARKS.md` gives the measured PSNR that
 the default tile and overlap were chosen from.
+
+`run_tiled` reports `progress(done, total)` over the network calls (chunks and tiles) of its
+plan, so a caller can show a bar without re-deriving the plan. The module knows the DC-AE only
+through its config (`sana/dcae_config.py`) and the `Tileable` protocol; `sana.dcae.DCAE`
+calls it from `encode` / `decode`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
+from .dcae_config import RESBLOCK, DCAEConfig
 from .errors import SanaInputError
 
-if TYPE_CHECKING:
-    from .dcae import DCAE, DCAEConfig
+TileProgress = Callable[[int, int], None]
+"""(network calls done, total) -> None: called before the first call and after each one."""
+
+
+class Tileable(Protocol):
+    """What the tiler needs from a DC-AE (`sana.dcae.DCAE` is one)."""
+
+    config: DCAEConfig
+    encoder: torch.nn.Module
+    decoder: torch.nn.Module
+    memory_budget: int | None  # bytes; None: what the device has free
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def device(self) -> torch.device: ...
 
 # In image pixels. A 1024 px tile is 32×32 latents for f32 (SANA's 1024² training size), where
 # the attention context is what the model was trained on; 256 px of overlap keeps the blend
@@ -94,7 +116,7 @@ def _evit_bytes(channels: int, pixels: int, elem: int, scales: int) -> int:
 
 
 def _stage_peak(kind: str, channels: int, pixels: int, elem: int, scales: int) -> int:
-    if kind == "ResBlock":
+    if kind == RESBLOCK:
         return _resblock_bytes(channels, pixels, elem)
     return _evit_bytes(channels, pixels, elem, scales)
 
@@ -180,7 +202,7 @@ def _grid_units(value: int, f: int, what: str, smallest: int) -> int:
 
 
 def plan_tiling(
-    model: DCAE,
+    model: Tileable,
     direction: str,
     shape: tuple[int, ...],
     tile_size: int | None = None,
@@ -229,9 +251,16 @@ def plan_tiling(
 
 
 def tiled_apply(
-    network: torch.nn.Module, x: torch.Tensor, direction: str, f: int, tile: int, overlap: int
+    network: torch.nn.Module,
+    x: torch.Tensor,
+    direction: str,
+    f: int,
+    tile: int,
+    overlap: int,
+    on_call: Callable[[], None] | None = None,
 ) -> torch.Tensor:
-    """Run `network` (encoder or decoder) on overlapping tiles of `x` and blend the outputs."""
+    """Run `network` (encoder or decoder) on overlapping tiles of `x` and blend the outputs;
+    `on_call()` after each tile."""
     if direction == "decode":
         grid_h, grid_w, in_scale, out_scale = x.shape[2], x.shape[3], 1, f
     else:
@@ -250,25 +279,52 @@ def tiled_apply(
             window = out[:, :, top * out_scale : bottom * out_scale, left * out_scale : right * out_scale]
             window.addcmul_(piece.float(), wy[:, None] * wx[None, :])
             del piece
+            if on_call is not None:
+                on_call()
     return out.to(x.dtype)
 
 
+def network_calls(shape: tuple[int, ...], direction: str, f: int, chunk: int, tile: int | None, overlap: int) -> int:
+    """How many encoder/decoder calls a plan makes for an input of `shape`: one per chunk of
+    images, times the tiles of each when tiled."""
+    chunks = math.ceil(shape[0] / chunk)
+    if tile is None:
+        return chunks
+    grid_h, grid_w = (shape[2], shape[3]) if direction == "decode" else (shape[2] // f, shape[3] // f)
+    return chunks * len(tile_spans(grid_h, tile, overlap)) * len(tile_spans(grid_w, tile, overlap))
+
+
 def run_tiled(
-    model: DCAE,
+    model: Tileable,
     direction: str,
     x: torch.Tensor,
     tile_size: int | None,
     tile_overlap: int | None,
     memory_budget: int | None,
+    progress: TileProgress | None = None,
 ) -> torch.Tensor:
-    """Encode or decode `x`, sliced and tiled as `plan_tiling` decides."""
+    """Encode or decode `x`, sliced and tiled as `plan_tiling` decides, calling
+    `progress(done, total)` before the first network call and after each one."""
     network = model.decoder if direction == "decode" else model.encoder
     chunk, tile, overlap = plan_tiling(model, direction, tuple(x.shape), tile_size, tile_overlap, memory_budget)
-    f = model.spatial_compression
+    f = model.config.spatial_compression
+    on_call = None
+    if progress is not None:
+        total = network_calls(tuple(x.shape), direction, f, chunk, tile, overlap)
+        done = 0
+        progress(done, total)
+
+        def on_call() -> None:
+            nonlocal done
+            done += 1
+            progress(done, total)
+
     outputs = []
     for part in x.split(chunk):
         if tile is None:
             outputs.append(network(part))
+            if on_call is not None:
+                on_call()
         else:
-            outputs.append(tiled_apply(network, part, direction, f, tile, overlap))
+            outputs.append(tiled_apply(network, part, direction, f, tile, overlap, on_call))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)

@@ -36,6 +36,18 @@ from .ops import Linear, fused
 # Diffusers turns the 0/1 caption mask into this additive bias (NVlabs does the same without xformers).
 CROSS_ATTENTION_MASK_BIAS = -10000.0
 
+# The flow shift each release was trained with, which the samplers use unless told otherwise:
+# 3.0, and 6.0 for the 4K model, the one variant whose latent side (`sample_size`) is 128.
+DEFAULT_FLOW_SHIFT = 3.0
+FLOW_SHIFT_4K = 6.0
+SAMPLE_SIZE_4K = 128
+
+
+def default_flow_shift(sample_size: int) -> float:
+    """The flow shift a SANA release with this `sample_size` was trained with: 3.0 for the
+    512/1024/2048 models, 6.0 for the 4K model. A config's `flow_shift` starts from it."""
+    return FLOW_SHIFT_4K if sample_size >= SAMPLE_SIZE_4K else DEFAULT_FLOW_SHIFT
+
 
 @dataclass(frozen=True)
 class SanaDiTConfig:
@@ -58,7 +70,7 @@ class SanaDiTConfig:
     guidance_embeds_scale: float = 0.1
     timestep_scale: float = 1.0  # pipelines multiply the timestep by this (Sprint teacher: 0.001)
     norm_eps: float = 1e-6
-    flow_shift: float = 3.0  # the sampler's default shift for this model
+    flow_shift: float = DEFAULT_FLOW_SHIFT  # the samplers' shift for this model (the one owner of it)
     variant: str = "custom"
 
     def __post_init__(self) -> None:
@@ -104,7 +116,7 @@ DIT_PRESETS: dict[str, SanaDiTConfig] = {
     "sana-1600m-512": SanaDiTConfig(**_SANA_1600M, sample_size=16),
     "sana-1600m-1024": SanaDiTConfig(**_SANA_1600M, sample_size=32),
     "sana-1600m-2k": SanaDiTConfig(**_SANA_1600M, sample_size=64, interpolation_scale=1.0),
-    "sana-1600m-4k": SanaDiTConfig(**_SANA_1600M, sample_size=128, interpolation_scale=2.0, flow_shift=6.0),
+    "sana-1600m-4k": SanaDiTConfig(**_SANA_1600M, sample_size=SAMPLE_SIZE_4K, interpolation_scale=2.0, flow_shift=FLOW_SHIFT_4K),
     "sana1.5-1.6b": SanaDiTConfig(**_SANA_1600M, qk_norm=True),
     "sana1.5-4.8b": SanaDiTConfig(**{**_SANA_1600M, "depth": 60}, qk_norm=True),
     "sana-sprint-0.6b": SanaDiTConfig(**_SANA_600M, qk_norm=True, guidance_embeds=True),

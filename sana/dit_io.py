@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 
 from .checkpoint import (
+    CONFIG_METADATA_KEY,
     EMA_WEIGHTS_ENTRY,
     CheckpointReader,
     KeySpec,
@@ -55,9 +56,10 @@ from .checkpoint import (
     write_safetensors,
     write_torch,
 )
-from .dit import DIT_PRESETS, SanaDiT, SanaDiTConfig, sincos_pos_embed_2d, variant_name
-from .schedules import default_flow_shift
+from .dit import DIT_PRESETS, SanaDiT, SanaDiTConfig, default_flow_shift, sincos_pos_embed_2d, variant_name
 from .errors import SanaCheckpointError, SanaInputError
+from .quant.checkpoint import W8A8_METADATA_KEY, load_w8a8_dit, save_w8a8
+from .quant.model import is_w8a8
 
 Layout = Literal["official", "diffusers"]
 
@@ -65,7 +67,6 @@ COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "module.")
 # Official keys that inference never uses: the stored PE table (recomputed per size), the
 # learned null caption (training-time caption dropout) and Sprint's training-only logvar head.
 OFFICIAL_EXTRA_KEYS = ("pos_embed", "y_embedder.y_embedding", "logvar_linear.weight", "logvar_linear.bias")
-CONFIG_METADATA_KEY = "sana_dit_config"
 DEFAULT_MAX_SHARD_BYTES = 10 * 1024**3  # diffusers' default shard size
 
 # Cross-attention heads of the released widths; the weights cannot tell heads apart.
@@ -443,11 +444,9 @@ def load_dit(
     """
     entry = EMA_WEIGHTS_ENTRY if ema else None
     reader = strip_prefix(open_checkpoint(path, subfolders=("transformer",), entry=entry), COMFY_PREFIXES)
-    # W8A8 checkpoints (int8 weights + scales, sana/quant) carry a metadata marker; they have their own loader.
-    from .quant.checkpoint import W8A8_METADATA_KEY, load_w8a8_dit
-
+    # W8A8 checkpoints (int8 weights + scales, sana/quant) carry a metadata marker; they have their own reader.
     if W8A8_METADATA_KEY in reader.metadata:
-        return load_w8a8_dit(reader, dtype=dtype, device=device, config=config)
+        return load_w8a8_dit(reader, resolve_config(reader, "official", config), dtype=dtype, device=device)
     layout = detect_layout(reader)
     cfg = resolve_config(reader, layout, config)
     specs = key_specs(cfg, layout)
@@ -468,6 +467,21 @@ def load_dit(
     if layout == "official":
         model.official_extras = {k: reader.read(k) for k in OFFICIAL_EXTRA_KEYS[1:] if k in reader}
     return model.eval()
+
+
+def load_w8a8(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    config: SanaDiTConfig | dict | str | None = None,
+) -> SanaDiT:
+    """`load_dit` for a W8A8 checkpoint (`sana.save_w8a8`) only: raises `SanaCheckpointError`
+    for any other file. `dtype` applies to the float tensors; int8 weights and fp32 scales keep theirs."""
+    reader = strip_prefix(open_checkpoint(path), COMFY_PREFIXES)
+    if W8A8_METADATA_KEY not in reader.metadata:
+        raise SanaCheckpointError(f"{reader.path}: not a W8A8 checkpoint (no '{W8A8_METADATA_KEY}' metadata)")
+    return load_w8a8_dit(reader, resolve_config(reader, "official", config), dtype=dtype, device=device)
 
 
 def dit_state_dict(model: SanaDiT, layout: Layout) -> dict[str, torch.Tensor]:
@@ -500,9 +514,6 @@ def save_dit(
         raise SanaInputError(f"format must be 'diffusers' or 'official', got {format!r}")
     path = Path(path)
     # A W8A8 model's int8 weights and scales fit neither layout: it has its own single-file format.
-    from .quant.checkpoint import save_w8a8
-    from .quant.model import is_w8a8
-
     if is_w8a8(model):
         save_w8a8(model, path)
         return

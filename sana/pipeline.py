@@ -1,27 +1,33 @@
 """Text-to-image and image-to-image with SANA, SANA-1.5 and SANA-Sprint: `generate`.
 
 `generate` wires the loaded parts together (Gemma-2 text encoder, DiT, DC-AE) with the
-schedules and samplers of `sana.schedules` / `sana.samplers`; it holds no numerics of its
-own beyond the glue. With the same initial noise it reproduces diffusers' `SanaPipeline`
-(Flow-DPM-Solver, Flow-Euler), `SanaPAGPipeline` (PAG), `SanaSprintPipeline` and
-`SanaSprintImg2ImgPipeline` (TrigFlow), which `tests/test_pipeline.py` checks.
+sampling vocabulary of `sana.sampling` (solvers, schedules, guided context, latents <-> images)
+and the solvers of `sana.samplers`; it holds no numerics of its own beyond the glue. With the
+same initial noise it reproduces diffusers' `SanaPipeline` (Flow-DPM-Solver, Flow-Euler),
+`SanaPAGPipeline` (PAG), `SanaSprintPipeline` and `SanaSprintImg2ImgPipeline` (TrigFlow), which
+`tests/test_pipeline.py` checks.
 
 Images go in and come out in ComfyUI's IMAGE convention: float [B, H, W, 3] in [0, 1].
 
-Order of work, and why:
-1. check every argument and that the parts fit each other before any compute
-   (`check_generation_inputs`: numbers finite and in range, sizes, seeds, latents, images,
+`generate` runs these stages in order, each a function of this module that can be called and
+tested on its own:
+1. `check_generation_inputs` -> `GenerationPlan`: every argument and the fit of the parts are
+   checked before any compute (numbers finite and in range, sizes, seeds, latents, images,
    caption and latent channels, a memory estimate of the decoded images), so a bad request
-   fails in milliseconds with the argument or both sides named;
-2. encode the prompts on the compute device (the DiT's), then move the text encoder off it:
+   fails in milliseconds with the argument or both sides named; the plan settles the solver,
+   the sizes, the guidance branches, the PAG layers and the flow shift (the request's, else the
+   DiT config's). `guided_pag` then perturbs the PAG layers for the whole generation;
+2. `encode_prompts` on the compute device (the DiT's), after which the text encoder leaves it:
    Gemma-2-2B is not needed again and its memory goes to the DiT and the decode;
-3. draw the noise from a CPU generator (so a seed gives the same image on every device, and
-   the same as diffusers with `torch.Generator("cpu")`), denoise, decode with the DC-AE, whose
-   `decode` tiles by itself when the image would not fit in memory, and resize-and-crop back
-   from the resolution bin to the requested size;
-4. check each stage's output once (`SanaNonFiniteError` naming the text encoding, the image
-   encoding, the denoising step, or the decoding that produced NaN/inf), so a broken weight,
-   LoRA or dtype never comes back as a black image.
+   `image_latents` encodes the img2img image;
+3. `seeded_generator`, `initial_noise`: the noise comes from a CPU generator, so a seed gives
+   the same image on every device, and the same as diffusers with `torch.Generator("cpu")`;
+4. `denoise_flow` over `flow_schedule(...)` or `denoise_trigflow` over `trigflow_angles(...)`;
+5. `latents_to_images`: decode with the DC-AE, which tiles by itself when the image would not
+   fit in memory, and resize-and-crop back from the resolution bin to the requested size.
+Each stage checks its output once (`SanaNonFiniteError` naming the text encoding, the image
+encoding, the denoising step, or the decoding that produced NaN/inf), so a broken weight, LoRA
+or dtype never comes back as a black image.
 
 The sampling loop never waits on the host: padded caption columns are trimmed once before it
 (`trim_padded_context`), the schedule goes to the device once, Sprint's per-step noise is drawn
@@ -36,26 +42,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from .dcae_tiling import default_memory_budget
 from .dit import SanaDiT, perturbed_self_attention, trim_padded_context
 from .errors import SanaCheckpointError, SanaInputError, check_integer, check_number
-from .resolution import (
-    BINS_BY_SAMPLE_SIZE,
-    MAX_IMAGE_SIDE,
-    check_image_size,
-    closest_bin,
-    nearest_multiple,
-    resize_and_crop,
-)
+from .resolution import BINS_BY_SAMPLE_SIZE, MAX_IMAGE_SIDE, check_image_size, closest_bin, nearest_multiple
 from .samplers import (
-    COND,
     PERTURBED,
     UNCOND,
     NonFiniteWatch,
@@ -70,30 +66,27 @@ from .samplers import (
     trigflow_start_latents,
     uses_pag,
 )
-from .schedules import (
-    MAX_FLOW_SHIFT,
-    MAX_STEPS,
-    MIN_FLOW_SHIFT,
-    default_flow_shift,
-    flow_dpm_schedule,
-    flow_euler_schedule,
-    img2img_start_step,
-    trigflow_schedule,
+from .sampling import (
+    DIFFUSERS_PAG_LAYERS,
+    FLOW_DPM_SOLVER,
+    FLOW_EULER,
+    NVLABS_PAG_LAYERS,
+    SOLVERS,
+    TRIGFLOW,
+    Autoencoder,
+    default_pag_layers,
+    flow_schedule,
+    guided_context,
+    images_to_latents,
+    latents_to_images,
+    select_solver,
+    trigflow_angles,
 )
+from .schedules import MAX_FLOW_SHIFT, MAX_STEPS, MIN_FLOW_SHIFT, FlowSchedule, img2img_start_step
 from .text_encoder import ChiSpec, TextEncoder
-
-FLOW_DPM_SOLVER = "flow_dpm_solver"
-FLOW_EULER = "flow_euler"
-TRIGFLOW = "trigflow"
-SOLVERS = (FLOW_DPM_SOLVER, FLOW_EULER, TRIGFLOW)
 
 ProgressCallback = Callable[[int, int, torch.Tensor], None]
 """(step index from 0, total steps, current x0 prediction [B, C, h, w] float32 latents) -> None."""
-
-# NVlabs' `pag_applied_layers` per released depth (Sana_1600M: 20 blocks, Sana_600M: 28).
-# Other depths fall back to diffusers' SanaPAGPipeline default, block 0.
-NVLABS_PAG_LAYERS: dict[int, tuple[int, ...]] = {20: (8,), 28: (14,)}
-DIFFUSERS_PAG_LAYERS: tuple[int, ...] = (0,)
 
 # |guidance_scale| and |pag_scale| above this are refused. SANA uses 4.5 (CFG) and 2-3 (PAG),
 # ComfyUI's widgets stop at 100; the guided velocity grows with the scale, and at 10^30 it
@@ -105,48 +98,8 @@ MAX_GUIDANCE = 1000.0
 SEED_LIMIT = 2**64
 
 
-class Autoencoder(Protocol):
-    """What `generate` needs from a DC-AE: `sana.dcae.DCAE` (`load_dcae`) is one."""
-
-    scaling_factor: float
-    spatial_compression: int
-    latent_channels: int
-    dtype: torch.dtype
-    device: torch.device
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor: ...  # [-1, 1] -> unscaled latents
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...  # unscaled latents -> [-1, 1]
-
-
 # ---------------------------------------------------------------------------------------
-# Checks and choices made before any compute
-
-
-def select_solver(dit: SanaDiT, solver: str | None) -> str:
-    """The sampler for `dit`: `solver` if given, else TrigFlow for a guidance-embedded
-    (SANA-Sprint) DiT and Flow-DPM-Solver for every other one.
-
-    Raises `SanaInputError` for an unknown name, for TrigFlow on a DiT without a guidance
-    embedding, and for a flow solver on a Sprint DiT (it is a consistency model over TrigFlow
-    time, fed the flow time t in [0, 1] rather than 1000 sigma).
-    """
-    sprint = bool(dit.config.guidance_embeds)
-    if solver is None:
-        return TRIGFLOW if sprint else FLOW_DPM_SOLVER
-    if solver not in SOLVERS:
-        raise SanaInputError(f"unknown solver {solver!r}; expected one of {', '.join(SOLVERS)} (or None: automatic)")
-    if solver == TRIGFLOW and not sprint:
-        raise SanaInputError(
-            f"solver 'trigflow' needs a SANA-Sprint DiT (guidance embedding); the DiT ({dit.config.variant}) has none: "
-            f"use '{FLOW_DPM_SOLVER}' or '{FLOW_EULER}'"
-        )
-    if solver != TRIGFLOW and sprint:
-        raise SanaInputError(
-            f"the DiT ({dit.config.variant}) is a SANA-Sprint model (guidance embedding) and samples only with "
-            f"'trigflow', not {solver!r}"
-        )
-    return solver
+# Stage 1: checks and choices made before any compute (`check_generation_inputs` -> the plan)
 
 
 def check_components(dit: SanaDiT, dcae: Autoencoder, text_encoder: TextEncoder | None = None) -> None:
@@ -237,7 +190,7 @@ def _require_free_memory(need: int, device: torch.device, what: str, why: str, a
 
 @dataclass(frozen=True)
 class GenerationPlan:
-    """What `check_generation_inputs` settled before any compute."""
+    """What `check_generation_inputs` settled before any compute; the later stages read it."""
 
     prompts: list[str]
     solver: str
@@ -248,6 +201,9 @@ class GenerationPlan:
     latent_shape: tuple[int, int, int, int]  # [B, C, h, w] of the noise
     start_step: int  # leading steps img2img skips (0 for text to image)
     pag_layers: tuple[int, ...]
+    flow_shift: float  # the request's, else the DiT config's `flow_shift` (unused by TrigFlow)
+    branches: tuple[str, ...]  # guidance branches of each model call (`guidance_branches`); () for TrigFlow
+    strength: float  # the img2img denoising strength; 1.0 for text to image
 
 
 def check_sampling_values(
@@ -383,52 +339,17 @@ def check_generation_inputs(
         _check_latents(latents, shape)
     if image is not None:
         _check_image(image, batch)
-    return GenerationPlan(prompts, solver, height, width, *sample, shape, start_step, layers)
+    return GenerationPlan(
+        prompts=prompts, solver=solver, height=height, width=width, sample_height=sample[0], sample_width=sample[1],
+        latent_shape=shape, start_step=start_step, pag_layers=layers,
+        flow_shift=float(dit.config.flow_shift if flow_shift is None else flow_shift),
+        branches=() if solver == TRIGFLOW else guidance_branches(guidance_scale, pag_scale),
+        strength=strength if image is not None else 1.0,
+    )
 
 
 # ---------------------------------------------------------------------------------------
-# Pixels <-> latents
-
-
-_DCAE_HINT = "check the DC-AE's weights, and run it in bfloat16 or float32"
-
-
-def images_to_latents(dcae: Autoencoder, images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """ComfyUI images [B, H, W, 3] in [0, 1] -> DiT-space latents (DC-AE latents times its
-    scaling factor), float32, at (height, width) pixels.
-
-    An image of another size is resized with bilinear interpolation (align_corners=False), as
-    diffusers' Sprint img2img pipeline does with a tensor input; no crop, so a different aspect
-    ratio is stretched. NaN/inf latents raise `SanaNonFiniteError`.
-    """
-    if images.ndim == 3:
-        images = images[None]
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise SanaInputError(f"image must be [B, H, W, 3] in [0, 1] (ComfyUI IMAGE), got shape {list(images.shape)}")
-    pixels = images.movedim(-1, 1).float()
-    if tuple(pixels.shape[-2:]) != (height, width):
-        pixels = F.interpolate(pixels, size=(height, width), mode="bilinear", align_corners=False)
-    pixels = (pixels * 2 - 1).to(device=dcae.device, dtype=dcae.dtype)
-    latents = require_finite(dcae.encode(pixels), "image encoding (DC-AE encode)", _DCAE_HINT)
-    return (latents * dcae.scaling_factor).float()
-
-
-def latents_to_images(dcae: Autoencoder, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """DiT-space latents -> ComfyUI images [B, height, width, 3] float32 in [0, 1] (CPU).
-
-    The decode runs in the DC-AE's dtype on its device, and tiles when the image would not fit
-    in memory (`DCAE.decode` plans that); NaN/inf pixels raise `SanaNonFiniteError`. A
-    bin-sized image is resized to cover the request and centre-cropped (`resize_and_crop`), in
-    diffusers' order: cast, unscale, decode, resize, then map [-1, 1] to [0, 1].
-    """
-    latents = latents.to(device=dcae.device, dtype=dcae.dtype)
-    decoded = require_finite(dcae.decode(latents / dcae.scaling_factor), "decoding (DC-AE decode)", _DCAE_HINT)
-    decoded = resize_and_crop(decoded, height, width)
-    return (decoded / 2 + 0.5).clamp(0, 1).float().movedim(1, -1).cpu()
-
-
-# ---------------------------------------------------------------------------------------
-# Text
+# Stage 2: text and image conditioning
 
 
 @dataclass
@@ -459,7 +380,8 @@ def encode_prompts(
 
     The encoder runs on `device` (moved there if needed), because encoding 300+ tokens with
     Gemma-2-2B is far faster on the accelerator; when `device` is not the CPU it is moved to
-    the CPU afterwards, so the DiT and the decode get that memory.
+    the CPU afterwards, so the DiT and the decode get that memory. NaN/inf embeddings raise
+    `SanaNonFiniteError` naming the text encoder (they would poison every step after).
     """
     model = text_encoder.model
     if text_encoder.device != device:
@@ -480,17 +402,50 @@ def encode_prompts(
     if uncond is not None:
         embeddings.uncond = uncond.expand(rows, -1, -1).to(device)
         embeddings.uncond_mask = uncond_mask.expand(rows, -1).to(device)
+    for encoded in (embeddings.cond, embeddings.uncond):
+        if encoded is not None:
+            require_finite(
+                encoded,
+                f"text encoding (the text encoder {text_encoder.folder})",
+                "check its weights, and run it in bfloat16 or float32 (Gemma-2 overflows in float16)",
+            )
     return embeddings
 
 
+def image_latents(dcae: Autoencoder, image: torch.Tensor, plan: GenerationPlan, device: torch.device) -> torch.Tensor:
+    """The img2img image as DiT-space latents at the plan's sampling size, one row per image of
+    the batch, on `device` (`images_to_latents`)."""
+    clean = images_to_latents(dcae, image, plan.sample_height, plan.sample_width).to(device)
+    return clean.expand(plan.latent_shape[0], -1, -1, -1)
+
+
 # ---------------------------------------------------------------------------------------
-# generate
+# Stage 3: the initial latents
 
 
-def default_pag_layers(dit: SanaDiT) -> tuple[int, ...]:
-    """NVlabs' PAG layers for the released depths (block 8 of 20, block 14 of 28), else
-    diffusers' default (block 0)."""
-    return NVLABS_PAG_LAYERS.get(dit.config.depth, DIFFUSERS_PAG_LAYERS)
+def seeded_generator(seed: int | None) -> torch.Generator:
+    """The CPU generator every random draw of a generation comes from (the initial noise, then
+    Sprint's per-step noise): seeded with `seed`, or randomly for None."""
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(int(seed))
+    return generator
+
+
+def initial_noise(
+    plan: GenerationPlan, generator: torch.Generator, latents: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """Standard normal noise of the plan's latent shape, float32 on `device`: the caller's
+    `latents`, else drawn from `generator` as diffusers draws it with a CPU generator."""
+    if latents is None:
+        return draw_noise(plan.latent_shape, generator, device)
+    return latents.to(device=device, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# Stage 4: denoising (flow solvers or TrigFlow)
 
 
 def _progress(callback: ProgressCallback | None, total: int):
@@ -510,6 +465,101 @@ def compiled_step(
     """
     mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
     return torch.compile(velocity, fullgraph=True, dynamic=False, mode=mode)
+
+
+def _caption(context: torch.Tensor, mask: torch.Tensor, compile_model: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    # Eager: drop the padded columns once, before the loop. Compiled: keep the fixed padded
+    # length, so one graph serves every prompt of a size and batch.
+    return (context, mask) if compile_model else trim_padded_context(context, mask)
+
+
+_DENOISING_HINT = "check the DiT's (and any LoRA's) weights and dtype, and the guidance scale"
+
+
+def guided_pag(dit: SanaDiT, plan: GenerationPlan) -> AbstractContextManager:
+    """Identity self-attention in the plan's PAG layers for the perturbed rows of each model
+    call while the block is entered (a no-op without PAG); entered before any compute, so bad
+    layers fail first."""
+    if PERTURBED not in plan.branches:
+        return nullcontext()
+    batch, chunk = plan.latent_shape[0], plan.branches.index(PERTURBED)
+    return perturbed_self_attention(dit, plan.pag_layers, slice(chunk * batch, (chunk + 1) * batch))
+
+
+def denoise_flow(
+    dit: SanaDiT,
+    text: PromptEmbeddings,
+    noise: torch.Tensor,
+    schedule: FlowSchedule,
+    *,
+    solver: str,
+    branches: Sequence[str],
+    guidance_scale: float,
+    pag_scale: float = 0.0,
+    image_latents: torch.Tensor | None = None,
+    callback: ProgressCallback | None = None,
+    compile_model: bool = False,
+) -> torch.Tensor:
+    """Flow-DPM-Solver or Flow-Euler over `schedule` from `noise` (img2img: `image_latents`
+    noised to the schedule's first sigma) with CFG / PAG as `branches` say; returns the final
+    DiT-space latents, checked finite (`SanaNonFiniteError` names the first bad step). PAG needs
+    `guided_pag` entered around the call. The DiT gets the timestep times `timestep_scale`."""
+    if image_latents is None:
+        start = noise
+    else:
+        start = add_flow_noise(image_latents, noise, schedule.sigmas[0])
+    dtype, timestep_scale = dit.dtype, dit.config.timestep_scale
+    context, mask = guided_context(branches, text.cond, text.cond_mask, text.uncond, text.uncond_mask)
+    context, mask = _caption(context.to(dtype), mask, compile_model)
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return dit(x.to(dtype), t * timestep_scale, context, mask, trim_context=False)
+
+    velocity = guided_velocity(model, guidance_scale=guidance_scale, pag_scale=pag_scale)
+    if compile_model:
+        velocity = compiled_step(velocity, dit.device)
+    sampler = flow_dpm_solver if solver == FLOW_DPM_SOLVER else flow_euler
+    watch = NonFiniteWatch(_progress(callback, schedule.num_steps))
+    return watch.check(sampler(velocity, start, schedule, callback=watch), "denoising", _DENOISING_HINT)
+
+
+def denoise_trigflow(
+    dit: SanaDiT,
+    text: PromptEmbeddings,
+    noise: torch.Tensor,
+    angles: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    guidance_scale: float,
+    image_latents: torch.Tensor | None = None,
+    callback: ProgressCallback | None = None,
+    compile_model: bool = False,
+) -> torch.Tensor:
+    """SANA-Sprint's TrigFlow sampler over `angles` from `noise` (img2img: `image_latents` at
+    the first angle), `guidance_scale` as the embedded guidance (one pass per step) and fresh
+    noise from `generator` every step; returns the final DiT-space latents, checked finite."""
+    if image_latents is None:
+        start = trigflow_start_latents(noise)
+    else:
+        start = trigflow_start_latents(noise, image_latents=image_latents, first_angle=angles[0])
+    dtype, batch = dit.dtype, noise.shape[0]
+    # The scale takes the prompt dtype before the DiT multiplies it by 0.1, as diffusers does
+    # (in bf16 that gives 0.44921875 for 4.5, which is what Sprint was tested with).
+    guidance = torch.full((batch,), float(guidance_scale)).to(device=dit.device, dtype=text.cond.dtype)
+    context, mask = _caption(text.cond.to(dtype), text.cond_mask, compile_model)
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return dit(x.to(dtype), t, context, mask, guidance, trim_context=False)
+
+    if compile_model:
+        velocity = compiled_step(velocity, dit.device)
+    watch = NonFiniteWatch(_progress(callback, len(angles) - 1))
+    final = trigflow_sampler(velocity, start, angles, generator=generator, callback=watch)
+    return watch.check(final, "denoising", _DENOISING_HINT)
+
+
+# ---------------------------------------------------------------------------------------
+# generate: the stages in order
 
 
 # no_grad, not inference_mode: the returned images must stay ordinary tensors that callers
@@ -552,9 +602,9 @@ def generate(
     - `steps`: 1 to 10000 (`MAX_STEPS`).
     - Flow solvers: classifier-free guidance for `guidance_scale` > 1 against `negative_prompt`
       (encoded without the CHI), perturbed-attention guidance for `pag_scale` > 0 in blocks
-      `pag_layers` (default `default_pag_layers(dit)`); `flow_shift` None takes the DiT's
-      trained shift (3, or 6 for 4K), else a number in [0.01, 100]. The DiT gets the timestep
-      times `config.timestep_scale`.
+      `pag_layers` (default `default_pag_layers(dit)`); `flow_shift` None takes the DiT
+      config's `flow_shift` (the variant's trained shift: 3, or 6 for 4K), else a number in
+      [0.01, 100]. The DiT gets the timestep times `config.timestep_scale`.
     - `guidance_scale` and `pag_scale`: finite, |scale| <= 1000 (`MAX_GUIDANCE`); a scale
       <= 1 (CFG) or <= 0 (PAG) turns that guidance off.
     - TrigFlow (Sprint): `guidance_scale` is the embedded guidance (one pass per step, no
@@ -586,125 +636,57 @@ def generate(
         latents=latents, pag_scale=pag_scale, resolution_binning=resolution_binning, batch_size=batch_size,
         image=image, strength=strength, callback=callback, pag_layers=pag_layers,
     )
-    solver, shape, start_step = plan.solver, plan.latent_shape, plan.start_step
-    sprint = solver == TRIGFLOW
     device = dit.device
-    batch = shape[0]
-    branches = () if sprint else guidance_branches(guidance_scale, pag_scale)
-    pag_context = nullcontext()
-    if PERTURBED in branches:
-        perturbed = branches.index(PERTURBED)
-        pag_context = perturbed_self_attention(dit, plan.pag_layers, slice(perturbed * batch, (perturbed + 1) * batch))
-
-    # Entered first so that bad PAG layers fail before any compute.
-    with pag_context:
-        text = encode_prompts(
-            text_encoder,
-            plan.prompts,
-            copies=batch_size,
-            negative_prompt=negative_prompt if UNCOND in branches else None,
-            chi=chi,
-            device=device,
-        )
-        _check_text(text, text_encoder)
-        clean = None
-        if image is not None:
-            clean = images_to_latents(dcae, image, plan.sample_height, plan.sample_width).to(device)
-            clean = clean.expand(batch, -1, -1, -1)
-
-        generator = torch.Generator()
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(int(seed))
-        if latents is None:
-            noise = draw_noise(shape, generator, device)
-        else:
-            noise = latents.to(device=device, dtype=torch.float32)
-        dtype = dit.dtype
-
-        if sprint:
-            angles = trigflow_schedule(steps)[start_step:]
-            if clean is None:
-                start = trigflow_start_latents(noise)
-            else:
-                start = trigflow_start_latents(noise, image_latents=clean, first_angle=angles[0])
-            # The scale takes the prompt dtype before the DiT multiplies it by 0.1, as diffusers
-            # does (in bf16 that gives 0.44921875 for 4.5, which is what Sprint was tested with).
-            guidance = torch.full((batch,), float(guidance_scale)).to(device=device, dtype=text.cond.dtype)
-            context, mask = text.cond.to(dtype), text.cond_mask
-            if not compile_model:  # compiled: keep the fixed padded length, one graph for every prompt
-                context, mask = trim_padded_context(context, mask)
-
-            def sprint_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return dit(x.to(dtype), t, context, mask, guidance, trim_context=False)
-
-            if compile_model:
-                sprint_velocity = compiled_step(sprint_velocity, device)
-
-            watch = NonFiniteWatch(_progress(callback, len(angles) - 1))
-            final = trigflow_sampler(sprint_velocity, start, angles, generator=generator, callback=watch)
-        else:
-            shift = flow_shift if flow_shift is not None else default_flow_shift(dit.config.sample_size)
-            schedule = (flow_dpm_schedule if solver == FLOW_DPM_SOLVER else flow_euler_schedule)(steps, shift)
-            schedule = schedule.for_strength(strength) if clean is not None else schedule
-            start = noise if clean is None else add_flow_noise(clean, noise, schedule.sigmas[0])
-            # One context row block per guidance branch; the perturbed branch sees the prompt.
-            texts = {UNCOND: (text.uncond, text.uncond_mask), COND: (text.cond, text.cond_mask)}
-            texts[PERTURBED] = texts[COND]
-            context = torch.cat([texts[b][0] for b in branches]).to(dtype)
-            mask = torch.cat([texts[b][1] for b in branches])
-            if not compile_model:
-                context, mask = trim_padded_context(context, mask)
-            timestep_scale = dit.config.timestep_scale
-
-            def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return dit(x.to(dtype), t * timestep_scale, context, mask, trim_context=False)
-
-            velocity = guided_velocity(model, guidance_scale=guidance_scale, pag_scale=pag_scale)
-            if compile_model:
-                velocity = compiled_step(velocity, device)
-            sampler = flow_dpm_solver if solver == FLOW_DPM_SOLVER else flow_euler
-            watch = NonFiniteWatch(_progress(callback, schedule.num_steps))
-            final = sampler(velocity, start, schedule, callback=watch)
-        watch.check(final, "denoising", "check the DiT's (and any LoRA's) weights and dtype, and the guidance scale")
-
-    return latents_to_images(dcae, final, plan.height, plan.width)
-
-
-def _check_text(text: PromptEmbeddings, text_encoder: TextEncoder) -> None:
-    """NaN/inf embeddings would poison every step after: name the text encoder instead."""
-    for embeddings in (text.cond, text.uncond):
-        if embeddings is not None:
-            require_finite(
-                embeddings,
-                f"text encoding (the text encoder {text_encoder.folder})",
-                "check its weights, and run it in bfloat16 or float32 (Gemma-2 overflows in float16)",
+    with guided_pag(dit, plan):
+        negative = negative_prompt if UNCOND in plan.branches else None
+        text = encode_prompts(text_encoder, plan.prompts, copies=batch_size, negative_prompt=negative, chi=chi, device=device)
+        clean = None if image is None else image_latents(dcae, image, plan, device)
+        generator = seeded_generator(seed)
+        noise = initial_noise(plan, generator, latents, device)
+        if plan.solver == TRIGFLOW:
+            final = denoise_trigflow(
+                dit, text, noise, trigflow_angles(steps, plan.strength), generator, guidance_scale=guidance_scale,
+                image_latents=clean, callback=callback, compile_model=compile_model,
             )
+        else:
+            final = denoise_flow(
+                dit, text, noise, flow_schedule(plan.solver, steps, plan.flow_shift, plan.strength), solver=plan.solver,
+                branches=plan.branches, guidance_scale=guidance_scale, pag_scale=pag_scale, image_latents=clean,
+                callback=callback, compile_model=compile_model,
+            )
+    return latents_to_images(dcae, final, plan.height, plan.width)
 
 
 __all__ = [
     "Autoencoder",
-    "GenerationPlan",
-    "MAX_GUIDANCE",
-    "SEED_LIMIT",
+    "DIFFUSERS_PAG_LAYERS",
     "FLOW_DPM_SOLVER",
     "FLOW_EULER",
-    "SOLVERS",
-    "TRIGFLOW",
+    "GenerationPlan",
+    "MAX_GUIDANCE",
+    "NVLABS_PAG_LAYERS",
     "ProgressCallback",
     "PromptEmbeddings",
+    "SEED_LIMIT",
+    "SOLVERS",
+    "TRIGFLOW",
     "check_components",
     "check_generation_inputs",
     "check_image_memory",
     "check_sampling_values",
     "compiled_step",
     "default_pag_layers",
+    "denoise_flow",
+    "denoise_trigflow",
     "encode_prompts",
     "generate",
     "generation_size",
+    "guided_pag",
+    "image_latents",
     "images_to_latents",
+    "initial_noise",
     "latents_to_images",
     "native_size",
+    "seeded_generator",
     "select_solver",
 ]

@@ -15,7 +15,8 @@ and the whole trajectory with it:
 Flow convention: x_sigma = (1 - sigma) * x0 + sigma * noise; the model predicts v = noise - x0.
 
 Accepted values (else `SanaInputError` naming the value): 1 to `MAX_STEPS` steps; a flow shift in
-[`MIN_FLOW_SHIFT`, `MAX_FLOW_SHIFT`]; an img2img strength in [0, 1].
+[`MIN_FLOW_SHIFT`, `MAX_FLOW_SHIFT`]; an img2img strength in [0, 1]. The shift has no default
+here: the shift a model was trained with is its config's `flow_shift` (`sana.dit`).
 """
 
 from __future__ import annotations
@@ -28,10 +29,6 @@ import torch
 from .errors import SanaInputError, check_integer, check_number
 
 NUM_TRAIN_TIMESTEPS = 1000
-DEFAULT_FLOW_SHIFT = 3.0
-FLOW_SHIFT_4K = 6.0
-# DiT `sample_size` (latent side) of the 4K models, the one variant trained with shift 6.
-SAMPLE_SIZE_4K = 128
 
 TRIGFLOW_MAX_TIMESTEP = 1.57080
 TRIGFLOW_INTERMEDIATE_TIMESTEP = 1.3
@@ -45,14 +42,6 @@ MAX_STEPS = 10_000
 # DiT timestep truncates to 0). 100 is also the top of ComfyUI's ModelSampling nodes.
 MIN_FLOW_SHIFT = 0.01
 MAX_FLOW_SHIFT = 100.0
-
-
-def default_flow_shift(sample_size: int) -> float:
-    """The flow shift a SANA variant was trained with, from the DiT's `config.sample_size`.
-
-    3.0 for the 512/1024/2048 models, 6.0 for the 4K model (sample_size 128).
-    """
-    return FLOW_SHIFT_4K if sample_size >= SAMPLE_SIZE_4K else DEFAULT_FLOW_SHIFT
 
 
 def _check_steps(num_steps: int) -> None:
@@ -106,7 +95,7 @@ def img2img_start_step(num_steps: int, strength: float) -> int:
     return start
 
 
-def flow_dpm_schedule(num_steps: int, shift: float = DEFAULT_FLOW_SHIFT) -> FlowSchedule:
+def flow_dpm_schedule(num_steps: int, shift: float) -> FlowSchedule:
     """Flow-DPM-Solver schedule; equal to diffusers' DPMSolverMultistepScheduler flow tables.
 
     sigma = shift*s / (1 + (shift-1)*s) on s = 1 - linspace(1, 1/1000, n+1), flipped, the final
@@ -122,7 +111,7 @@ def flow_dpm_schedule(num_steps: int, shift: float = DEFAULT_FLOW_SHIFT) -> Flow
     return FlowSchedule(sigmas=sigmas, timesteps=timesteps)
 
 
-def flow_euler_schedule(num_steps: int, shift: float = DEFAULT_FLOW_SHIFT) -> FlowSchedule:
+def flow_euler_schedule(num_steps: int, shift: float) -> FlowSchedule:
     """Flow-Euler schedule; equal to diffusers' FlowMatchEulerDiscreteScheduler(shift=shift).
 
     diffusers shifts its 1000-entry training table at construction (in float32) and takes

@@ -181,7 +181,8 @@ PARITY_SCRIPT = textwrap.dedent(
         folder_paths.add_model_folder_path(key, f"{models}/{key}", is_default=True)
     spec = importlib.util.spec_from_file_location("sana_comfy_parity", f"{root}/__init__.py", submodule_search_locations=[root])
     module = importlib.util.module_from_spec(spec); sys.modules[spec.name] = module; spec.loader.exec_module(module)
-    from sana_comfy_parity.nodes import comfy_nodes as cn, logic
+    from sana_comfy_parity.nodes import comfy_nodes as cn
+    from sana_comfy_parity.sana.sampling import sampling_schedule
     from sana_comfy_parity.sana.pipeline import generate
     from sana_comfy_parity.sana.samplers import draw_noise
     from sana_comfy_parity import sana
@@ -219,7 +220,7 @@ PARITY_SCRIPT = textwrap.dedent(
             if solver == "trigflow":
                 reference = generate(steps=2, **kwargs)
             else:
-                schedule = logic.sana_schedule(solver, steps, dit.config.flow_shift)
+                schedule = sampling_schedule(solver, steps, dit.config.flow_shift)
                 noise = draw_noise((1, 32, H // 32, W // 32), torch.Generator().manual_seed(seed))
                 reference = generate(steps=steps, solver=solver, latents=schedule.sigmas[0] * noise, **kwargs)
             results[name] = {"max_abs_diff": float((ours - reference).abs().max()), "std": float(ours.std())}
@@ -232,7 +233,7 @@ PARITY_SCRIPT = textwrap.dedent(
         (out_plain,) = cn.run_ksampler(model, positive, negative, latent, seed, steps, 4.5, 0.0, "flow_dpm_solver", 0.0, 1.0)
         dit = sana.lora.load_lora(sana.load_dit(f"{models}/diffusion_models/Sana_1600M_1024px_BF16.pth", dtype=torch.float32),
                                   f"{models}/loras/test_lora.safetensors", 0.7)
-        schedule = logic.sana_schedule("flow_dpm_solver", steps, dit.config.flow_shift)
+        schedule = sampling_schedule("flow_dpm_solver", steps, dit.config.flow_shift)
         noise = draw_noise((1, 32, H // 32, W // 32), torch.Generator().manual_seed(seed))
         reference = generate(dit=dit, dcae=vae.dcae, text_encoder=gemma.text_encoder, prompt="a red bicycle", height=H, width=W,
                              resolution_binning=False, guidance_scale=4.5, seed=seed, steps=steps, solver="flow_dpm_solver",

@@ -401,6 +401,29 @@ def test_memory_budget_picks_slicing_then_tiling(sana_model):
     assert tiled.shape == untiled.shape and not torch.equal(tiled, untiled)
 
 
+def test_progress_counts_every_network_call_of_the_plan(sana_model):
+    """`progress(done, total)` before the first call and after each chunk or tile, over the plan's
+    own count; reporting changes nothing in the result (the same calls, hence exactly)."""
+    _, ours = sana_model
+    latents = torch.randn(2, 16, 11, 7, generator=torch.Generator().manual_seed(3))
+    one = estimate_peak_bytes(ours.config, "decode", 1, 11, 7, torch.float32)
+    cases = (
+        (dict(memory_budget=1 << 40), 1),  # the whole batch at once
+        (dict(memory_budget=one), 2),  # image by image
+        (dict(tile_size=128, tile_overlap=32), 2 * len(tile_spans(11, 4, 1)) * len(tile_spans(7, 4, 1))),
+    )
+    with torch.inference_mode():
+        for tiling, calls in cases:
+            reports = []
+            reported = ours.decode(latents, progress=lambda done, total: reports.append((done, total)), **tiling)
+            assert reports == [(done, calls) for done in range(calls + 1)], tiling
+            assert torch.equal(reported, ours.decode(latents, **tiling))
+        reports = []
+        ours.encode(smooth_image(352, 224), tile_size=128, tile_overlap=32, progress=lambda *r: reports.append(r))
+    tiles = len(tile_spans(11, 4, 1)) * len(tile_spans(7, 4, 1))
+    assert reports == [(done, tiles) for done in range(tiles + 1)]
+
+
 # --------------------------------------------------------------------------- formats and detection
 
 

@@ -391,9 +391,13 @@ def test_cli_refuses_an_output_path_that_is_a_folder_before_loading(tmp_path, ca
 
 
 # ---------------------------------------------------------------------------------------
-# The nodes (logic only: no ComfyUI here)
+# The nodes (what they compute: no ComfyUI here)
 
-logic = ext_module("nodes.logic")
+latents_node = ext_module("nodes.latents")
+loaders = ext_module("nodes.loaders")
+node_sampling = ext_module("nodes.sampling")
+node_vae = ext_module("nodes.vae")
+sampling_layer = ext_module("sana.sampling")
 ext_errors = ext_module("sana.errors")
 ext_schedules = ext_module("sana.schedules")
 
@@ -412,24 +416,24 @@ ext_schedules = ext_module("sana.schedules")
 def test_ksampler_inputs_are_checked(kwargs, message):
     values = {**dict(seed=0, steps=20, cfg=4.5, flow_shift=0.0, pag_scale=0.0, denoise=1.0), **kwargs}
     with pytest.raises(ext_errors.SanaInputError, match=message):
-        logic.check_sampler_inputs(**values)
+        node_sampling.check_sampler_inputs(**values)
 
 
 def test_ksampler_inputs_accept_the_widget_defaults():
-    logic.check_sampler_inputs(seed=2**64 - 1, steps=20, cfg=4.5, flow_shift=0.0, pag_scale=0.0, denoise=1.0)
-    logic.check_sampler_inputs(steps=2, flow_shift=6.0, denoise=0.5)  # Sana Sigmas' widgets
+    node_sampling.check_sampler_inputs(seed=2**64 - 1, steps=20, cfg=4.5, flow_shift=0.0, pag_scale=0.0, denoise=1.0)
+    node_sampling.check_sampler_inputs(steps=2, flow_shift=6.0, denoise=0.5)  # Sana Sigmas' widgets
 
 
 @pytest.mark.parametrize("solver", ["flow_dpm_solver", "flow_euler", "trigflow"])
 def test_node_samplers_raise_on_a_non_finite_model(solver):
-    schedule = logic.sana_schedule(solver, 3, 3.0)
+    schedule = sampling_layer.sampling_schedule(solver, 3, 3.0)
     calls = []
 
     def model(x, sigma, **extra):  # ComfyUI's denoised x0; NaN from the second call on
         calls.append(1)
         return x * float("nan") if len(calls) >= 2 else x * 0.5
 
-    sample = logic.sampler_function(solver, schedule.timesteps if solver == "flow_dpm_solver" else None)
+    sample = node_sampling.sampler_function(solver, schedule.timesteps if solver == "flow_dpm_solver" else None)
     x = torch.randn(1, 4, 2, 2)
     with pytest.raises(ext_errors.SanaNonFiniteError, match=rf"Sana sampling \({solver}\) produced NaN/inf latents at step 2 of 3"):
         sample(model, x, schedule.sigmas, extra_args={"seed": 0})
@@ -441,36 +445,36 @@ def test_node_decode_raises_on_nan_latents_or_nan_dcae():
     dcae_module = ext_module("sana.dcae")
     dcae = random_dcae(dcae_module)
     latents = torch.randn(1, 32, 2, 2)
-    assert torch.isfinite(logic.decode_latents(dcae, latents)).all()
+    assert torch.isfinite(node_vae.decode_latents(dcae, latents)).all()
     with pytest.raises(ext_errors.SanaNonFiniteError, match="the latents to decode hold NaN/inf values: the node that made them"):
-        logic.decode_latents(dcae, latents * float("nan"))
-    with pytest.raises(ext_errors.SanaNonFiniteError, match="DC-AE decoding produced NaN/inf"):
-        logic.decode_latents(_poisoned(dcae, "decoder.conv_out.weight"), latents)
-    with pytest.raises(ext_errors.SanaNonFiniteError, match="DC-AE encoding produced NaN/inf"):
-        logic.encode_images(_poisoned(dcae, "encoder.conv_in.weight"), torch.rand(1, 64, 64, 3))
+        node_vae.decode_latents(dcae, latents * float("nan"))
+    with pytest.raises(ext_errors.SanaNonFiniteError, match=r"decoding \(DC-AE decode\) produced NaN/inf"):
+        node_vae.decode_latents(_poisoned(dcae, "decoder.conv_out.weight"), latents)
+    with pytest.raises(ext_errors.SanaNonFiniteError, match=r"image encoding \(DC-AE encode\) produced NaN/inf"):
+        node_vae.encode_images(_poisoned(dcae, "encoder.conv_in.weight"), torch.rand(1, 64, 64, 3))
 
 
 def test_dcae_loader_never_picks_fp16(caplog):
     with caplog.at_level(logging.WARNING):
-        assert logic.dcae_dtype("fp16", torch.bfloat16, "cpu") == torch.float32
+        assert loaders.dcae_dtype("fp16", torch.bfloat16, "cpu") == torch.float32
     assert "not loading in fp16" in caplog.text
-    assert logic.dcae_dtype("fp16", torch.float32, "xpu") == torch.bfloat16
-    assert logic.dcae_dtype("auto", torch.float16, "cpu") == torch.float32  # ComfyUI's --fp16-vae
-    assert logic.dcae_dtype("auto", torch.bfloat16, "cpu") == torch.bfloat16
-    assert logic.dcae_dtype("fp32", torch.bfloat16, "cpu") == torch.float32
+    assert loaders.dcae_dtype("fp16", torch.float32, "xpu") == torch.bfloat16
+    assert loaders.dcae_dtype("auto", torch.float16, "cpu") == torch.float32  # ComfyUI's --fp16-vae
+    assert loaders.dcae_dtype("auto", torch.bfloat16, "cpu") == torch.bfloat16
+    assert loaders.dcae_dtype("fp32", torch.bfloat16, "cpu") == torch.float32
     with pytest.raises(ext_errors.SanaInputError, match="unknown dtype 'int8'"):
-        logic.dcae_dtype("int8", torch.bfloat16, "cpu")
+        loaders.dcae_dtype("int8", torch.bfloat16, "cpu")
 
 
 def test_empty_latent_refuses_sizes_and_batches_that_cannot_fit(monkeypatch):
     with pytest.raises(ext_errors.SanaInputError, match=r"width must be an integer in \[1, 16384\], got 20000"):
-        logic.empty_latent(20_000, 1024, 1, "off")
+        latents_node.empty_latent(20_000, 1024, 1, "off")
     with pytest.raises(ext_errors.SanaInputError, match=r"batch_size must be an integer >= 1, got 0"):
-        logic.empty_latent(1024, 1024, 0, "off")
-    monkeypatch.setattr(logic, "default_memory_budget", lambda device: 2**30)
+        latents_node.empty_latent(1024, 1024, 0, "off")
+    monkeypatch.setattr(latents_node, "default_memory_budget", lambda device: 2**30)
     with pytest.raises(ext_errors.SanaInputError, match=r"batch_size 4096 at 16384x16384 px needs 128.0 GiB of latents"):
-        logic.empty_latent(16384, 16384, 4096, "off")
-    latent, width, height = logic.empty_latent(1024, 1024, 2, "1024px")
+        latents_node.empty_latent(16384, 16384, 4096, "off")
+    latent, width, height = latents_node.empty_latent(1024, 1024, 2, "1024px")
     assert latent.shape == (2, 32, 32, 32) and (width, height) == (1024, 1024)
 
 
@@ -478,4 +482,4 @@ def test_schedules_refuse_runaway_step_counts_and_shifts():
     with pytest.raises(ext_errors.SanaInputError, match=r"num_steps must be an integer in \[1, 10000\]"):
         ext_schedules.flow_dpm_schedule(10**9, 3.0)  # would build a 10^9-entry float64 grid first
     with pytest.raises(ext_errors.SanaInputError, match=r"flow shift must be a finite number in \[0.01, 100\], got nan"):
-        logic.sana_schedule("flow_euler", 4, float("nan"))
+        sampling_layer.sampling_schedule("flow_euler", 4, float("nan"))

@@ -19,7 +19,14 @@ from tiny_gemma import build_tiny_gemma
 
 torch.set_num_threads(2)
 lib = ext_module("sana")
-logic = ext_module("nodes.logic")
+latents_node = ext_module("nodes.latents")
+loaders = ext_module("nodes.loaders")
+node_lora = ext_module("nodes.lora")
+node_sampling = ext_module("nodes.sampling")
+node_text = ext_module("nodes.text")
+node_vae = ext_module("nodes.vae")
+previews = ext_module("nodes.previews")
+sampling_layer = ext_module("sana.sampling")
 pipeline = ext_module("sana.pipeline")
 samplers = ext_module("sana.samplers")
 schedules = ext_module("sana.schedules")
@@ -57,7 +64,7 @@ def comfy_flow_model(dit, positive, negative, cfg, *, guidance=None):
     @torch.no_grad()  # ComfyUI samples under inference mode
     def model(x, sigma, model_options=None, seed=None):
         options = (model_options or {}).get("transformer_options", {})
-        timestep = options.get(logic.DIT_TIMESTEP_KEY)
+        timestep = options.get(node_sampling.DIT_TIMESTEP_KEY)
         t = torch.full((x.shape[0],), float(timestep)) if timestep is not None else sigma * (1.0 if guidance is not None else 1000.0)
         calls.append(t[0].item())
         v_cond = dit(x, t, cond, cond_extra["attention_mask"], None if guidance is None else torch.tensor([guidance]))
@@ -77,8 +84,8 @@ def reference(parts, **kwargs):
 
 def conditionings(parts):
     te = parts["text_encoder"]
-    positive = logic.encode_conditioning(te, "a red bicycle", chi=logic.chi_argument("preset"), max_tokens=300)
-    negative = logic.encode_conditioning(te, "", chi=False, max_tokens=300)
+    positive = node_text.encode_conditioning(te, "a red bicycle", chi=node_text.chi_argument("preset"), max_tokens=300)
+    negative = node_text.encode_conditioning(te, "", chi=False, max_tokens=300)
     return positive, negative
 
 
@@ -86,13 +93,13 @@ def conditionings(parts):
 def test_flow_sampler_matches_sana_generate(parts, solver):
     seed, steps, cfg = 7, 6, 4.5
     positive, negative = conditionings(parts)
-    schedule = logic.sana_schedule(solver, steps, 3.0)
+    schedule = sampling_layer.sampling_schedule(solver, steps, 3.0)
     table = schedule.timesteps if solver == "flow_dpm_solver" else None
     noise = samplers.draw_noise((1, 32, HEIGHT // 32, WIDTH // 32), torch.Generator().manual_seed(seed))
     start = schedule.sigmas[0] * noise  # ComfyUI: sigma0 * noise + (1 - sigma0) * empty latent
     model, calls = comfy_flow_model(parts["dit"], positive, negative, cfg)
     steps_seen = []
-    latents = logic.sampler_function(solver, table)(model, start, schedule.sigmas, {"model_options": {}, "seed": seed},
+    latents = node_sampling.sampler_function(solver, table)(model, start, schedule.sigmas, {"model_options": {}, "seed": seed},
                                                    lambda d: steps_seen.append(d["i"]), False)
     ours = pipeline.latents_to_images(parts["dcae"], latents, HEIGHT, WIDTH)
     expected = reference(parts, steps=steps, guidance_scale=cfg, solver=solver, latents=start, seed=seed)
@@ -107,7 +114,7 @@ def test_flow_sampler_matches_sana_generate(parts, solver):
 def test_dpm_timesteps_without_a_table_are_diffusers_integers():
     for steps, shift in ((20, 3.0), (7, 6.0), (50, 4.5)):
         schedule = schedules.flow_dpm_schedule(steps, shift)
-        assert [logic.dpm_dit_timestep(s) for s in schedule.sigmas[:-1].tolist()] == schedule.timesteps.tolist()
+        assert [node_sampling.dpm_dit_timestep(s) for s in schedule.sigmas[:-1].tolist()] == schedule.timesteps.tolist()
 
 
 def test_flow_img2img_schedule_matches_generate(parts):
@@ -115,12 +122,12 @@ def test_flow_img2img_schedule_matches_generate(parts):
     positive, negative = conditionings(parts)
     image = torch.rand(1, HEIGHT, WIDTH, 3, generator=torch.Generator().manual_seed(0))
     clean = pipeline.images_to_latents(parts["dcae"], image, HEIGHT, WIDTH)
-    schedule = logic.sana_schedule("flow_dpm_solver", steps, 3.0, denoise)
+    schedule = sampling_layer.sampling_schedule("flow_dpm_solver", steps, 3.0, denoise)
     assert schedule.num_steps == 6  # diffusers: keep int(10 * 0.6) steps
     noise = samplers.draw_noise(clean.shape, torch.Generator().manual_seed(seed))
     start = schedule.sigmas[0] * noise + (1 - schedule.sigmas[0]) * clean  # ComfyUI's noise scaling
     model, _ = comfy_flow_model(parts["dit"], positive, negative, 4.5)
-    latents = logic.sampler_function("flow_dpm_solver", schedule.timesteps)(model, start, schedule.sigmas, {"model_options": {}}, None, False)
+    latents = node_sampling.sampler_function("flow_dpm_solver", schedule.timesteps)(model, start, schedule.sigmas, {"model_options": {}}, None, False)
     ours = pipeline.latents_to_images(parts["dcae"], latents, HEIGHT, WIDTH)
     expected = reference(parts, steps=steps, guidance_scale=4.5, image=image, strength=denoise, seed=seed)
     torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
@@ -130,12 +137,12 @@ def test_flow_img2img_schedule_matches_generate(parts):
 def test_sprint_sampler_matches_sana_generate(parts, steps):
     seed, guidance = 11, 4.5
     positive, negative = conditionings(parts)
-    schedule = logic.sana_schedule("trigflow", steps, 3.0)
+    schedule = sampling_layer.sampling_schedule("trigflow", steps, 3.0)
     assert schedule.sigmas[-1] == 0 and schedule.sigmas[0] > 0.99
     noise = samplers.draw_noise((1, 32, HEIGHT // 32, WIDTH // 32), torch.Generator().manual_seed(seed))
     start = schedule.sigmas[0] * noise
     model, calls = comfy_flow_model(parts["sprint"], positive, negative, 1.0, guidance=guidance)
-    latents = logic.sampler_function("trigflow")(model, start, schedule.sigmas, {"model_options": {}, "seed": seed}, None, False)
+    latents = node_sampling.sampler_function("trigflow")(model, start, schedule.sigmas, {"model_options": {}, "seed": seed}, None, False)
     ours = pipeline.latents_to_images(parts["dcae"], latents, HEIGHT, WIDTH)
     expected = pipeline.generate(dit=parts["sprint"], dcae=parts["dcae"], text_encoder=parts["text_encoder"], prompt="a red bicycle",
                           height=HEIGHT, width=WIDTH, resolution_binning=False, steps=steps, guidance_scale=guidance, seed=seed)
@@ -153,42 +160,42 @@ def test_conditioning_carries_its_own_mask(parts):
     assert int(neg_extra["attention_mask"].sum()) == 1 < int(extra["attention_mask"].sum())
     embeds_chi_off, _ = parts["text_encoder"].encode(["a red bicycle"], chi=False)
     assert not torch.equal(embeds_chi_off.cpu(), embeds)  # the CHI changes the prompt states
-    assert logic.chi_argument("custom", "  ") is False and logic.chi_argument("custom", "Be vivid: ") == "Be vivid: "
+    assert node_text.chi_argument("custom", "  ") is False and node_text.chi_argument("custom", "Be vivid: ") == "Be vivid: "
     with pytest.raises(lib.SanaInputError):
-        logic.chi_argument("maybe")
+        node_text.chi_argument("maybe")
 
 
 def test_empty_latent_bins_keep_orientation():
-    latent, width, height = logic.empty_latent(768, 1344, 2, "1024px")  # portrait request
+    latent, width, height = latents_node.empty_latent(768, 1344, 2, "1024px")  # portrait request
     assert (width, height) == (768, 1344) and latent.shape == (2, 32, 42, 24)
-    assert logic.snap_to_bins(1344, 768, "1024px") == (1344, 768)  # landscape stays landscape
-    assert logic.snap_to_bins(1000, 1000, "4096px") == (4096, 4096)
-    assert logic.snap_to_bins(700, 500, "512px")[0] > logic.snap_to_bins(700, 500, "512px")[1]
-    assert logic.snap_to_bins(1000, 1000, "2048px") == (2048, 2048)
-    assert logic.empty_latent(96, 64, 1, "off")[0].shape == (1, 32, 2, 3)
+    assert latents_node.snap_to_bins(1344, 768, "1024px") == (1344, 768)  # landscape stays landscape
+    assert latents_node.snap_to_bins(1000, 1000, "4096px") == (4096, 4096)
+    assert latents_node.snap_to_bins(700, 500, "512px")[0] > latents_node.snap_to_bins(700, 500, "512px")[1]
+    assert latents_node.snap_to_bins(1000, 1000, "2048px") == (2048, 2048)
+    assert latents_node.empty_latent(96, 64, 1, "off")[0].shape == (1, 32, 2, 3)
     with pytest.raises(lib.SanaInputError):
-        logic.empty_latent(100, 64, 1, "off")
+        latents_node.empty_latent(100, 64, 1, "off")
 
 
 def test_preview_factors_fit_beats_a_constant(parts):
     dcae = parts["dcae"]
-    factors, bias = logic.fit_latent_rgb_factors(dcae)
+    factors, bias = previews.fit_latent_rgb_factors(dcae)
     assert len(factors) == 32 and all(len(row) == 3 for row in factors) and len(bias) == 3
     # Held-out solid colours: the fitted preview must beat predicting mid-grey (0 in [-1, 1]).
     colours = torch.tensor([[0.9, 0.2, 0.1], [0.1, 0.7, 0.3], [0.2, 0.3, 0.9], [0.7, 0.7, 0.2], [0.3, 0.3, 0.3]])
     images = colours[:, :, None, None].expand(-1, -1, 64, 64)
     with torch.no_grad():
         latents = dcae.encode(images * 2 - 1) * dcae.scaling_factor
-    predicted = logic.preview_rgb(latents, factors, bias).mean(dim=(1, 2))
+    predicted = previews.preview_rgb(latents, factors, bias).mean(dim=(1, 2))
     target = colours * 2 - 1
     fit_error = (predicted - target).abs().mean()
     assert fit_error < 0.5 * target.abs().mean(), (fit_error, target.abs().mean())
-    logic.register_preview_factors(32, factors, bias)
-    assert logic.preview_factors(32) == (factors, bias)
+    previews.register_preview_factors(32, factors, bias)
+    assert previews.preview_factors(32) == (factors, bias)
 
 
 def test_preview_fallback_is_neutral_grey():
-    factors, bias = logic.preview_factors(7)  # nothing registered for 7 channels
+    factors, bias = previews.preview_factors(7)  # nothing registered for 7 channels
     assert all(row[0] == row[1] == row[2] > 0 for row in factors) and bias == [0.0, 0.0, 0.0]
 
 
@@ -196,20 +203,20 @@ def test_decode_reports_each_tile_and_matches_the_dcae(parts):
     dcae = parts["dcae"]
     latents = torch.randn(1, 32, 6, 5, generator=torch.Generator().manual_seed(0))
     steps = []
-    tiled = logic.decode_latents(dcae, latents, tile_size=128, tile_overlap=32, on_step=lambda d, t: steps.append((d, t)))
+    tiled = node_vae.decode_latents(dcae, latents, tile_size=128, tile_overlap=32, on_step=lambda d, t: steps.append((d, t)))
     rows, cols = len(ext_module("sana.dcae_tiling").tile_spans(6, 4, 1)), len(ext_module("sana.dcae_tiling").tile_spans(5, 4, 1))
     assert steps[-1] == (rows * cols, rows * cols) and len(steps) == rows * cols + 1
     with torch.no_grad():
         expected = dcae.decode(latents, tile_size=128, tile_overlap=32)
     torch.testing.assert_close(tiled, (expected / 2 + 0.5).clamp(0, 1).movedim(1, -1))
-    whole = logic.decode_latents(dcae, latents)
+    whole = node_vae.decode_latents(dcae, latents)
     assert whole.shape == (1, 192, 160, 3) and 0 <= whole.min() and whole.max() <= 1
 
 
 def test_encode_crops_to_the_compression(parts):
     dcae = parts["dcae"]
     images = torch.rand(2, 70, 100, 3)
-    latents = logic.encode_images(dcae, images)
+    latents = node_vae.encode_images(dcae, images)
     assert latents.shape == (2, 32, 2, 3)
     with torch.no_grad():
         expected = dcae.encode(images[:, 3:67, 2:98].movedim(-1, 1) * 2 - 1)
@@ -226,19 +233,19 @@ def test_model_listing_and_resolution(tmp_path):
     (pipeline_root / "transformer").mkdir(parents=True)
     (pipeline_root / "transformer" / "config.json").write_text("{}")
     (pipeline_root / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
-    names = logic.list_model_entries([root], {".pth", ".safetensors"}, lambda p: logic.has_config(p, "transformer"))
+    names = loaders.list_model_entries([root], {".pth", ".safetensors"}, lambda p: loaders.has_config(p, "transformer"))
     assert names == ["Sana_1600M_1024px_BF16.pth", "Sana_1600M_1024px_BF16_diffusers", "sub/model.safetensors"]
-    assert logic.resolve_model_entry([tmp_path / "missing", root], "sub/model.safetensors") == root / "sub" / "model.safetensors"
+    assert loaders.resolve_model_entry([tmp_path / "missing", root], "sub/model.safetensors") == root / "sub" / "model.safetensors"
     with pytest.raises(lib.SanaCheckpointError, match="not found"):
-        logic.resolve_model_entry([root], "nope.pth")
+        loaders.resolve_model_entry([root], "nope.pth")
     with pytest.raises(lib.SanaInputError):
-        logic.resolve_model_entry([root], "../escape.pth")
+        loaders.resolve_model_entry([root], "../escape.pth")
     gemma = tmp_path / "text_encoders" / "gemma-2-2b-it"
     gemma.mkdir(parents=True)
     (gemma / "config.json").write_text('{"model_type": "gemma2"}')
     (tmp_path / "text_encoders" / "t5").mkdir()
     (tmp_path / "text_encoders" / "t5" / "config.json").write_text('{"model_type": "t5"}')
-    assert logic.list_model_entries([tmp_path / "text_encoders"], (), logic.is_gemma_folder, include_files=False) == ["gemma-2-2b-it"]
+    assert loaders.list_model_entries([tmp_path / "text_encoders"], (), loaders.is_gemma_folder, include_files=False) == ["gemma-2-2b-it"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,7 +257,7 @@ def test_lora_key_map_and_alphas_apply_the_same_update_as_sana_load_lora(tmp_pat
     checkpoint = ext_module("sana.checkpoint")
     dit = random_dit(lib, tiny_dit_config(lib))
     C = dit.config.hidden_size
-    key_map = logic.lora_patch_keys(dit, "diffusion_model.dit.")
+    key_map = node_lora.lora_patch_keys(dit, "diffusion_model.dit.")
     assert key_map["transformer.transformer_blocks.1.attn1.to_k"] == ("diffusion_model.dit.blocks.1.attn.qkv.weight", (0, C, C))
     assert key_map["transformer_blocks.0.attn2.to_v"] == ("diffusion_model.dit.blocks.0.cross_attn.kv_linear.weight", (0, C, C))
     assert key_map["transformer.transformer_blocks.0.ff.conv_inverted"] == "diffusion_model.dit.blocks.0.mlp.inverted_conv.weight"
@@ -268,9 +275,9 @@ def test_lora_key_map_and_alphas_apply_the_same_update_as_sana_load_lora(tmp_pat
     metadata = {lora.METADATA_KEY: '{"transformer.lora_alpha": 4, "transformer.r": 2}'}
     path = tmp_path / "lora.safetensors"
     checkpoint.write_safetensors(path, state, metadata)
-    alphas = logic.lora_alpha_entries(state, checkpoint.open_checkpoint(path).metadata)
+    alphas = node_lora.lora_alpha_entries(state, checkpoint.open_checkpoint(path).metadata)
     assert {k: float(v) for k, v in alphas.items()} == {f"transformer.{m}.alpha": 4.0 for m in modules}
-    assert logic.lora_alpha_entries(state, {}) == {k: torch.tensor(2.0) for k in alphas}  # no metadata: alpha = rank
+    assert node_lora.lora_alpha_entries(state, {}) == {k: torch.tensor(2.0) for k in alphas}  # no metadata: alpha = rank
 
     # ComfyUI's LoRA patch on a (weight, (dim, start, length)) key: W[start:start+length] += s·alpha/r·B·A.
     strength = 0.7

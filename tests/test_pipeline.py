@@ -31,7 +31,8 @@ import sana
 from dit_checkpoints import random_reference
 from sana.dcae_io import load_dcae
 from sana.errors import SanaCheckpointError, SanaInputError
-from sana.pipeline import generate, latents_to_images
+from sana import pipeline, sampling
+from sana.pipeline import check_generation_inputs, generate, latents_to_images
 from sana.dit import perturbed_self_attention
 from sana.samplers import draw_noise, flow_dpm_solver, flow_euler, guided_velocity, trigflow_sampler
 from sana.schedules import flow_dpm_schedule, flow_euler_schedule, trigflow_schedule
@@ -391,6 +392,81 @@ def test_one_image_serves_the_whole_batch(parts):
     assert not torch.allclose(one[0], one[1], atol=1e-3)  # different noise per image
     with pytest.raises(SanaInputError, match="got 3 images for a batch of 2"):
         parts.generate(image=as_comfy(_input_image(3)), batch_size=2, **kwargs)
+
+
+def test_flow_shift_defaults_to_the_dit_config(parts):
+    """The DiT config owns the default flow shift, as the nodes and the trainer read it: a custom
+    config whose shift differs from its release's rule (3.0 at this sample size) samples with its own."""
+    custom = copy.deepcopy(parts.dit)
+    custom.config = custom.config.replace(flow_shift=5.0)
+    kwargs = dict(dit=custom, prompt=PROMPTS[0], steps=3, height=64, width=64, seed=4, resolution_binning=False)
+    plan = check_generation_inputs(dcae=parts.dcae, text_encoder=parts.text_encoder, **kwargs)
+    assert plan.flow_shift == 5.0
+    assert check_generation_inputs(dcae=parts.dcae, text_encoder=parts.text_encoder, flow_shift=2.0, **kwargs).flow_shift == 2.0
+    default = parts.generate(**kwargs)
+    assert torch.equal(default, parts.generate(flow_shift=5.0, **kwargs))  # the same path with the same shift
+    assert not torch.allclose(default, parts.generate(flow_shift=3.0, **kwargs), atol=1e-3)
+
+
+def test_plan_settles_branches_strength_and_shift(parts):
+    base = dict(dcae=parts.dcae, text_encoder=parts.text_encoder, prompt=PROMPTS[0], height=64, width=64,
+                resolution_binning=False)
+    assert check_generation_inputs(dit=parts.dit, **base).branches == ("uncond", "cond")
+    pag = check_generation_inputs(dit=parts.dit, guidance_scale=1.0, pag_scale=2.0, **base)
+    assert pag.branches == ("cond", "perturbed") and pag.pag_layers == (0,)
+    sprint = check_generation_inputs(dit=parts.sprint, **base)
+    assert sprint.solver == "trigflow" and sprint.branches == ()
+    # Without an image, strength does not cut the schedule.
+    assert check_generation_inputs(dit=parts.dit, strength=0.5, **base).strength == 1.0
+    image = as_comfy(_input_image())
+    img2img = check_generation_inputs(dit=parts.dit, strength=0.5, steps=10, image=image, **base)
+    assert (img2img.strength, img2img.start_step) == (0.5, 5)
+
+
+@pytest.mark.parametrize("sprint", [False, True])
+def test_the_stages_called_one_by_one_are_generate(parts, sprint):
+    """`generate` is its stages and nothing else: calling them in order gives the same images
+    (the same code path, hence exactly), img2img and CFG + PAG included."""
+    dit = parts.sprint if sprint else parts.dit
+    image = as_comfy(_input_image())
+    request = dict(dit=dit, dcae=parts.dcae, text_encoder=parts.text_encoder, prompt=PROMPTS, steps=3, height=64, width=64,
+                   seed=6, resolution_binning=False, image=image, strength=0.7, guidance_scale=4.5,
+                   pag_scale=0.0 if sprint else 2.0, pag_layers=None if sprint else [1])
+    expected = generate(**request)
+
+    plan = check_generation_inputs(**request)
+    with torch.no_grad(), pipeline.guided_pag(dit, plan):
+        negative = "" if "uncond" in plan.branches else None
+        text = pipeline.encode_prompts(parts.text_encoder, plan.prompts, copies=1, negative_prompt=negative, chi=True,
+                                       device=dit.device)
+        clean = pipeline.image_latents(parts.dcae, image, plan, dit.device)
+        generator = pipeline.seeded_generator(6)
+        noise = pipeline.initial_noise(plan, generator, None, dit.device)
+        if sprint:
+            angles = sampling.trigflow_angles(3, plan.strength)
+            final = pipeline.denoise_trigflow(dit, text, noise, angles, generator, guidance_scale=4.5, image_latents=clean)
+        else:
+            schedule = sampling.flow_schedule(plan.solver, 3, plan.flow_shift, plan.strength)
+            final = pipeline.denoise_flow(dit, text, noise, schedule, solver=plan.solver, branches=plan.branches,
+                                          guidance_scale=4.5, pag_scale=2.0, image_latents=clean)
+        images = sampling.latents_to_images(parts.dcae, final, plan.height, plan.width)
+    assert torch.equal(images, expected)
+
+
+def test_latents_to_images_takes_raw_or_scaled_latents(parts):
+    """One way from latents to [0, 1] images for the pipeline (DiT-space latents) and the nodes
+    (raw DC-AE latents): dividing by the scaling factor is the only difference."""
+    raw = torch.randn(2, LATENT_CHANNELS, 8, 6, generator=torch.Generator().manual_seed(2))
+    from_raw = latents_to_images(parts.dcae, raw, scaled=False)
+    # raw * f / f is raw to within one rounding of each latent; the DC-AE keeps it below ATOL.
+    torch.testing.assert_close(latents_to_images(parts.dcae, raw * parts.dcae.scaling_factor), from_raw, rtol=0, atol=ATOL)
+    assert from_raw.shape == (2, 64, 48, 3) and from_raw.dtype == torch.float32 and from_raw.device.type == "cpu"
+    assert 0 <= from_raw.min() and from_raw.max() <= 1 and from_raw.std() > 0.01
+    with torch.no_grad():
+        decoded = parts.dcae.decode(raw)
+    assert torch.equal(from_raw, (decoded.float() / 2 + 0.5).clamp(0, 1).movedim(1, -1))
+    cropped = latents_to_images(parts.dcae, raw, 40, 48, scaled=False)  # covers 40x48, then centre-crops
+    assert cropped.shape == (2, 40, 48, 3)
 
 
 # ---------------------------------------------------------------------------------------

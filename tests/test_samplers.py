@@ -166,7 +166,7 @@ def test_img2img_partial_schedule_matches_diffusers(scheduler_kind, strength):
 
 def test_img2img_strength_that_leaves_no_step_is_rejected():
     with pytest.raises(SanaInputError, match="strength 0.0 "):
-        flow_dpm_schedule(20).for_strength(0.0)
+        flow_dpm_schedule(20, 3.0).for_strength(0.0)
 
 
 class _PAGGuidance(PAGMixin):

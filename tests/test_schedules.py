@@ -11,9 +11,9 @@ from diffusers import (
     StableDiffusion3Img2ImgPipeline,
 )
 
+from sana.dit import DIT_PRESETS, default_flow_shift
 from sana.errors import SanaInputError
 from sana.schedules import (
-    default_flow_shift,
     flow_dpm_schedule,
     flow_euler_schedule,
     img2img_start_step,
@@ -94,7 +94,7 @@ def test_img2img_cut_equals_diffusers_get_timesteps(steps):
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True])
 def test_bad_step_counts_are_rejected(bad):
     with pytest.raises(SanaInputError, match="num_steps"):
-        flow_dpm_schedule(bad)
+        flow_dpm_schedule(bad, 3.0)
 
 
 @pytest.mark.parametrize("bad", [0.0, -3.0, float("nan")])
@@ -106,3 +106,4 @@ def test_bad_shifts_are_rejected(bad):
 def test_default_flow_shift_follows_sample_size():
     # 512/1024/2048 models (sample_size 16/32/64) use 3.0; the 4K model (128) uses 6.0.
     assert [default_flow_shift(s) for s in (16, 32, 64, 128)] == [3.0, 3.0, 3.0, 6.0]
+    assert all(c.flow_shift == default_flow_shift(c.sample_size) for c in DIT_PRESETS.values())

@@ -23,7 +23,6 @@ from sana.quant import (
     QuantizedActivation,
     W8A8Linear,
     block_weight_bytes,
-    load_w8a8,
     quantize_w8a8,
     save_w8a8,
 )
@@ -312,7 +311,7 @@ def test_save_load_round_trip_is_exact(tmp_path):
     x, t, c, m = inputs()
     with torch.no_grad():
         assert torch.equal(loaded(x, t, c, m), q(x, t, c, m))
-    assert sana.quant.is_w8a8(load_w8a8(path))
+    assert sana.quant.is_w8a8(sana.load_w8a8(path))
 
 
 def test_load_casts_float_tensors_only(tmp_path):

@@ -165,19 +165,6 @@ def _latest_step(out: Path, steps: set[int], report: Report) -> int | None:
     return int(match[1])
 
 
-def _legacy_numpy_globals() -> list:
-    """The globals a numpy RNG state pickles into (numpy 1 and 2 spellings): the trainer's
-    `state.pt` held `np.random.get_state()` itself before it stored plain lists. Exactly these
-    are allowed when such a file is read (an ndarray of uint32 keys, nothing that runs code);
-    torch without `safe_globals` (< 2.5) refuses such a file with the loader's message."""
-    import numpy as np
-
-    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-    reconstruct = multiarray._reconstruct
-    return [(reconstruct, "numpy._core.multiarray._reconstruct"), (reconstruct, "numpy.core.multiarray._reconstruct"),
-            np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-
-
 def load_state(folder: Path, step: int, out: Path) -> dict:
     """The resumable state in `folder/state.pt`, checked: loaded without running code, every
     expected entry present, its step the folder's, the model weights finite."""
@@ -186,9 +173,7 @@ def load_state(folder: Path, step: int, out: Path) -> dict:
         raise SanaCheckpointError(f"{path}: missing")
     if not _inside(path, out):
         raise SanaCheckpointError(f"{path}: leads out of the run folder ({path.resolve()})")
-    allow = getattr(torch.serialization, "safe_globals", None)
-    with allow(_legacy_numpy_globals()) if allow is not None else contextlib.nullcontext():
-        state = load_torch_data(path)
+    state = load_torch_data(path, numpy_rng=True)  # states before plain-data RNG held np.random.get_state()
     if not isinstance(state, dict) or any(key not in state for key in STATE_KEYS):
         found = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise SanaCheckpointError(f"{path}: not a trainer state (expected the entries {list(STATE_KEYS)}, found {found})")

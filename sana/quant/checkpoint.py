@@ -7,7 +7,8 @@ holds the DiT config (`sana_dit_config`, as `save_dit` writes it) and `sana_w8a8
 of the format version and of each converted layer with its mode, so loading rebuilds exactly
 the saved structure whatever `keep` / `weight_only` were.
 
-`sana.load_dit` recognises the marker and hands the file to `load_w8a8_dit`.
+`sana.load_dit` (and `sana.load_w8a8`) recognise the marker, resolve the config as for any DiT
+file and hand both to `load_w8a8_dit`; this module never imports `sana.dit_io`.
 """
 
 from __future__ import annotations
@@ -19,14 +20,13 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import (
+    CONFIG_METADATA_KEY,
     CheckpointReader,
     assign_state,
     check_keys,
     dominant_float_dtype,
-    open_checkpoint,
     preview,
     shorten,
-    strip_prefix,
     write_safetensors,
 )
 from ..dit import SanaDiT, SanaDiTConfig
@@ -42,8 +42,6 @@ _SCALE_SUFFIX = ".weight_scale"
 
 def save_w8a8(model: SanaDiT, path: str | os.PathLike) -> None:
     """Write a W8A8-quantized DiT to a `.safetensors` file (atomically)."""
-    from ..dit_io import CONFIG_METADATA_KEY
-
     if not is_w8a8(model):
         raise SanaInputError("save_w8a8 needs a model from sana.quantize_w8a8 (or a loaded W8A8 checkpoint)")
     path = Path(path)
@@ -79,19 +77,16 @@ def _plan_from_metadata(reader: CheckpointReader) -> dict[str, bool]:
 
 def load_w8a8_dit(
     reader: CheckpointReader,
+    cfg: SanaDiTConfig,
     *,
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
-    config: SanaDiTConfig | dict | str | None = None,
 ) -> SanaDiT:
-    """Build the W8A8 DiT a `save_w8a8` file describes and fill it, in eval mode.
+    """Build the W8A8 DiT of config `cfg` that a `save_w8a8` file describes and fill it, in eval mode.
 
     `dtype` applies to the float tensors (biases, kept layers, norms, tables); int8 weights and
     fp32 scales keep their stored dtypes. `dtype=None` keeps the dtype most float tensors are stored in. Keys and shapes are checked before any data is read.
     """
-    from ..dit_io import resolve_config
-
-    cfg = resolve_config(reader, "official", config)
     plan = _plan_from_metadata(reader)
     with torch.device("meta"):
         model = SanaDiT(cfg)
@@ -143,13 +138,3 @@ def _is_linear(model: SanaDiT, name: str) -> bool:
         return isinstance(model.get_submodule(name), torch.nn.Linear)
     except AttributeError:
         return False
-
-
-def load_w8a8(path: str | os.PathLike, **kwargs) -> SanaDiT:
-    """Open a W8A8 checkpoint file directly (`sana.load_dit` does the same after detecting it)."""
-    from ..dit_io import COMFY_PREFIXES
-
-    reader = strip_prefix(open_checkpoint(path), COMFY_PREFIXES)
-    if W8A8_METADATA_KEY not in reader.metadata:
-        raise SanaCheckpointError(f"{reader.path}: not a W8A8 checkpoint (no '{W8A8_METADATA_KEY}' metadata)")
-    return load_w8a8_dit(reader, **kwargs)
