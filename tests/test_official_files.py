@@ -43,7 +43,7 @@ from test_dcae import RTOL, reference, rel_err
 huggingface_hub = pytest.importorskip("huggingface_hub")
 
 torch.set_num_threads(2)
-logic = ext_module("nodes.logic")
+loaders = ext_module("nodes.loaders")
 
 
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -149,7 +149,7 @@ def test_the_dcae_loader_lists_the_release_folder(tmp_path, small_releases):
     _, _, original = small_releases["sana"]
     root = tmp_path / "vae"
     write_release_folder(root / "dc-ae-f32c32-sana-1.1", "dc-ae-f32c32-sana-1.1", original)
-    names = logic.list_model_entries([root], {".safetensors", ".pth"}, lambda p: logic.has_config(p, "vae"))
+    names = loaders.list_model_entries([root], {".safetensors", ".pth"}, lambda p: loaders.has_config(p, "vae"))
     assert names == ["dc-ae-f32c32-sana-1.1"]
 
 
@@ -300,7 +300,7 @@ def test_the_dit_loader_lists_an_index_in_place_of_its_shards(tmp_path):
     huggingface_hub.save_torch_state_dict(official_state_dict(random_reference("sana")), folder, max_shard_size=20_000)
     (folder / "notes.txt").write_text("x")
     (tmp_path / "single.safetensors").write_bytes(b"x")
-    names = logic.list_model_entries([tmp_path], {".safetensors", ".pth"}, lambda p: logic.has_config(p, "transformer"))
+    names = loaders.list_model_entries([tmp_path], {".safetensors", ".pth"}, lambda p: loaders.has_config(p, "transformer"))
     assert names == ["Sana_sharded/model.safetensors.index.json", "single.safetensors"]
 
 
