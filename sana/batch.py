@@ -53,13 +53,14 @@ import torch
 
 from .checkpoint import write_bytes
 from .dcae_io import load_dcae
+from .dit import SanaDiT
 from .dit_io import load_dit
 from .errors import SanaCheckpointError, SanaError, SanaInputError
-from .pipeline import SEED_LIMIT, check_sampling_values, generate, native_size
+from .pipeline import SEED_LIMIT, ProgressCallback, check_sampling_values, generate, native_size
 from .png import encode_png
 from .provenance import describe_models, make_record, png_text, read_record, same_generation
-from .sampling import SOLVERS, TRIGFLOW, default_pag_layers, select_solver
-from .text_encoder import load_text_encoder
+from .sampling import SOLVERS, TRIGFLOW, Autoencoder, default_pag_layers, select_solver
+from .text_encoder import TextEncoder, load_text_encoder
 
 TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -217,7 +218,7 @@ def item_seed(item: Item, base_seed: int) -> int:
     return int(own) if own is not None else (int(base_seed) + item.index) % SEED_LIMIT
 
 
-def resolve_request(dit, dcae, *, prompt: str | list[str], seed, defaults: Defaults,
+def resolve_request(dit: SanaDiT, dcae: Autoencoder, *, prompt: str | list[str], seed: int, defaults: Defaults,
                     overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The `generate` keyword arguments (the record's `request`) for `prompt` with `defaults`
     and `overrides`, with the solver, steps, size, flow shift and PAG layers the models imply."""
@@ -409,9 +410,9 @@ class BatchOptions:
 class Parts:
     """The loaded models of a run."""
 
-    dit: Any
-    dcae: Any
-    text_encoder: Any
+    dit: SanaDiT
+    dcae: Autoencoder
+    text_encoder: TextEncoder
 
 
 def load_parts(paths: Mapping[str, str], dtypes: Mapping[str, torch.dtype], device: str) -> Parts:
@@ -481,7 +482,7 @@ def _resolve_all(items: Sequence[Item], parts: Parts, defaults: Defaults) -> dic
     return requests
 
 
-def generate_batch(parts: Parts, requests: Sequence[Mapping[str, Any]], *, callback=None,
+def generate_batch(parts: Parts, requests: Sequence[Mapping[str, Any]], *, callback: ProgressCallback | None = None,
                    compile_model: bool = False) -> list[torch.Tensor | str]:
     """One `generate` call for requests that share a `batch_key` (one seed per image); each
     result is the image, or the error that made it fail. A failing batch of several is run
@@ -505,17 +506,18 @@ def write_image(path: Path, image: torch.Tensor, record: Mapping[str, Any]) -> N
     write_bytes(path, encode_png(image, png_text(record)))
 
 
-def run(options: BatchOptions, *, log=None) -> int:
+def run(options: BatchOptions, *, log: Callable[[str], None] | None = None) -> int:
     """A batch run (module docstring); returns the exit status (1 when an item failed)."""
     log = log if log is not None else (lambda message: print(message, file=sys.stderr, flush=True))
     items = read_items(options.prompts_file)
     check_sampling_values(batch_size=options.batch_size, names={"batch_size": "--batch-size"})
     check_out_dir(options.out_dir)
     world = join_world()
-    try:
-        return _run(options, items, world, log if world.is_main else (lambda message: None))
-    finally:
-        leave_world(world)
+    # On an error this rank just exits: torchrun then stops the others (waiting for them here
+    # would hang, as they wait for this rank's results).
+    status = _run(options, items, world, log if world.is_main else (lambda message: None))
+    leave_world(world)
+    return status
 
 
 def _run(options: BatchOptions, items: list[Item], world: World, log: Callable[[str], None]) -> int:

@@ -41,8 +41,16 @@ def replay_path(image: Path) -> Path:
     return image.with_name(f"{image.stem}-replay.png")
 
 
-def _model_paths(record: Mapping[str, Any], given: Mapping[str, str]) -> dict[str, str]:
-    return {c: given.get(c) or record["models"][c]["path"] for c in COMPONENTS}
+def _model_paths(record: Mapping[str, Any], given: Mapping[str, str], image: Path) -> dict[str, str]:
+    """The recorded model paths, or the given ones; `SanaCheckpointError` for one that is not there."""
+    paths = {c: given.get(c) or record["models"][c]["path"] for c in COMPONENTS}
+    for component, path in paths.items():
+        if os.path.exists(path):
+            continue
+        if component in given:
+            raise SanaCheckpointError(f"{OPTIONS[component]} {path} does not exist")
+        raise SanaCheckpointError(f"{image} was made with {path}, which is not there; give the file with {OPTIONS[component]}")
+    return paths
 
 
 def check_model_hashes(record: Mapping[str, Any], models: Mapping[str, Mapping[str, str]], image: Path) -> None:
@@ -106,7 +114,7 @@ def replay(
     out = out or replay_path(image)
     if out.exists() and os.path.samefile(out, image):
         raise SanaInputError(f"--out {out} is the image being replayed; give another file")
-    model_paths = _model_paths(record, paths or {})
+    model_paths = _model_paths(record, paths or {}, image)
     models = describe_models(model_paths)
     check_model_hashes(record, models, image)
     source = _input_image(record, image_input, image)

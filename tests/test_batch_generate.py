@@ -435,18 +435,36 @@ def test_replay_reproduces_an_image_from_its_own_record(tmp_path, capsys):
     assert_png_tolerance(_png(tmp_path / "out" / "000002-replay.png"), _png(item))
 
 
-def test_replay_refuses_other_model_files_and_images_without_a_record(tmp_path, capsys):
+def test_replay_finds_moved_files_and_refuses_other_ones(tmp_path, capsys):
+    """Image to image with a DiT that later moves: the replay names what is missing, takes the
+    file given instead when its hash is the recorded one, and refuses other files."""
+    source = tmp_path / "in.png"
+    write_png(source, torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(3)))
+    moved = tmp_path / "moved" / "transformer"
+    shutil.copytree(SHIPPED / "transformer", moved)
     out = tmp_path / "a.png"
-    assert main(["generate", *MODELS, *FAST, "--out", str(out), "--prompt", "a", "--seed", "1"]) == 0
-    changed = tmp_path / "transformer"
+    models = [str(moved) if arg == str(SHIPPED / "transformer") else arg for arg in MODELS]
+    assert main(["generate", *models, *FAST, "--out", str(out), "--prompt", "a", "--seed", "1", "--image", str(source),
+                 "--strength", "0.5"]) == 0
+    assert read_record(out)["image"]["path"] == str(source)
+    shutil.rmtree(moved)
+    assert main(["generate", "--replay", str(out)]) == 2
+    assert f"error: {out} was made with {moved}, which is not there; give the file with --dit" in capsys.readouterr().err
+    assert main(["generate", "--replay", str(out), "--dit", str(SHIPPED / "transformer")]) == 0
+    assert "identical pixels" in capsys.readouterr().err
+
+    changed = tmp_path / "changed" / "transformer"
     shutil.copytree(SHIPPED / "transformer", changed)
     with open(changed / "config.json", "a") as f:
         f.write("\n")  # the same weights, another file: another hash
     assert main(["generate", "--replay", str(out), "--dit", str(changed)]) == 2
     err = capsys.readouterr().err
     assert f"error: {changed} has SHA-256" in err and f"but {out} was made with" in err and "--dit" in err
-    assert main(["generate", "--replay", str(out), "--out", str(out)]) == 2
+    assert main(["generate", "--replay", str(out), "--dit", str(SHIPPED / "transformer"), "--out", str(out)]) == 2
     assert "is the image being replayed" in capsys.readouterr().err
+    write_png(source, torch.zeros(32, 32, 3))
+    assert main(["generate", "--replay", str(out), "--dit", str(SHIPPED / "transformer")]) == 2
+    assert f"error: {source} is not the input image {out} was made from" in capsys.readouterr().err
     plain = tmp_path / "plain.png"
     Image.new("RGB", (4, 4)).save(plain)
     assert main(["generate", "--replay", str(plain)]) == 2
