@@ -58,7 +58,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--size", type=int, default=128, help="pixels a side (128: the model's native size)")
     parser.add_argument("--rounds", type=int, default=2, help="timed passes per batch size; the fastest is printed")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: torch's); 1 keeps idle OpenMP threads from spinning on a shared CPU")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]

@@ -361,7 +361,9 @@ class Progress:
             try:
                 from tqdm.auto import tqdm
 
-                self.bar = tqdm(total=total, initial=already, desc="images", unit="image", file=self.stream)
+                # Our images/s (generated images only) replaces tqdm's rate, which counts failures too.
+                self.bar = tqdm(total=total, initial=already, desc="images", unit="image", file=self.stream,
+                                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
             except ImportError:
                 pass
 
@@ -495,6 +497,8 @@ def generate_batch(parts: Parts, requests: Sequence[Mapping[str, Any]], *, callb
         )
         return list(images)
     except (SanaError, *_OUT_OF_MEMORY) as error:
+        if isinstance(error, _OUT_OF_MEMORY) and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the failed batch's blocks, before the smaller calls
         if len(requests) == 1:
             return [f"{type(error).__name__}: {error}"]
     return [result for request in requests for result in
