@@ -535,17 +535,15 @@ def _run(options: BatchOptions, items: list[Item], world: World, log: Callable[[
     parts = load_parts(options.model_paths, options.dtypes, device)
     requests = _resolve_all(items, parts, options.defaults)
     if world.is_main:
-        models = {c: {**m, "dtype": dtype_names(parts)[c]} for c, m in hashed.items()}
-        done, pending, failed = scan_outputs(items, requests, options.out_dir, {c: m["sha256"] for c, m in models.items()})
-        plan = {"models": models, "done": done, "pending": pending, "failed": {str(k): v for k, v in failed.items()}}
+        plan = _make_plan(options, items, requests, {c: {**m, "dtype": dtype_names(parts)[c]} for c, m in hashed.items()})
         world.publish("plan", plan)
-        log(f"{len(items)} items: {len(done)} already done, {len(failed)} cannot be made, {len(pending)} to generate "
-            f"on {world.size} process(es); models loaded in {time.perf_counter() - started:.1f} s")
+        log(f"{len(items)} items: {len(plan['done'])} already done, {len(plan['failed'])} cannot be made, "
+            f"{len(plan['pending'])} to generate on {world.size} process(es); models loaded in "
+            f"{time.perf_counter() - started:.1f} s")
     else:
         plan = world.fetch("plan")
     failed = {int(k): v for k, v in plan["failed"].items()}
-    batches = make_batches(plan["pending"], requests, options.batch_size)
-    mine = batches[world.rank :: world.size]
+    mine = make_batches(plan["pending"], requests, options.batch_size)[world.rank :: world.size]
     progress = Progress(world, len(items), len(plan["done"]) + len(failed))
     results = _generate_share(options, items, parts, plan["models"], requests, mine, world, progress)
     world.publish(f"results/{world.rank}", results)
@@ -556,17 +554,31 @@ def _run(options: BatchOptions, items: list[Item], world: World, log: Callable[[
     progress.close()
     total_failed = len(failed) + world.add("failed")
     if world.is_main:
-        every = dict(results) if world.size == 1 else {
-            int(k): v for rank in range(world.size) for k, v in world.fetch(f"results/{rank}")}
-        every.update({index: None for index in plan["done"]})
-        every.update(failed)
-        _write_index(options.out_dir, items, options.defaults.seed, every)
-        generated = world.add("generated")
-        seconds = time.perf_counter() - progress.started
-        log(f"done {generated}, skipped {len(plan['done'])} (already there), failed {total_failed}; "
-            f"{generated} images in {seconds:.1f} s: {generated / max(seconds, 1e-9):.2f} images/s on {world.size} "
-            f"process(es); index: {options.out_dir / INDEX_NAME}")
+        _finish(options, items, world, plan, results, progress, log, total_failed)
     return 1 if total_failed else 0
+
+
+def _make_plan(options: BatchOptions, items: list[Item], requests: Mapping[int, Any],
+               models: Mapping[str, Mapping[str, str]]) -> dict[str, Any]:
+    """Rank 0's plan, the same for every rank: the models' record, and the items done, pending and failed."""
+    hashes = {component: model["sha256"] for component, model in models.items()}
+    done, pending, failed = scan_outputs(items, requests, options.out_dir, hashes)
+    return {"models": models, "done": done, "pending": pending, "failed": {str(k): v for k, v in failed.items()}}
+
+
+def _finish(options: BatchOptions, items: list[Item], world: World, plan: Mapping[str, Any],
+            results: list[tuple[int, str | None]], progress: Progress, log: Callable[[str], None], total_failed: int) -> None:
+    """Rank 0, once every rank has finished: the index of every item, and the summary."""
+    outcomes = dict(results) if world.size == 1 else {
+        int(k): v for rank in range(world.size) for k, v in world.fetch(f"results/{rank}")}
+    outcomes.update({index: None for index in plan["done"]})
+    outcomes.update({int(k): v for k, v in plan["failed"].items()})
+    _write_index(options.out_dir, items, options.defaults.seed, outcomes)
+    generated = world.add("generated")
+    seconds = time.perf_counter() - progress.started
+    log(f"done {generated}, skipped {len(plan['done'])} (already there), failed {total_failed}; "
+        f"{generated} images in {seconds:.1f} s: {generated / max(seconds, 1e-9):.2f} images/s on {world.size} "
+        f"process(es); index: {options.out_dir / INDEX_NAME}")
 
 
 def _generate_share(options: BatchOptions, items: list[Item], parts: Parts, models: Mapping[str, Any],
