@@ -3,6 +3,9 @@
     python -m sana generate --dit DIT --vae VAE --text-encoder GEMMA_DIR --prompt "a cat" --out cat.png
     python -m sana generate ... --steps 2 --sprint                # SANA-Sprint (TrigFlow)
     python -m sana generate ... --image in.png --strength 0.6     # image to image
+    python -m sana generate ... --prompts prompts.jsonl --out-dir out/ --batch-size 8   # batch mode (sana.batch)
+    torchrun --nproc_per_node 8 -m sana generate ... --prompts prompts.jsonl --out-dir out/   # one share per GPU
+    python -m sana generate --replay out/000012.png               # the image again, from its own record
     python -m sana convert dit Sana_1600M_1024px.pth sana_1600m_diffusers/
     python -m sana convert vae dc-ae-f32c32-sana-1.1-diffusers/ dc-ae.safetensors --format original
     python -m sana doctor --model sana-1600m-4k --size 4096x4096  # kernels on this device, memory plan
@@ -18,30 +21,35 @@ do, and no PNG is written; options are checked before any model is loaded; `--de
 traceback as well. `convert` reads any supported layout with `sana.load_dit` /
 `sana.dcae_io.load_dcae` and writes with `sana.save_dit` / `save_dcae`: one key map each (a
 DC-AE keeps its stored dtype unless `--dtype` says otherwise).
+
+Every PNG `generate` writes carries its generation record (`sana.provenance`): the A1111
+`parameters` text and the exact `sana` JSON that `--replay` reads (`sana.replay`); without
+`--seed` a random seed is drawn here, so the image records it. Batch mode (`--prompts FILE
+--out-dir DIR`, `sana.batch`) reads a text or JSONL prompts file, checks every line before any
+model loads, and under `torchrun` gives each process its share; it exits with status 1 when
+some items failed (each recorded in `DIR/index.jsonl`) and 0 when all are done.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import struct
+import secrets
 import sys
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from . import doctor
-from .checkpoint import pipeline_subfolder, write_bytes
+from . import batch, doctor
+from .batch import DEFAULT_FLOW_STEPS, DEFAULT_SPRINT_STEPS
+from .checkpoint import pipeline_subfolder
 from .errors import SanaCheckpointError, SanaError, SanaInputError
+from .png import read_image, write_png
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 AUTO_SOLVER = "auto"
-# Step counts when --steps is not given: diffusers' SanaPipeline and SanaSprintPipeline defaults.
-DEFAULT_FLOW_STEPS = 20
-DEFAULT_SPRINT_STEPS = 2
 PNG_SUFFIXES = (".png",)
 EXIT_ERROR = 2  # argparse's status for bad usage; the CLIs use it for every SanaError too
 # `generate` argument -> the option that sets it, for error messages.
@@ -53,44 +61,6 @@ OPTION_NAMES = {
 
 # ---------------------------------------------------------------------------------------
 # Images on disk
-
-
-def write_png(path: Path, image: torch.Tensor) -> None:
-    """Write one [H, W, 3] float image in [0, 1] as an 8-bit RGB PNG (values rounded, as
-    diffusers' `numpy_to_pil`). Pure standard library, so the CLI needs no imaging package.
-
-    The write is atomic (`sana.checkpoint.write_bytes`): a failure leaves any earlier file at
-    `path` as it was. An `OSError` (disk full, no permission) becomes a `SanaCheckpointError`
-    naming the path."""
-    pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().contiguous()
-    height, width, _ = pixels.shape
-    # Each scanline starts with filter type 0 (none).
-    rows = torch.cat([torch.zeros(height, 1, dtype=torch.uint8), pixels.reshape(height, width * 3)], dim=1)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.numpy().tobytes(), 6))
-    png += chunk(b"IEND", b"")
-    write_bytes(path, png)  # atomic; a failed write raises SanaCheckpointError naming the path
-
-
-def read_image(path: Path) -> torch.Tensor:
-    """An image file as [1, H, W, 3] float in [0, 1] (needs Pillow, which reads every format)."""
-    try:
-        from PIL import Image
-    except ImportError:
-        raise SanaCheckpointError(f"reading the input image {path} needs Pillow (pip install pillow)") from None
-    if not path.is_file():
-        raise SanaCheckpointError(f"input image {path} does not exist")
-    try:
-        with Image.open(path) as opened:
-            rgb = opened.convert("RGB")
-            data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
-            return data.reshape(1, rgb.height, rgb.width, 3).float() / 255
-    except OSError as error:
-        raise SanaCheckpointError(f"cannot read the input image {path}: {error}") from None
 
 
 def output_paths(out: Path, count: int) -> list[Path]:
@@ -159,13 +129,78 @@ def check_output_path(out: Path) -> None:
         raise SanaCheckpointError(f"cannot write the image {path}: {parent} is not a writable folder")
 
 
+def generation_mode(args: argparse.Namespace) -> str:
+    """"single" (--prompt, --out), "batch" (--prompts FILE, --out-dir DIR) or "replay"
+    (--replay IMAGE.png); `SanaInputError` for a missing or mixed choice, before anything loads."""
+    chosen = [name for name, given in (("--prompt", args.prompt), ("--prompts", args.prompts), ("--replay", args.replay)) if given]
+    if len(chosen) != 1:
+        what = "none" if not chosen else " and ".join(chosen)
+        raise SanaInputError(f"give one of --prompt TEXT (with --out), --prompts FILE (with --out-dir) or --replay IMAGE.png; got {what}")
+    mode = {"--prompt": "single", "--prompts": "batch", "--replay": "replay"}[chosen[0]]
+    if mode == "batch" and (args.out or not args.out_dir):
+        raise SanaInputError("--prompts writes into --out-dir DIR (one PNG per item), not --out")
+    if mode != "batch" and args.out_dir:
+        raise SanaInputError("--out-dir is for --prompts FILE; give --out for one image")
+    if mode == "single" and not args.out:
+        raise SanaInputError("--prompt needs --out (the PNG to write)")
+    if mode == "batch" and args.image:
+        raise SanaInputError("--image (image to image) is for --prompt; --prompts generates from text only")
+    if mode != "replay":
+        missing = [option for option, value in (("--dit", args.dit), ("--vae", args.vae), ("--text-encoder", args.text_encoder)) if not value]
+        if missing:
+            raise SanaInputError(f"missing {', '.join(missing)}: the model files to generate with")
+    return mode
+
+
+def _batch_options(args: argparse.Namespace, device: str) -> batch.BatchOptions:
+    solver = "trigflow" if args.sprint else (None if args.solver == AUTO_SOLVER else args.solver)
+    defaults = batch.Defaults(
+        negative_prompt=args.negative_prompt, seed=args.seed if args.seed is not None else 0, width=args.width,
+        height=args.height, steps=args.steps, guidance_scale=args.cfg, flow_shift=args.shift, pag_scale=args.pag,
+        solver=solver, pag_layers=args.pag_layers, chi=not args.no_chi, resolution_binning=not args.no_binning,
+    )
+    return batch.BatchOptions(
+        prompts_file=Path(args.prompts), out_dir=Path(args.out_dir),
+        model_paths={"dit": args.dit, "vae": args.vae, "text_encoder": args.text_encoder},
+        dtypes={"dit": _dtype(args.dtype, device), "vae": _dtype(args.vae_dtype, device),
+                "text_encoder": _dtype(args.text_encoder_dtype, device)},
+        device=device, defaults=defaults,
+        batch_size=args.batch_size, compile_model=args.compile,
+    )
+
+
+def _single_record_text(args, dit, dcae, text_encoder, *, solver: str, steps: int, seed: int, count: int) -> list[dict[str, str]]:
+    """Each image's PNG text chunks (`sana.provenance`): the request `generate` got, resolved."""
+    from sana.provenance import describe_models, file_sha256, make_record, png_text
+
+    defaults = batch.Defaults(
+        negative_prompt=args.negative_prompt, width=args.width, height=args.height, steps=steps,
+        guidance_scale=args.cfg, flow_shift=args.shift, pag_scale=args.pag, solver=solver, pag_layers=args.pag_layers,
+        chi=not args.no_chi, resolution_binning=not args.no_binning,
+    )
+    prompt = args.prompt[0] if len(args.prompt) == 1 else list(args.prompt)
+    request = batch.resolve_request(dit, dcae, prompt=prompt, seed=seed, defaults=defaults)
+    request["batch_size"] = args.batch_size
+    extra = {}
+    if args.image:
+        request["strength"] = args.strength
+        extra["image"] = {"path": os.path.abspath(args.image), "sha256": file_sha256(Path(args.image))}
+    parts = batch.Parts(dit, dcae, text_encoder)
+    models = describe_models({"dit": args.dit, "vae": args.vae, "text_encoder": args.text_encoder})
+    models = {c: {**m, "dtype": batch.dtype_names(parts)[c]} for c, m in models.items()}
+    return [png_text(make_record(request, models, image_index=i, extra=extra)) for i in range(count)]
+
+
 def command_generate(args: argparse.Namespace) -> int:
     import sana
     from sana.dcae import check_dcae_dtype
     from sana.dcae_io import load_dcae
-    from sana.pipeline import check_sampling_values, generate
+    from sana.pipeline import SEED_LIMIT, check_sampling_values, generate
     from sana.sampling import TRIGFLOW, select_solver
 
+    mode = generation_mode(args)
+    if mode == "replay":
+        return command_replay(args)
     device = args.device or _default_device()
     # Every option a model is not needed to judge, before anything is loaded.
     check_sampling_values(
@@ -174,6 +209,8 @@ def command_generate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, height=args.height, width=args.width, names=OPTION_NAMES,
     )
     check_dcae_dtype(DTYPES.get(args.vae_dtype), "--vae-dtype")
+    if mode == "batch":
+        return batch.run(_batch_options(args, device))
     check_output_path(Path(args.out))
     image = read_image(Path(args.image)) if args.image else None
     started = time.perf_counter()
@@ -186,6 +223,10 @@ def command_generate(args: argparse.Namespace) -> int:
     solver = TRIGFLOW if args.sprint else (None if args.solver == AUTO_SOLVER else args.solver)
     solver = select_solver(dit, solver)
     steps = args.steps if args.steps is not None else (DEFAULT_SPRINT_STEPS if solver == TRIGFLOW else DEFAULT_FLOW_STEPS)
+    # A random seed is drawn here rather than in generate, so that the image records it.
+    seed = args.seed if args.seed is not None else secrets.randbelow(SEED_LIMIT)
+    count = len(args.prompt) * args.batch_size
+    texts = _single_record_text(args, dit, dcae, text_encoder, solver=solver, steps=steps, seed=seed, count=count)
     callback, close = progress_callback()
     started = time.perf_counter()
     try:
@@ -201,7 +242,7 @@ def command_generate(args: argparse.Namespace) -> int:
             guidance_scale=args.cfg,
             flow_shift=args.shift,
             solver=solver,
-            seed=args.seed,
+            seed=seed,
             chi=not args.no_chi,
             pag_scale=args.pag,
             pag_layers=args.pag_layers,
@@ -215,9 +256,29 @@ def command_generate(args: argparse.Namespace) -> int:
     finally:
         close()
     paths = output_paths(Path(args.out), images.shape[0])
-    for path, picture in zip(paths, images):
-        write_png(path, picture)
-    print(f"wrote {', '.join(map(str, paths))} ({solver}, {steps} steps, {time.perf_counter() - started:.1f} s)", file=sys.stderr)
+    for path, picture, text in zip(paths, images, texts):
+        write_png(path, picture, text)
+    print(f"wrote {', '.join(map(str, paths))} ({solver}, {steps} steps, seed {seed}, {time.perf_counter() - started:.1f} s)",
+          file=sys.stderr)
+    return 0
+
+
+def command_replay(args: argparse.Namespace) -> int:
+    """`generate --replay IMAGE.png`: the image again from its own record (`sana.replay`)."""
+    from sana.replay import replay
+
+    overrides = {"dit": args.dit, "vae": args.vae, "text_encoder": args.text_encoder}
+    dtypes = {"dit": args.dtype, "vae": args.vae_dtype, "text_encoder": args.text_encoder_dtype}
+    callback, close = progress_callback()
+    try:
+        replay(
+            Path(args.replay), out=Path(args.out) if args.out else None,
+            paths={k: v for k, v in overrides.items() if v},
+            dtypes={k: DTYPES[v] for k, v in dtypes.items() if v}, device=args.device or _default_device(),
+            image_input=Path(args.image) if args.image else None, callback=callback, compile_model=args.compile,
+        )
+    finally:
+        close()
     return 0
 
 
@@ -259,21 +320,30 @@ def build_parser() -> argparse.ArgumentParser:
     add_debug_option(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    gen = commands.add_parser("generate", help="generate images from a prompt")
+    gen = commands.add_parser("generate", help="generate images from a prompt, a prompts file, or an image's own record")
     add_debug_option(gen, top_level=False)
-    gen.add_argument("--dit", required=True, help="DiT checkpoint: NVlabs .pth/.safetensors, diffusers folder or file")
-    gen.add_argument("--vae", required=True, help="DC-AE checkpoint: original .safetensors or diffusers folder")
-    gen.add_argument("--text-encoder", required=True, help="Gemma-2 folder (config, weights, tokenizer)")
-    gen.add_argument("--prompt", required=True, action="append", help="repeat for a batch of prompts")
+    gen.add_argument("--dit", help="DiT checkpoint: NVlabs .pth/.safetensors, diffusers folder or file")
+    gen.add_argument("--vae", help="DC-AE checkpoint: original .safetensors or diffusers folder")
+    gen.add_argument("--text-encoder", help="Gemma-2 folder (config, weights, tokenizer)")
+    gen.add_argument("--prompt", action="append", help="repeat for a batch of prompts")
+    gen.add_argument("--prompts", metavar="FILE",
+                     help="batch mode: a text file (one prompt a line) or JSONL (prompt, negative_prompt, seed, width, "
+                          "height, steps, cfg, shift, pag, solver, meta), one PNG per item into --out-dir; resumable; "
+                          "under torchrun each process takes its share")
+    gen.add_argument("--out-dir", metavar="DIR", help="batch mode: the folder for NNNNNN.png and index.jsonl")
+    gen.add_argument("--replay", metavar="IMAGE", help="generate an image again from the record it carries "
+                     "(models from the record unless --dit/--vae/--text-encoder are given; output: --out or IMAGE-replay.png)")
     gen.add_argument("--negative-prompt", default="", help="CFG's negative prompt (no CHI; unused by Sprint)")
-    gen.add_argument("--out", required=True, help="output PNG; several images get -0, -1, ... suffixes")
+    gen.add_argument("--out", help="output PNG; several images get -0, -1, ... suffixes")
     gen.add_argument("--steps", type=int, default=None, help=f"default {DEFAULT_FLOW_STEPS}, or {DEFAULT_SPRINT_STEPS} for Sprint")
     gen.add_argument("--cfg", type=float, default=4.5, help="guidance scale (embedded guidance for Sprint)")
     gen.add_argument("--pag", type=float, default=0.0, help="perturbed-attention guidance scale (0: off)")
     gen.add_argument("--pag-layers", type=int, nargs="+", default=None, help="PAG blocks (default: NVlabs' per model)")
     gen.add_argument("--width", type=int, default=None, help="pixels, at most 16384 (default: the DiT's native size)")
     gen.add_argument("--height", type=int, default=None, help="pixels, at most 16384 (default: the DiT's native size)")
-    gen.add_argument("--seed", type=int, default=None, help="an integer in [0, 2^64) (default: random)")
+    gen.add_argument("--seed", type=int, default=None,
+                     help="an integer in [0, 2^64) (default: random); with --prompts, the base seed: an item without "
+                          "its own gets seed + its number (default 0)")
     gen.add_argument(
         "--solver",
         choices=[AUTO_SOLVER, "flow_dpm_solver", "flow_euler", "trigflow"],
@@ -284,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--shift", type=float, default=None, help="flow shift (default: the model's, 3 or 6 for 4K)")
     gen.add_argument("--no-chi", action="store_true", help="encode the prompt without the complex human instruction")
     gen.add_argument("--no-binning", action="store_true", help="sample at the exact size (a multiple of 32)")
-    gen.add_argument("--batch-size", type=int, default=1, help="images per prompt")
+    gen.add_argument("--batch-size", type=int, default=1,
+                     help="images per prompt; with --prompts, items per forward pass (items of one size and settings)")
     gen.add_argument("--image", default=None, help="input image for image-to-image")
     gen.add_argument("--strength", type=float, default=1.0, help="image-to-image denoising strength in (0, 1]")
     gen.add_argument("--compile", action="store_true",

@@ -22,6 +22,8 @@ tested on its own:
    `image_latents` encodes the img2img image;
 3. `seeded_generator`, `initial_noise`: the noise comes from a CPU generator, so a seed gives
    the same image on every device, and the same as diffusers with `torch.Generator("cpu")`;
+   a list of seeds, one per image, gives each image its own generator (diffusers' list of
+   generators), so an image depends on its own seed and not on the batch it is drawn in;
 4. `denoise_flow` over `flow_schedule(...)` or `denoise_trigflow` over `trigflow_angles(...)`;
 5. `latents_to_images`: decode with the DC-AE, which tiles by itself when the image would not
    fit in memory, and resize-and-crop back from the resolution bin to the requested size.
@@ -96,6 +98,9 @@ MAX_GUIDANCE = 1000.0
 # Seeds are what a torch.Generator takes without aliasing: [0, 2^64). torch maps a negative seed
 # s to 2^64 + s (so -1 would silently equal 2^64 - 1), hence negatives are refused.
 SEED_LIMIT = 2**64
+
+Seed = int | Sequence[int]
+"""One seed for the whole batch, or one per image (each image then has its own generator)."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -212,7 +217,7 @@ def check_sampling_values(
     guidance_scale: float = 4.5,
     pag_scale: float = 0.0,
     flow_shift: float | None = None,
-    seed: int | None = None,
+    seed: Seed | None = None,
     strength: float = 1.0,
     batch_size: int = 1,
     height: int | None = None,
@@ -234,7 +239,12 @@ def check_sampling_values(
     check_number(name("pag_scale"), pag_scale, low=-MAX_GUIDANCE, high=MAX_GUIDANCE)
     if flow_shift is not None:
         check_number(name("flow_shift"), flow_shift, low=MIN_FLOW_SHIFT, high=MAX_FLOW_SHIFT)
-    if seed is not None:
+    if isinstance(seed, Sequence) and not isinstance(seed, (str, bytes)):
+        if not seed:
+            raise SanaInputError(f"{name('seed')} is an empty list; give one seed per image, or one for all")
+        for i, one in enumerate(seed):
+            check_integer(f"{name('seed')}[{i}]", one, low=0, high=SEED_LIMIT - 1)
+    elif seed is not None:
         check_integer(name("seed"), seed, low=0, high=SEED_LIMIT - 1)
     check_number(name("strength"), strength, low=0.0, high=1.0)
     for side, value in (("height", height), ("width", width)):
@@ -289,7 +299,7 @@ def check_generation_inputs(
     guidance_scale: float = 4.5,
     flow_shift: float | None = None,
     solver: str | None = None,
-    seed: int | None = None,
+    seed: Seed | None = None,
     latents: torch.Tensor | None = None,
     pag_scale: float = 0.0,
     resolution_binning: bool = True,
@@ -315,6 +325,11 @@ def check_generation_inputs(
         strength=strength, batch_size=batch_size, height=height, width=width,
     )
     batch = len(prompts) * batch_size
+    if isinstance(seed, Sequence) and len(seed) != batch:
+        raise SanaInputError(
+            f"seed is a list of {len(seed)} seeds for {batch} images ({len(prompts)} prompt(s) x batch_size "
+            f"{batch_size}); give one seed per image, or one for all"
+        )
     check_components(dit, dcae, text_encoder)
     solver = select_solver(dit, solver)
     if solver == TRIGFLOW and uses_pag(pag_scale):
@@ -423,9 +438,12 @@ def image_latents(dcae: Autoencoder, image: torch.Tensor, plan: GenerationPlan, 
 # Stage 3: the initial latents
 
 
-def seeded_generator(seed: int | None) -> torch.Generator:
+def seeded_generator(seed: Seed | None) -> torch.Generator | list[torch.Generator]:
     """The CPU generator every random draw of a generation comes from (the initial noise, then
-    Sprint's per-step noise): seeded with `seed`, or randomly for None."""
+    Sprint's per-step noise): seeded with `seed`, or randomly for None. A list of seeds gives
+    one generator per image, each drawing that image's rows (`draw_noise` with a list)."""
+    if isinstance(seed, Sequence):
+        return [seeded_generator(int(one)) for one in seed]
     generator = torch.Generator()
     if seed is None:
         generator.seed()
@@ -435,7 +453,7 @@ def seeded_generator(seed: int | None) -> torch.Generator:
 
 
 def initial_noise(
-    plan: GenerationPlan, generator: torch.Generator, latents: torch.Tensor | None, device: torch.device
+    plan: GenerationPlan, generator: torch.Generator | list[torch.Generator], latents: torch.Tensor | None, device: torch.device
 ) -> torch.Tensor:
     """Standard normal noise of the plan's latent shape, float32 on `device`: the caller's
     `latents`, else drawn from `generator` as diffusers draws it with a CPU generator."""
@@ -528,7 +546,7 @@ def denoise_trigflow(
     text: PromptEmbeddings,
     noise: torch.Tensor,
     angles: torch.Tensor,
-    generator: torch.Generator,
+    generator: torch.Generator | list[torch.Generator],
     *,
     guidance_scale: float,
     image_latents: torch.Tensor | None = None,
@@ -578,7 +596,7 @@ def generate(
     guidance_scale: float = 4.5,
     flow_shift: float | None = None,
     solver: str | None = None,
-    seed: int | None = None,
+    seed: Seed | None = None,
     latents: torch.Tensor | None = None,
     chi: ChiSpec = True,
     pag_scale: float = 0.0,
@@ -610,7 +628,9 @@ def generate(
     - TrigFlow (Sprint): `guidance_scale` is the embedded guidance (one pass per step, no
       negative prompt, no PAG); fresh noise is drawn from the seeded generator every step.
     - `seed`: an integer in [0, 2^64) seeding a CPU generator (None: a random seed); negative
-      seeds are refused (torch would alias them onto large ones). `latents`: the initial
+      seeds are refused (torch would alias them onto large ones). A list of B such integers
+      seeds one generator per image (diffusers' list of generators): image i is then, up to the
+      rounding that another batch shape brings, the image `seed[i]` gives its prompt alone. `latents`: the initial
       standard normal noise [B, C, h, w] float32, finite (diffusers' `latents` argument)
       instead of drawing it.
     - `chi`: True for the default complex human instruction, False for none, or custom text.
@@ -668,6 +688,7 @@ __all__ = [
     "ProgressCallback",
     "PromptEmbeddings",
     "SEED_LIMIT",
+    "Seed",
     "SOLVERS",
     "TRIGFLOW",
     "check_components",
