@@ -45,7 +45,7 @@ def _base_type(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
-def _parse_bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
@@ -63,7 +63,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         help_text = f"{field.metadata.get('help', '')} (default: {default!r})"
         kwargs: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS, "help": help_text}
         if base is bool:
-            kwargs.update(type=_parse_bool, metavar="BOOL")
+            kwargs.update(type=parse_bool, metavar="BOOL")
         elif base in (int, float, str):
             kwargs["type"] = base
         if is_list:

@@ -95,6 +95,6 @@ def _wrap(text: str, width: int) -> list[str]:
 
 
 def to_uint8(images) -> list[np.ndarray]:
-    """[B, 3, H, W] tensors in [-1, 1] → list of uint8 [H, W, 3] arrays."""
-    array = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return list(array)
+    """Images [B, H, W, 3] in [0, 1] (what `sana.generate` and `sana.sampling.latents_to_images`
+    return) → a list of uint8 [H, W, 3] arrays."""
+    return list((images.float().clamp(0, 1) * 255).round().byte().cpu().numpy())
