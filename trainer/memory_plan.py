@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sana.dit import DIT_PRESETS, SanaDiT
+from sana.dit import DIT_PRESETS, SanaDiT, SanaDiTConfig
 from sana.errors import SanaInputError
 from sana.memory_plan import CAPTION_TOKENS, LATENT_SCALE, LiveBytes, storage_key
 
@@ -87,7 +87,7 @@ class TrainingOptions:
 class TrainingMemory:
     """Modelled device bytes of a training step; `peak` is the total."""
 
-    preset: str
+    preset: str | SanaDiTConfig
     resolution: int
     batch: int
     options: TrainingOptions
@@ -104,11 +104,11 @@ class TrainingMemory:
         return resident + max(self.forward_backward, self.gradients + self.optimizer_step)
 
 
-def build_meta_model(preset: str, options: TrainingOptions, dtype: torch.dtype) -> SanaDiT:
-    """The DiT on the meta device in `dtype`, with the LoRA adapters (fp32) the options ask for;
-    only the trained weights require grad."""
-    with torch.device("meta"):
-        model = SanaDiT(DIT_PRESETS[preset]).to(dtype)
+def build_model(config: SanaDiTConfig, options: TrainingOptions, dtype: torch.dtype, device: str = "meta") -> SanaDiT:
+    """The DiT on `device` (meta: shapes only) in `dtype`, with the LoRA adapters (fp32) the
+    options ask for; only the trained weights require grad."""
+    with torch.device(device):
+        model = SanaDiT(config).to(dtype)
     if options.lora_rank:
         from sana.lora import inject_lora
 
@@ -117,14 +117,13 @@ def build_meta_model(preset: str, options: TrainingOptions, dtype: torch.dtype) 
     return model.train()
 
 
-def step_inputs(model: SanaDiT, resolution: int, batch: int) -> list[torch.Tensor]:
-    """A training batch on meta: noisy latents, timesteps, the caption at 300 tokens and its mask."""
+def step_inputs(model: SanaDiT, latent_side: int, batch: int, device: str = "meta") -> list[torch.Tensor]:
+    """A training batch: noisy latents, timesteps, the caption at 300 tokens and its mask."""
     config = model.config
-    side = resolution // LATENT_SCALE
-    x = torch.zeros(batch, config.in_channels, side, side, device="meta")
-    t = torch.zeros(batch, device="meta")
-    context = torch.zeros(batch, CAPTION_TOKENS, config.caption_channels, device="meta")
-    mask = torch.ones(batch, CAPTION_TOKENS, dtype=torch.long, device="meta")
+    x = torch.randn(batch, config.in_channels, latent_side, latent_side, device=device)
+    t = torch.full((batch,), 500.0, device=device)
+    context = torch.randn(batch, CAPTION_TOKENS, config.caption_channels, device=device)
+    mask = torch.ones(batch, CAPTION_TOKENS, dtype=torch.long, device=device)
     return [x, t, context, mask]
 
 
@@ -157,20 +156,23 @@ def state_bytes(trained: list[torch.Tensor], optimizer: str) -> int:
     return sum(p.numel() for p in trained) * STATE_BYTES[optimizer]
 
 
-def plan_training_memory(preset: str, resolution: int, batch: int, options: TrainingOptions) -> TrainingMemory:
-    """Model one training step of the DiT preset `preset` at `resolution`² with `batch` samples."""
+def plan_training_memory(preset: str | SanaDiTConfig, resolution: int, batch: int, options: TrainingOptions) -> TrainingMemory:
+    """Model one training step of the DiT `preset` (a DIT_PRESETS name or a config) at
+    `resolution`² pixels (the SANA DC-AE's 32× latents) with `batch` samples."""
     options.check()
-    if preset not in DIT_PRESETS:
+    if isinstance(preset, str) and preset not in DIT_PRESETS:
         raise SanaInputError(f"model {preset!r} is not a DiT preset; known: {', '.join(sorted(DIT_PRESETS))}")
     if resolution <= 0 or resolution % LATENT_SCALE or batch < 1:
         raise SanaInputError(f"resolution {resolution}, batch {batch}: a positive multiple of {LATENT_SCALE}, and at least 1")
+    config = DIT_PRESETS[preset] if isinstance(preset, str) else preset
     weights_dtype = torch.float32 if options.weights_dtype == "fp32" else torch.bfloat16
     autocast = options.weights_dtype == "fp32" and options.mixed_precision == "bf16"
-    counted = build_meta_model(preset, options, weights_dtype)
+    counted = build_model(config, options, weights_dtype)
     trained = _trained(counted)
     # Activations in the compute dtype: autocast's bf16 forward is measured on a bf16 model.
-    measured = build_meta_model(preset, options, torch.bfloat16) if autocast else counted
-    forward_backward, activations = measure_forward_backward(measured, step_inputs(measured, resolution, batch))
+    measured = build_model(config, options, torch.bfloat16) if autocast else counted
+    inputs = step_inputs(measured, resolution // LATENT_SCALE, batch)
+    forward_backward, activations = measure_forward_backward(measured, inputs)
     gradients = _bytes(trained)
     if autocast:
         weight_casts = sum(p.numel() for p in counted.parameters() if p.dtype == torch.float32 and p.ndim > 1) * 2

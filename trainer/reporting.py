@@ -63,8 +63,9 @@ class Reporter:
         if "tensorboard" in backends:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step drops the events a crashed run logged after its last checkpoint.
-            self.tensorboard = SummaryWriter(log_dir=str(out / TENSORBOARD_DIR), purge_step=start_step or None)
+            # purge_step drops the events a crashed run logged after its last checkpoint (steps
+            # after `start_step`, which this run logs again).
+            self.tensorboard = SummaryWriter(log_dir=str(out / TENSORBOARD_DIR), purge_step=start_step + 1 if start_step else None)
             if not start_step:
                 self.tensorboard.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
         if "wandb" in backends:
