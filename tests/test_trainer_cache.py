@@ -120,7 +120,7 @@ def test_changed_model_files_are_refused(world, tmp_path):  # noqa: F811
     _build(world, data, tmp_path / "cache", vae=vae)
     config = json.loads((vae / "config.json").read_text())
     (vae / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.5}))
-    with pytest.raises(SanaCheckpointError, match=r"the DC-AE \(--vae, its files' content\) 'sha256:"):
+    with pytest.raises(SanaCheckpointError, match=r"the DC-AE \(--vae, its files' content\) sha256:\w+… \(cache\) → sha256:\w+… \(now\)"):
         _build(world, data, tmp_path / "cache", vae=vae)
 
 

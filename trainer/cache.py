@@ -367,7 +367,7 @@ def build_cache(
             _encode_new(plan.new, contents, out, encoders, settings, shard_size, batch_size, min_psnr, progress)
             contents = Contents.read(out)
     updated = _summary(settings, contents, plan, records, memo, {**summary, **encoders.report})
-    if updated != summary:
+    if updated != summary or plan.new or not extras_current:  # the latter two marked it incomplete above
         write_json(out / SUMMARY, updated)
     summary = updated
     if plan.removed:

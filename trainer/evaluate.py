@@ -14,6 +14,7 @@ from sana.checkpoint import write_json
 from sana.sampling import latents_to_images
 
 from . import shapes
+from .options import output_folder
 from .plotting import image_grid, to_uint8
 from .shapes_model import ShapesModel
 
@@ -39,8 +40,7 @@ def evaluate_model(folder: str | Path, *, seeds: int = 2, steps: int = 20, guida
     cannot be made fails before the work), also writes `evaluation.json` and
     `evaluation_grid.png` (the first seed's images, labelled) there."""
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = output_folder(out_dir, "--out-dir")
     scenes = list(scenes) if scenes is not None else shapes.held_out_scenes()
     model = ShapesModel.load(folder)
     prompts = [shapes.caption(s) for s in scenes]

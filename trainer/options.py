@@ -166,3 +166,14 @@ def check_range(config: Any, name: str, *, at_least: float | None = None, above:
         if bound is not None and not holds(value, bound):
             wanted = " and ".join(f"{s} {b}" for b, _, s in bounds if b is not None)
             raise invalid(name, value, f"must be {wanted}")
+
+
+def output_folder(path: str | Path, option: str) -> Path:
+    """Make the folder `option` (e.g. "--out-dir") names, before the work whose results go there:
+    a path that cannot be a folder is a `SanaInputError` then, not a lost run afterwards."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SanaInputError(f"{option} {folder}: cannot be made a folder ({error.strerror or error})") from None
+    return folder

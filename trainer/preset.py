@@ -50,6 +50,7 @@ SUMMARY_FILE = "preset_summary.json"
 STAGES = ("text_encoder", "dataset", "dcae", "cache", "dit")
 TRAINING_SECTIONS = {"dcae_training": (DCAETrainConfig, check_dcae_values), "dit_training": (DiTTrainConfig, check_dit_values)}
 EXTRA_KEYS = {"dit_training": {"sample_prompt_count"}}  # preset keys that are no trainer option
+SUPPLIED = {"dit_training": {"vae": "vae"}}  # options the preset gives its trainers itself (the paths it builds)
 
 
 def load_preset(name: str) -> dict:
@@ -101,7 +102,7 @@ def _same_kind(value, example) -> bool:
 def _check_training_sections(preset: dict) -> None:
     """Run each trainer's own value checks on its section now, not after the stages before it."""
     for section, (config_class, check) in TRAINING_SECTIONS.items():
-        values = {k: v for k, v in preset[section].items() if k not in EXTRA_KEYS.get(section, ())}
+        values = {**SUPPLIED.get(section, {}), **{k: v for k, v in preset[section].items() if k not in EXTRA_KEYS.get(section, ())}}
         try:
             check(config_class(**values))
         except SanaInputError as error:

@@ -17,6 +17,7 @@ import torch
 
 from sana.errors import SanaCheckpointError
 
+from .options import output_folder
 from .plotting import image_grid, to_uint8
 
 # The embedded default model: built by the shapes-tiny preset, packed (`pack_model`) and shipped
@@ -75,7 +76,7 @@ def demo(folder: str | Path, prompts: Sequence[str], out_png: str | Path, *, see
          guidance_scale: float = 4.5) -> Path:
     """Write a PNG grid of `prompts` (each image labelled with its prompt)."""
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)  # before the work: a bad folder fails first
+    output_folder(out_png.parent, "--out")  # before the work: a bad folder fails first
     images = ShapesModel.load(folder)(list(prompts), seed=seed, steps=steps, guidance_scale=guidance_scale)
     image_grid(images, list(prompts), columns=4, scale=max(1, 128 // images[0].shape[0])).save(out_png)
     return out_png
