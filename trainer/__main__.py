@@ -72,12 +72,8 @@ def _preset_overrides(items: list[str]) -> dict:
     return overrides
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run a command; returns the exit status (0 ok, 2 bad usage or any `SanaError`, printed as
-    one `error: ...` line; `--debug` adds the traceback)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].startswith("--preset"):  # `python -m trainer --preset shapes-tiny [...]`
-        argv = ["preset", *([argv[0].split("=", 1)[1]] if "=" in argv[0] else []), *argv[1:]]
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one sub-command per task, each documenting every option."""
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_debug_option(parser)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     demo.add_argument("--steps", type=int, default=20, help="Flow-DPM-Solver steps (default: 20)")
     demo.add_argument("--guidance", type=float, default=4.5, help="CFG scale (default: 4.5)")
+    demo.add_argument("--lora", default=None, help="a LoRA file to merge into the DiT first (e.g. runs/lora/lora_ema.safetensors)")
 
     evaluate = commands.add_parser("evaluate", help="shapes-world prompt adherence on held-out prompts")
     evaluate.add_argument("--model", default=str(SHIPPED_MODEL_DIR), help=f"model folder (default: {SHIPPED_MODEL_DIR})")
@@ -139,7 +136,16 @@ def main(argv: list[str] | None = None) -> int:
 
     for command in commands.choices.values():
         add_debug_option(command, top_level=False)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a command; returns the exit status (0 ok, 2 bad usage or any `SanaError`, printed as
+    one `error: ...` line; `--debug` adds the traceback)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("--preset"):  # `python -m trainer --preset shapes-tiny [...]`
+        argv = ["preset", *([argv[0].split("=", 1)[1]] if "=" in argv[0] else []), *argv[1:]]
+    args = build_parser().parse_args(argv)
     try:
         _run(args)
     except SanaError as error:
@@ -197,7 +203,10 @@ def _run(args: argparse.Namespace) -> None:
             # Only when the shipped model is absent (an install without the repository's assets/).
             print(f"{SHIPPED_MODEL_DIR} and {model} not found: training the shapes-tiny model first (one time)")
             run_preset("shapes-tiny", model)
-        path = run_demo(model, args.prompts or DEFAULT_DEMO_PROMPTS, args.out, seed=args.seed, steps=args.steps, guidance_scale=args.guidance)
+        if args.lora is not None and not Path(args.lora).is_file():
+            raise SanaInputError(f"--lora {args.lora}: no such file")
+        path = run_demo(model, args.prompts or DEFAULT_DEMO_PROMPTS, args.out, seed=args.seed, steps=args.steps,
+                        guidance_scale=args.guidance, lora=args.lora)
         print(f"wrote {path}")
     elif args.command == "evaluate":
         from .evaluate import evaluate_model

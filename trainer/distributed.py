@@ -114,36 +114,43 @@ def pick_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
 
 
-def init_world(device: str = "auto") -> World:
-    """Join the process group `torchrun` describes (if any) and pick this rank's device."""
+def launched_by_torchrun() -> bool:
+    return "MASTER_ADDR" in os.environ and "RANK" in os.environ
+
+
+def init_world(device: str = "auto", *, group_of_one: bool = False) -> World:
+    """Join the process group `torchrun` describes (if any) and pick this rank's device.
+    `group_of_one`: make the group also for a single process under torchrun (FSDP needs one,
+    e.g. to offload a model to the CPU on one GPU)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch_device = pick_device(device, local_rank)
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)
-    if size > 1 and not dist.is_initialized():
+    if (size > 1 or (group_of_one and launched_by_torchrun())) and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch_device.type == "cuda" else "gloo")
     return World(rank=rank, size=size, local_rank=local_rank, device=torch_device)
 
 
 def wrap_model(model: torch.nn.Module, world: World, strategy: str, *, cpu_offload: bool = False) -> torch.nn.Module:
-    """DDP (`strategy="ddp"`) or FSDP2 with one shard group per DiT block (`"fsdp"`); unchanged for one process.
+    """DDP (`strategy="ddp"`) or FSDP2 with one shard group per DiT block (`"fsdp"`); unchanged for
+    one process, except FSDP in a process group of one (torchrun --nproc_per_node 1).
 
     FSDP2 (`torch.distributed.fsdp.fully_shard`) shards in place: the module keeps its class
     behaviour and parameter names, its parameters become DTensor shards. It runs on CPU (gloo) too.
     `cpu_offload` keeps the shards, their gradients and the optimizer step in CPU memory (FSDP2's
     `CPUOffloadPolicy`; it needs a CUDA device to compute on).
     """
-    if not world.distributed:
-        return model
-    if strategy == "fsdp":
+    if strategy == "fsdp" and (world.distributed or dist.is_initialized()):
         from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
         options = {"offload_policy": CPUOffloadPolicy()} if cpu_offload else {}
         for block in model.blocks:
             fully_shard(block, **options)
         fully_shard(model, **options)
+        return model
+    if not world.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel
 

@@ -99,6 +99,8 @@ def check_config(config: DiTTrainConfig) -> None:
     if config.fsdp_cpu_offload and distributed.pick_device(config.device).type != "cuda":
         raise SanaInputError(f"--fsdp-cpu-offload: moves the FSDP shards off a CUDA device; this run trains on "
                              f"{distributed.pick_device(config.device)} (--device {config.device})")
+    if config.fsdp_cpu_offload and not distributed.launched_by_torchrun():
+        raise SanaInputError("--fsdp-cpu-offload: FSDP runs under torchrun (on one GPU: torchrun --nproc_per_node 1 -m trainer dit ...)")
     check_report_to(config.report_to)
     if not (Path(config.cache_dir) / "cache.json").is_file():
         raise invalid("cache_dir", config.cache_dir, "not a latent cache folder (no cache.json): build it with `python -m trainer cache`")

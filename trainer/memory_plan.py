@@ -75,11 +75,12 @@ class TrainingOptions:
             parts.append(f"--mixed-precision {self.mixed_precision}")
         if self.optimizer != "adamw":
             parts.append(f"--optimizer {self.optimizer}")
-        parts.append({"same": "EMA on GPU", "cpu": "--ema-device cpu", "off": "--ema-decay 0"}[self.ema])
+        if not self.fsdp_cpu_offload:  # offloaded, the EMA lives with the CPU shards
+            parts.append({"same": "EMA on GPU", "cpu": "--ema-device cpu", "off": "--ema-decay 0"}[self.ema])
         if self.grad_checkpointing:
             parts.append("--grad-checkpointing true")
         if self.fsdp_cpu_offload:
-            parts.append("--fsdp-cpu-offload true")
+            parts.append("--distributed fsdp --fsdp-cpu-offload true")
         return " ".join(parts)
 
 

@@ -1,5 +1,6 @@
 """The embedded default model as one object: a model folder's three parts, text to image with
-`sana.generate` (as the nodes do), and `demo`, the labelled PNG grid of `python -m trainer demo`.
+`sana.generate` (as the nodes do), and `demo`, the labelled PNG grid of `python -m trainer demo`
+(with a trained LoRA merged in, `--lora`).
 
 `SHIPPED_MODEL_DIR` (`assets/shapes-tiny`) is the model the repository ships, built by the
 shapes-tiny preset (`trainer.preset`) and packed (`trainer.pack`).
@@ -73,10 +74,16 @@ class ShapesModel:
 
 
 def demo(folder: str | Path, prompts: Sequence[str], out_png: str | Path, *, seed: int = 0, steps: int = 20,
-         guidance_scale: float = 4.5) -> Path:
-    """Write a PNG grid of `prompts` (each image labelled with its prompt)."""
+         guidance_scale: float = 4.5, lora: str | Path | None = None) -> Path:
+    """Write a PNG grid of `prompts` (each image labelled with its prompt), with a trained LoRA
+    file merged into the DiT when `lora` names one (`sana.load_lora`, as ComfyUI's loader does)."""
     out_png = Path(out_png)
     output_folder(out_png.parent, "--out")  # before the work: a bad folder fails first
-    images = ShapesModel.load(folder)(list(prompts), seed=seed, steps=steps, guidance_scale=guidance_scale)
+    model = ShapesModel.load(folder)
+    if lora is not None:
+        from sana.lora import load_lora
+
+        load_lora(model.dit, lora)
+    images = model(list(prompts), seed=seed, steps=steps, guidance_scale=guidance_scale)
     image_grid(images, list(prompts), columns=4, scale=max(1, 128 // images[0].shape[0])).save(out_png)
     return out_png

@@ -72,7 +72,7 @@ def train_dit(config: DiTTrainConfig) -> dict:
     (nothing non-finite is saved; the last good checkpoint stays)."""
     check_config(config)
     distributed.set_cpu_threads(config.threads)
-    world = distributed.init_world(config.device)
+    world = distributed.init_world(config.device, group_of_one=config.distributed == "fsdp")
     micro = micro_batch_size(config, world)
     out = Path(config.output_dir)
     with run_lock(out, take=world.is_main), _only_main_warns(world):
