@@ -236,3 +236,17 @@ def test_cache_cli_takes_the_resolution_from_the_dit(world, tmp_path, capsys):  
     assert main([*common, "--cache-dir", str(tmp_path / "cache"), "--dit", str(tmp_path / "dit")]) == 0
     assert "--resolution 32 (the training resolution" in capsys.readouterr().err  # sample_size 4 × the f8 DC-AE
     assert json.loads((tmp_path / "cache" / "cache.json").read_text())["settings"]["resolution"] == 32
+
+
+def test_a_cache_of_the_previous_version_still_trains_but_is_not_extended(world, tmp_path):  # noqa: F811
+    """Version 2 wrote the shard count, no settings and no keys: LatentCache reads it; build_cache
+    refuses to add to it rather than mix formats."""
+    data = _dataset(tmp_path / "data", 2)
+    _build(world, data, tmp_path / "cache")
+    summary = json.loads((tmp_path / "cache" / "cache.json").read_text())
+    old = {"settings": {"version": 2, "resolution": 32, "max_length": 32, "chi": True, "records": 2}, "complete": True,
+           "shards": len(summary["shards"]), "samples": 2, "skipped": [], "skipped_count": 0}
+    (tmp_path / "cache" / "cache.json").write_text(json.dumps(old))
+    assert len(LatentCache(tmp_path / "cache")) == 2
+    with pytest.raises(SanaCheckpointError, match="a cache of an earlier version"):
+        _build(world, data, tmp_path / "cache")

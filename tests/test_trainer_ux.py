@@ -14,24 +14,11 @@ import pytest
 
 from sana.errors import SanaInputError
 from test_trainer import world  # noqa: F401  (the shared tiny models)
+from test_trainer_safety import _cli, _one_error_line
 from trainer.shapes_model import SHIPPED_MODEL_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 shipped = pytest.mark.skipif(not (SHIPPED_MODEL_DIR / "transformer").is_dir(), reason="shipped model absent")
-
-
-def _cli(capsys, *argv: str) -> tuple[int, str, str]:
-    from trainer.__main__ import main
-
-    status = main(list(argv))
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
-
-
-def _one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
 
 
 @shipped

@@ -611,7 +611,9 @@ class LatentCache:
         removed = set(self.summary.get("removed", []))
         self.index: list[tuple[str, int]] = []
         self.meta: list[dict] = []
-        for name in self.summary["shards"]:
+        shards = self.summary["shards"]
+        names = [shard_name(k) for k in range(shards)] if isinstance(shards, int) else shards  # int: a version-2 cache
+        for name in names:
             rows = json.loads(read_metadata(self.folder / name)["samples"])
             for n, row in enumerate(rows):
                 if row.get("key", row["image"]) not in removed:

@@ -15,7 +15,7 @@ from sana.sampling import latents_to_images
 
 from . import shapes
 from .options import output_folder
-from .plotting import image_grid, to_uint8
+from .plotting import from_uint8, image_grid, to_uint8
 from .shapes_model import ShapesModel
 
 
@@ -27,7 +27,7 @@ def reconstruction_adherence(vae: str | Path, side: int, *, seed: int = 0) -> di
     dcae = load_dcae(vae, dtype=torch.float32)
     scenes = shapes.held_out_scenes()
     rng = np.random.default_rng(seed)
-    pixels = torch.from_numpy(np.stack([shapes.render(s, side, rng) for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    pixels = from_uint8([shapes.render(s, side, rng) for s in scenes])
     with torch.no_grad():
         images = to_uint8(latents_to_images(dcae, dcae.encode(pixels), scaled=False))
     return shapes.evaluate(images, scenes).to_dict()

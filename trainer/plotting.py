@@ -1,4 +1,5 @@
-"""PNG outputs drawn with Pillow alone: the loss curve and labelled image grids (no matplotlib)."""
+"""PNG outputs drawn with Pillow alone (the loss curve and labelled image grids, no matplotlib), and
+the conversions between uint8 images and the float tensors the models take and give."""
 
 from __future__ import annotations
 
@@ -92,6 +93,13 @@ def _wrap(text: str, width: int) -> list[str]:
         else:
             line = f"{line} {word}".strip()
     return lines + ([line] if line else [])
+
+
+def from_uint8(images: Sequence[np.ndarray]) -> "torch.Tensor":
+    """uint8 [H, W, 3] images → a float [B, 3, H, W] batch in [-1, 1] (what the DC-AE encodes)."""
+    import torch
+
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def to_uint8(images) -> list[np.ndarray]:

@@ -38,6 +38,7 @@ from .data import read_records
 from .dit_config import DiTTrainConfig
 from .dit_config import check_values as check_dit_values
 from .evaluate import evaluate_model, reconstruction_adherence
+from .plotting import from_uint8
 from .shapes_model import DEFAULT_DEMO_PROMPTS
 from .tiny_models import build_text_encoder, tiny_dcae_config, tiny_dit_config
 from .train_dcae import DCAETrainConfig, train_dcae
@@ -222,8 +223,7 @@ def _train_dcae_stage(out: Path, preset: dict, side: int, progress: bool, thread
     train_scenes = shapes.training_scenes()
 
     def images(rng: np.random.Generator, n: int) -> torch.Tensor:
-        drawn = [shapes.render(s, side, rng) for s in shapes.sample_scenes(n, rng, train_scenes)]
-        return torch.from_numpy(np.stack(drawn)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return from_uint8([shapes.render(s, side, rng) for s in shapes.sample_scenes(n, rng, train_scenes)])
 
     result = train_dcae(
         DCAETrainConfig(output_dir=str(dcae_dir), config_json=str(dcae_dir / "architecture.json"), resolution=side,
