@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -113,15 +114,17 @@ def test_other_settings_are_refused_naming_each_change(world, tmp_path, changes,
     assert named in str(error.value)
 
 
-def test_changed_model_files_are_refused(world, tmp_path):  # noqa: F811
+@pytest.mark.parametrize(("part", "named"), [("vae", "the DC-AE (--vae"), ("text_encoder", "the text encoder (--text-encoder")])
+def test_changed_model_files_are_refused(world, tmp_path, part, named):  # noqa: F811
     data = _dataset(tmp_path / "data", 2)
-    vae = tmp_path / "vae"
-    shutil.copytree(world["vae"], vae)
-    _build(world, data, tmp_path / "cache", vae=vae)
-    config = json.loads((vae / "config.json").read_text())
-    (vae / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.5}))
-    with pytest.raises(SanaCheckpointError, match=r"the DC-AE \(--vae, its files' content\) sha256:\w+… \(cache\) → sha256:\w+… \(now\)"):
-        _build(world, data, tmp_path / "cache", vae=vae)
+    copy = tmp_path / part
+    shutil.copytree(world["vae"] if part == "vae" else world["root"] / "text_encoder", copy)
+    _build(world, data, tmp_path / "cache", **{part: copy})
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "note": "edited"}))  # same weights, another file
+    with pytest.raises(SanaCheckpointError, match="other settings") as error:
+        _build(world, data, tmp_path / "cache", **{part: copy})
+    assert re.search(re.escape(named) + r", its files' content\) sha256:\w+… \(cache\) → sha256:\w+… \(now\)", str(error.value))
 
 
 def test_new_sample_prompts_reencode_the_extras_only(world, tmp_path, monkeypatch):  # noqa: F811
