@@ -146,7 +146,7 @@ def psnr_summary(values: list[float]) -> str:
 
 def run_shapes(args: argparse.Namespace) -> None:
     from trainer import shapes
-    from trainer.preset import SHIPPED_MODEL_DIR, ShapesModel
+    from trainer.shapes_model import SHIPPED_MODEL_DIR, ShapesModel
 
     folder = Path(args.shapes_model) if args.shapes_model else SHIPPED_MODEL_DIR
     if not (folder / "transformer").is_dir():

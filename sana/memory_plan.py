@@ -1,6 +1,7 @@
 """Peak device memory of a whole `sana.generate` call, modelled on the meta device (no GPU, no
 weights): `plan_generation_memory(preset, width, height, ...)`. `python -m sana doctor` prints it;
-`bench/memory_model.py` is its command line for the benchmarks.
+`bench/memory_model.py` is its command line for the benchmarks. `LiveBytes`, the counting itself,
+also serves the trainer's model of a training step (`trainer.memory_plan`).
 
 Every stage runs for real on meta tensors (shapes and dtypes, no data) under a dispatch mode that
 counts the bytes of every storage an operation creates and releases them when their last tensor
@@ -44,31 +45,47 @@ DCAE_PRESET = "dc-ae-f32c32-sana-1.1"
 LATENT_SCALE = 32  # pixels per latent side of the SANA DC-AE
 
 
-def _storage_key(t: torch.Tensor) -> int:
+def storage_key(t: torch.Tensor) -> int:
+    """The identity of the storage behind `t` (views share it)."""
     return t.untyped_storage()._cdata
 
 
 class LiveBytes(TorchDispatchMode):
-    """Counts the bytes of storages created inside the mode; `peak` is the most alive at once."""
+    """Counts the bytes of storages created inside the mode; `peak` is the most alive at once.
+
+    `events` records each storage's creation (+bytes) and release (−bytes) in order, so that
+    `peak_without(keys)` can give the peak had some storages (e.g. gradients that a CPU-offloading
+    trainer moves off the device) never been there."""
 
     def __init__(self, resident: list[torch.Tensor]):
         super().__init__()
-        self.external = {_storage_key(t) for t in resident}
+        self.external = {storage_key(t) for t in resident}
         self.refs: dict[int, int] = {}
         self.live = self.peak = 0
+        self.events: list[tuple[int, int]] = []
 
     def _release(self, key: int, nbytes: int) -> None:
         self.refs[key] -= 1
         if self.refs[key] == 0:
             del self.refs[key]
             self.live -= nbytes
+            self.events.append((key, -nbytes))
+
+    def peak_without(self, keys: set[int]) -> int:
+        """The peak over the recorded events leaving out the storages `keys` (`storage_key`s)."""
+        live = peak = 0
+        for key, delta in self.events:
+            if key not in keys:
+                live += delta
+                peak = max(peak, live)
+        return peak
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor):
                 continue
-            key = _storage_key(t)
+            key = storage_key(t)
             if key in self.external:
                 continue
             nbytes = t.untyped_storage().nbytes()
@@ -76,6 +93,7 @@ class LiveBytes(TorchDispatchMode):
                 self.refs[key] = 0
                 self.live += nbytes
                 self.peak = max(self.peak, self.live)
+                self.events.append((key, nbytes))
             self.refs[key] += 1
             weakref.finalize(t, self._release, key, nbytes)
         return out

@@ -17,7 +17,9 @@ from sana import load_dit, load_text_encoder
 from sana.dcae_io import load_dcae
 from sana.pipeline import check_components
 from trainer import shapes
-from trainer.preset import SHIPPED_MODEL_DIR, ShapesModel, demo, evaluate_model, load_preset
+from trainer.evaluate import evaluate_model
+from trainer.preset import load_preset
+from trainer.shapes_model import SHIPPED_MODEL_DIR, ShapesModel, demo
 
 pytestmark = pytest.mark.skipif(not (SHIPPED_MODEL_DIR / "transformer").is_dir(), reason="shipped model absent")
 

@@ -13,9 +13,9 @@ import torch
 from sana import load_dit
 from sana.dcae import DCAE
 from sana.dcae_io import save_dcae
-from sana.text_encoder import load_text_encoder
 from trainer import shapes
-from trainer.data import BucketBatches, LatentCache, bucket_table, build_cache, read_records, to_bucket
+from trainer.cache import LatentCache, build_cache
+from trainer.data import BucketBatches, bucket_table, read_records, to_bucket
 from trainer.tiny_models import build_text_encoder, tiny_dcae_config, tiny_dit_config
 from trainer.train_dit import DiTTrainConfig, flow_matching_loss, train_dit
 
@@ -36,8 +36,8 @@ def world(tmp_path_factory) -> dict:
     dcae = DCAE(tiny_dcae_config(latent_channels=8, widths=(8, 16, 16, 32)))
     save_dcae(dcae, root / "vae")
     summary = build_cache(
-        read_records(data), root / "cache", dcae=dcae, text_encoder=lambda: load_text_encoder(encoder_dir),
-        resolution=32, shard_size=10, sample_prompts=PROMPTS[:2], progress=False,
+        read_records(data), root / "cache", vae=root / "vae", text_encoder=encoder_dir,
+        resolution=32, shard_size=10, sample_prompts=PROMPTS[:2], min_psnr=0, progress=False,
     )
     arch = tiny_dit_config(8, 32, 4, hidden_size=64, depth=2)
     (root / "dit.json").write_text(json.dumps(arch.to_dict()))
@@ -46,7 +46,7 @@ def world(tmp_path_factory) -> dict:
 
 def _config(world, out: Path, **changes) -> DiTTrainConfig:
     base = dict(output_dir=str(out), cache_dir=str(world["cache"]), model=str(world["arch"]), steps=6, batch_size=4,
-                lr=2e-3, warmup_steps=2, save_every=3, log_every=1, progress=False, ema_decay=0.9)
+                lr=2e-3, warmup_steps=2, save_every=3, log_every=1, progress=False, ema_decay=0.9, report_to="none")
     return DiTTrainConfig(**{**base, **changes})
 
 
@@ -60,27 +60,24 @@ def test_cache_skips_and_counts_broken_images(world):
     assert cache.sample_prompts == PROMPTS[:2] and len(cache.sample_texts) == 2
 
 
-def test_cache_build_resumes_missing_shards(world, tmp_path):
+def test_cache_build_resumes_missing_shards(world, tmp_path, monkeypatch):
     """Deleting a shard and rebuilding recomputes only that shard, byte-identical."""
     copy = tmp_path / "cache"
     shutil.copytree(world["cache"], copy)
     shard = copy / "shard_00001.safetensors"
     original = shard.read_bytes()
     shard.unlink()
-    summary_path = copy / "cache.json"
-    summary = json.loads(summary_path.read_text())
-    summary_path.write_text(json.dumps({**summary, "complete": False}))
-    encoder = build_text_encoder(tmp_path / "te", PROMPTS, hidden_size=32, intermediate_size=64, head_dim=16)
-    from sana.dcae_io import load_dcae
-
-    rebuilt = build_cache(read_records(world["data"]), copy, dcae=lambda: load_dcae(world["vae"]),
-                          text_encoder=lambda: load_text_encoder(encoder), resolution=32, shard_size=10,
-                          sample_prompts=PROMPTS[:2], progress=False)
+    options = dict(vae=world["vae"], text_encoder=world["root"] / "text_encoder", resolution=32, shard_size=10,
+                   sample_prompts=PROMPTS[:2], min_psnr=0, progress=False)
+    rebuilt = build_cache(read_records(world["data"]), copy, **options)
     assert rebuilt["samples"] == 24 and shard.read_bytes() == original
-    loaded = []
-    assert build_cache(read_records(world["data"]), copy, dcae=lambda: loaded.append(1), text_encoder=None,
-                       resolution=32, shard_size=10, sample_prompts=PROMPTS[:2], progress=False)["complete"]
-    assert not loaded  # a complete cache never loads the models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a complete cache loaded a model")
+
+    monkeypatch.setattr("sana.dcae_io.load_dcae", no_loading)
+    monkeypatch.setattr("sana.text_encoder.load_text_encoder", no_loading)
+    assert build_cache(read_records(world["data"]), copy, **options)["complete"]
 
 
 def test_jsonl_manifest_and_buckets(tmp_path):

@@ -22,7 +22,7 @@ import torch
 from sana import load_dit
 from sana.errors import SanaCheckpointError, SanaInputError, SanaNonFiniteError
 from test_trainer import _config, world  # noqa: F401  (the shared tiny cache fixture)
-from trainer import train_dit as train_dit_module
+from trainer import dit_step
 from trainer.train_dcae import DCAETrainConfig, train_dcae
 from trainer.train_dit import train_dit
 
@@ -183,14 +183,14 @@ def test_resume_refuses_options_that_change_the_run_and_reports_harmless_ones(wo
 def test_a_non_finite_loss_skips_its_step(world, tmp_path, monkeypatch):  # noqa: F811
     """Step 3's loss is NaN: its weights, optimizer state, EMA and LR schedule stay those of step 2."""
     calls = []
-    real_loss = train_dit_module.flow_matching_loss
+    real_loss = dit_step.flow_matching_loss
 
     def loss_nan_at_step_3(*args):
         calls.append(1)
         loss = real_loss(*args)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    monkeypatch.setattr(train_dit_module, "flow_matching_loss", loss_nan_at_step_3)
+    monkeypatch.setattr(dit_step, "flow_matching_loss", loss_nan_at_step_3)
     run = tmp_path / "run"
     summary = train_dit(_config(world, run, steps=4, save_every=1, keep_checkpoints=0))
     before, skipped, after = _state(run, 2), _state(run, 3), _state(run, 4)
@@ -232,14 +232,14 @@ import torch
 import torch.distributed as dist
 
 from trainer.distributed import World
-from trainer.train_dit import _skip_reason
+from trainer.dit_step import skip_reason
 
 rank, init_file, results = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=60))
 world = World(rank=rank, size=2, local_rank=rank, device=torch.device("cpu"))
 scaler = torch.amp.GradScaler("cpu", enabled=True)
 # Only rank 1 sees a NaN loss; rank 0's loss and gradients are finite.
-reason = _skip_reason(float("nan") if rank else 1.0, 1.0, scaler, world)
+reason = skip_reason(float("nan") if rank else 1.0, 1.0, scaler, world)
 Path(results, f"rank{rank}").write_text(str(reason))
 dist.destroy_process_group()
 """

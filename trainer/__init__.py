@@ -1,14 +1,21 @@
 """Headless training (`python -m trainer`) built on `sana/`, never on `nodes/`.
 
-Modules:
+Modules, from the data to the commands:
 - `shapes`: the procedurally drawn "shapes world" (scenes, captions, held-out split) and its
   deterministic evaluator (colour, shape, position, count read back from pixels).
-- `data`: image folders / JSONL manifests, aspect-ratio buckets, the resumable safetensors
-  cache of DC-AE latents and text embeddings, deterministic bucketed batches.
-- `train_dit`: flow-matching DiT training (full or LoRA), AdamW/CAME, warm-up, clipping, EMA,
-  autocast, checkpointing, accumulation, exact resume; DDP/FSDP under torchrun.
+- `data`: image folders / JSONL manifests, aspect-ratio buckets (small ones merged), image
+  loading bounded by the bin, deterministic bucketed batches with repeats.
+- `cache`: the latent / text-embedding cache, encoded on the accelerator, incremental, refused
+  when what it was built from changed; `LatentCache` reads it.
+- `dit_config`, `dit_step`, `dit_checkpoint`, `dit_resume`, `train_dit`: flow-matching DiT
+  training (full or LoRA): options and their checks, one step, what is saved, where a run
+  starts, the loop; DDP/FSDP under torchrun. `optimizers` (AdamW, 8-bit AdamW, CAME, stochastic
+  rounding for bf16 weights), `reporting` (loss.jsonl, TensorBoard, W&B), `sampling` (grids).
+- `memory_plan`: the modelled peak memory of a training step, for each memory option.
 - `train_dcae`: reconstruction training for small DC-AEs.
-- `preset`: the embedded default model (`python -m trainer --preset shapes-tiny`; shipped packed in
-  `assets/shapes-tiny`), `demo` and `evaluate` (both through `sana.generate`), `pack`.
-- `tiny_models`, `sampling`, `plotting`, `options`, `distributed`: the supporting pieces.
+- `preset` (builds the embedded default model, `python -m trainer --preset shapes-tiny`),
+  `shapes_model` (it as one object; `demo`), `evaluate` (prompt adherence), `pack` (the compact
+  copy shipped in `assets/shapes-tiny`).
+- `tiny_models`, `plotting`, `options`, `distributed` (devices, threads, torch.distributed),
+  `run_folder`: the supporting pieces.
 """

@@ -20,30 +20,42 @@ from pathlib import Path
 from sana.cli import add_debug_option, report_error
 from sana.errors import SanaCheckpointError, SanaError, SanaInputError
 
-from .options import add_options, build_config
-from .preset import SHIPPED_MODEL_DIR
+from . import distributed
+from .options import parse_bool, add_options, build_config
+from .shapes_model import SHIPPED_MODEL_DIR
 
 DEFAULT_MODEL_DIR = "models/shapes-tiny"  # where the preset builds a model
+CACHE_DESCRIPTION = """Encode an image folder (or JSONL manifest) with the DC-AE and its captions with the text encoder,
+on the accelerator by default. Rerun it after adding images: only the new ones are encoded. A cache
+whose settings, models or captions changed is refused, naming what changed."""
 
 
 def _cache_command(args: argparse.Namespace) -> None:
-    import torch
+    from .cache import build_cache, check_cache_options, encode_dtype, training_resolution
+    from .data import read_records
 
-    from sana.dcae_io import load_dcae
-    from sana.text_encoder import load_text_encoder
-
-    from .data import build_cache, check_cache_options, read_records
-
-    check_cache_options(resolution=args.resolution, shard_size=args.shard_size, batch_size=args.batch_size, max_length=args.max_length)
+    resolution = args.resolution
+    if resolution is None:
+        if not args.dit:
+            raise SanaInputError("--resolution: give the training resolution (the DiT's: 1024 for Sana_1600M_1024px), "
+                                 "or --dit to read it from the model you will train")
+        resolution = training_resolution(args.dit, args.vae)
+        print(f"--resolution {resolution} (the training resolution of {args.dit})", file=sys.stderr)
+    check_cache_options(resolution=resolution, shard_size=args.shard_size, batch_size=args.batch_size,
+                        max_length=args.max_length, min_bucket_size=args.min_bucket_size)
+    encode_dtype(distributed.pick_device(args.device), args.dtype)  # refused before the data is read
+    for option, path in (("--vae", args.vae), ("--text-encoder", args.text_encoder), ("--data", args.data)):
+        if not Path(path).exists():
+            raise SanaInputError(f"{option} {path}: no such file or folder")
+    distributed.set_cpu_threads(args.threads)
     summary = build_cache(
-        read_records(args.data), args.cache_dir,
-        dcae=lambda: load_dcae(args.vae, dtype=torch.float32),
-        text_encoder=lambda: load_text_encoder(args.text_encoder),
-        resolution=args.resolution, shard_size=args.shard_size, batch_size=args.batch_size,
-        max_length=args.max_length, chi=args.chi, sample_prompts=args.sample_prompts,
+        read_records(args.data), args.cache_dir, vae=args.vae, text_encoder=args.text_encoder,
+        resolution=resolution, shard_size=args.shard_size, batch_size=args.batch_size, max_length=args.max_length,
+        chi=args.chi, sample_prompts=args.sample_prompts, flip=args.flip, min_bucket_size=args.min_bucket_size,
+        device=args.device, dtype=args.dtype, min_psnr=args.min_psnr, progress=not args.no_progress,
     )
     # The lists of left-out files stay in cache.json; the counts are printed.
-    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, list)}, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict)) or k in ("buckets",)}, indent=2))
 
 
 def _preset_overrides(items: list[str]) -> dict:
@@ -60,43 +72,50 @@ def _preset_overrides(items: list[str]) -> dict:
     return overrides
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run a command; returns the exit status (0 ok, 2 bad usage or any `SanaError`, printed as
-    one `error: ...` line; `--debug` adds the traceback)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].startswith("--preset"):  # `python -m trainer --preset shapes-tiny [...]`
-        argv = ["preset", *([argv[0].split("=", 1)[1]] if "=" in argv[0] else []), *argv[1:]]
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one sub-command per task, each documenting every option."""
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_debug_option(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
+    from .dit_config import DiTTrainConfig
     from .train_dcae import DCAETrainConfig
-    from .train_dit import DiTTrainConfig
 
-    cache = commands.add_parser("cache", help="build the latent / text-embedding cache")
+    cache = commands.add_parser("cache", help="build the latent / text-embedding cache", description=CACHE_DESCRIPTION)
     cache.add_argument("--data", required=True, help="image folder (same-name .txt captions) or JSONL manifest")
-    cache.add_argument("--cache-dir", required=True, help="output folder of safetensors shards (resumable)")
+    cache.add_argument("--cache-dir", required=True, help="output folder of safetensors shards (resumable, updated incrementally)")
     cache.add_argument("--vae", required=True, help="DC-AE checkpoint (anything sana load_dcae reads)")
     cache.add_argument("--text-encoder", required=True, help="Gemma-2 folder (anything sana.load_text_encoder reads)")
-    cache.add_argument("--resolution", type=int, default=512, help="training resolution; images go to its aspect-ratio bins (default: 512)")
+    cache.add_argument("--resolution", type=int, default=None, help="training resolution; images go to its aspect-ratio bins (default: --dit's)")
+    cache.add_argument("--dit", default=None, help="the DiT you will train: --resolution defaults to its training resolution")
+    cache.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto: the accelerator when there is one (default: auto)")
+    cache.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="encoders' dtype (default: auto, bf16 on an accelerator, fp32 on the CPU)")
     cache.add_argument("--shard-size", type=int, default=512, help="samples per shard (default: 512)")
-    cache.add_argument("--batch-size", type=int, default=16, help="encoding batch size (default: 16)")
+    cache.add_argument("--batch-size", type=int, default=16, help="images (and captions) encoded at once; bounds the pixels in memory (default: 16)")
     cache.add_argument("--max-length", type=int, default=300, help="caption tokens (default: 300)")
-    cache.add_argument("--chi", type=lambda s: s.lower() in ("1", "true", "yes"), default=True, help="prepend the complex human instruction (default: true)")
+    cache.add_argument("--chi", type=parse_bool, default=True, metavar="BOOL", help="prepend the complex human instruction (default: true)")
+    cache.add_argument("--flip", type=parse_bool, default=False, metavar="BOOL", help="also cache each image mirrored, for dit --flip (default: false: captions may name sides)")
+    cache.add_argument("--min-bucket-size", type=int, default=1, help="merge aspect-ratio buckets with fewer images into the nearest one; give the training batch size (default: 1, no merging)")
+    cache.add_argument("--min-psnr", type=float, default=20.0, help="warn when the DC-AE reconstructs the first images worse than this, in dB (default: 20; 0: off)")
     cache.add_argument("--sample-prompts", nargs="*", default=[], help="prompts to embed for sample grids during training")
+    cache.add_argument("--threads", type=int, default=0, help="CPU threads (default: 0, the CPUs this process may use)")
+    cache.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     add_options(commands.add_parser("dit", help="train the DiT (torchrun-ready)", description=DiTTrainConfig.__doc__), DiTTrainConfig)
-    add_options(commands.add_parser("dcae", help="train a small DC-AE"), DCAETrainConfig)
+    add_options(commands.add_parser("dcae", help="train a small DC-AE", description=DCAETrainConfig.__doc__), DCAETrainConfig)
 
     preset = commands.add_parser("preset", help="build the embedded default model")
     preset.add_argument("name", nargs="?", default="shapes-tiny", help="preset name (trainer/presets/<name>.json)")
     preset.add_argument("--output-dir", default=DEFAULT_MODEL_DIR, help=f"model folder to build (default: {DEFAULT_MODEL_DIR})")
     preset.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=JSON", help="override preset values, e.g. dit_training.steps=100")
     preset.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    preset.add_argument("--threads", type=int, default=0, help="CPU threads (default: 0, the CPUs this process may use; "
+                        "more threads than free cores slows a shared machine down many times)")
 
     pack = commands.add_parser("pack", help="copy a model folder compactly for shipping")
     pack.add_argument("--model", default=DEFAULT_MODEL_DIR, help=f"model folder built by the preset (default: {DEFAULT_MODEL_DIR})")
-    pack.add_argument("--out", default=str(SHIPPED_MODEL_DIR), help=f"folder to write (default: {SHIPPED_MODEL_DIR})")
+    pack.add_argument("--out", required=True, help=f"folder to write (to update the shipped model: {SHIPPED_MODEL_DIR} --overwrite)")
+    pack.add_argument("--overwrite", action="store_true", help="replace --out when it exists (only a model folder is replaced)")
     pack.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="storage dtype of the DiT and DC-AE weights (default: float16)")
 
     demo = commands.add_parser("demo", help="prompts → PNG grid")
@@ -106,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     demo.add_argument("--steps", type=int, default=20, help="Flow-DPM-Solver steps (default: 20)")
     demo.add_argument("--guidance", type=float, default=4.5, help="CFG scale (default: 4.5)")
+    demo.add_argument("--lora", default=None, help="a LoRA file to merge into the DiT first (e.g. runs/lora/lora_ema.safetensors)")
 
     evaluate = commands.add_parser("evaluate", help="shapes-world prompt adherence on held-out prompts")
     evaluate.add_argument("--model", default=str(SHIPPED_MODEL_DIR), help=f"model folder (default: {SHIPPED_MODEL_DIR})")
@@ -116,48 +136,63 @@ def main(argv: list[str] | None = None) -> int:
 
     for command in commands.choices.values():
         add_debug_option(command, top_level=False)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a command; returns the exit status (0 ok, 2 bad usage or any `SanaError`, printed as
+    one `error: ...` line; `--debug` adds the traceback)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("--preset"):  # `python -m trainer --preset shapes-tiny [...]`
+        argv = ["preset", *([argv[0].split("=", 1)[1]] if "=" in argv[0] else []), *argv[1:]]
+    args = build_parser().parse_args(argv)
     try:
         _run(args)
     except SanaError as error:
+        rank = distributed.process_rank()
+        if rank:  # under torchrun every rank reports its own failure: say whose it is
+            error = type(error)(f"rank {rank}: {error}")
         return report_error(error, debug=args.debug)
     return 0
 
 
 def _run(args: argparse.Namespace) -> None:
+    from .dit_config import DiTTrainConfig
     from .train_dcae import DCAETrainConfig
-    from .train_dit import DiTTrainConfig
 
     if args.command == "cache":
         _cache_command(args)
     elif args.command == "dit":
-        from . import distributed
         from .train_dit import train_dit
 
         summary = train_dit(build_config(DiTTrainConfig, args))
         summary.pop("model")
         distributed.shutdown()  # under torchrun: leave the process group cleanly
-        print(json.dumps(summary))
+        if distributed.process_rank() == 0:  # one summary, not one per rank
+            print(json.dumps(summary))
     elif args.command == "dcae":
-        from . import distributed
         from .train_dcae import train_dcae
 
         summary = train_dcae(build_config(DCAETrainConfig, args))
         distributed.shutdown()
-        print(json.dumps(summary))
+        if distributed.process_rank() == 0:
+            print(json.dumps(summary))
     elif args.command == "preset":
         from .preset import run_preset
 
         overrides = _preset_overrides(args.set)
-        print(json.dumps(run_preset(args.name, args.output_dir, progress=not args.no_progress, overrides=overrides), indent=2))
+        threads = distributed.set_cpu_threads(args.threads)
+        print(json.dumps(run_preset(args.name, args.output_dir, progress=not args.no_progress, overrides=overrides,
+                                    threads=threads), indent=2))
     elif args.command == "pack":
         import torch
 
-        from .preset import pack_model
+        from .pack import pack_model
 
-        print(f"wrote {pack_model(args.model, args.out, dtype=getattr(torch, args.dtype))}")
+        print(f"wrote {pack_model(args.model, args.out, dtype=getattr(torch, args.dtype), overwrite=args.overwrite)}")
     elif args.command == "demo":
-        from .preset import DEFAULT_DEMO_PROMPTS, demo as run_demo, run_preset
+        from .preset import run_preset
+        from .shapes_model import DEFAULT_DEMO_PROMPTS, demo as run_demo
 
         model = args.model
         if model is None:
@@ -168,10 +203,13 @@ def _run(args: argparse.Namespace) -> None:
             # Only when the shipped model is absent (an install without the repository's assets/).
             print(f"{SHIPPED_MODEL_DIR} and {model} not found: training the shapes-tiny model first (one time)")
             run_preset("shapes-tiny", model)
-        path = run_demo(model, args.prompts or DEFAULT_DEMO_PROMPTS, args.out, seed=args.seed, steps=args.steps, guidance_scale=args.guidance)
+        if args.lora is not None and not Path(args.lora).is_file():
+            raise SanaInputError(f"--lora {args.lora}: no such file")
+        path = run_demo(model, args.prompts or DEFAULT_DEMO_PROMPTS, args.out, seed=args.seed, steps=args.steps,
+                        guidance_scale=args.guidance, lora=args.lora)
         print(f"wrote {path}")
     elif args.command == "evaluate":
-        from .preset import evaluate_model
+        from .evaluate import evaluate_model
 
         print(json.dumps(evaluate_model(args.model, seeds=args.seeds, steps=args.steps, guidance_scale=args.guidance, out_dir=args.out_dir), indent=2))
 

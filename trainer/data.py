@@ -1,25 +1,19 @@
-"""Training data: image+caption sources, aspect-ratio buckets, and the latent / text-embedding cache.
+"""Training data: image+caption sources, aspect-ratio buckets and deterministic batches.
 
 Sources are a folder of images with same-name `.txt` captions (first line), or a JSONL
 manifest with one `{"image": path, "caption": text}` object per line (paths relative to the
 manifest; `file`/`path` and `text`/`prompt` are accepted too). Images without a caption and
 captions that are not UTF-8 are left out, counted and reported (`Records`, then the cache
-summary); a source that yields nothing is an error naming it.
+summary); a source that yields nothing is an error naming it. Each record has a `key`, its
+image's path as the source names it, which the cache (`trainer.cache`) tracks it by.
 
 Each image goes to its aspect-ratio bin through `fit_to_bin`, whose memory is bounded by the
-bin whatever the image's size or shape (cut the region, reduce it in uint8, then resample).
+bin whatever the image's size or shape (cut the region, reduce it in uint8, then resample);
+`image_size` reads only the header, so bins are chosen (and small buckets merged,
+`merge_small_buckets`) before any pixel is decoded.
 
-`build_cache` encodes every image with the DC-AE and every caption with the text encoder once
-and writes safetensors shards; training then reads only the shards, so neither Gemma nor the
-DC-AE is in memory while the DiT trains. A shard is written atomically and a rerun skips the
-shards already on disk, so an interrupted build resumes where it stopped. Images that cannot
-be read (missing, truncated, not an image, decompression bombs) are skipped and counted
-(`cache.json` lists them), never fatal.
-
-Each cached sample holds the latent (already multiplied by the DC-AE's scaling factor, i.e.
-what the DiT trains on) and the caption embedding cut to its unmasked tokens: the DiT's
-cross-attention gives masked tokens exactly zero weight, so re-padding with zeros at batch
-time reproduces the full-length result.
+`BucketBatches` makes the batches: same-size samples, each repeated `repeats` times an epoch,
+a pure function of (seed, epoch); `unusable` names the buckets too small for one batch.
 """
 
 from __future__ import annotations
@@ -27,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,20 +30,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sana.checkpoint import write_json, write_safetensors
 from sana.errors import SanaCheckpointError, SanaInputError
 from sana.resolution import ASPECT_RATIO_512_BIN, BINS_BY_SAMPLE_SIZE, closest_bin
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-CACHE_VERSION = 2  # 2: null_text encoded without the CHI
 
 
 @dataclass(frozen=True)
 class Record:
-    """One training example before encoding."""
+    """One training example before encoding; `key` names it in its source (the image's path
+    relative to the folder, or as the manifest writes it)."""
 
     image: Path
     caption: str
+    key: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            object.__setattr__(self, "key", self.image.as_posix())
 
 
 class Records(list):
@@ -87,14 +85,14 @@ def scan_folder(folder: str | Path, *, captions: bool = True) -> Records:
             if captions:
                 without_caption.append(str(path))
             else:
-                records.append(Record(path, ""))
+                records.append(Record(path, "", path.relative_to(folder).as_posix()))
             continue
         try:
             lines = text_path.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError):
             bad_caption.append(str(text_path))
             continue
-        records.append(Record(path, lines[0].strip() if lines else ""))
+        records.append(Record(path, lines[0].strip() if lines else "", path.relative_to(folder).as_posix()))
     found = Records(records, without_caption=without_caption, bad_caption=bad_caption)
     found.warn(folder)
     if not found:
@@ -129,7 +127,7 @@ def read_manifest(path: str | Path) -> Records:
         if not isinstance(text, str):
             without_caption.append(f"{path}:{number}")
             continue
-        records.append(Record(path.parent / image, text.strip()))
+        records.append(Record(path.parent / image, text.strip(), image))
     found = Records(records, without_caption=without_caption)
     found.warn(path)
     if not found:
@@ -145,15 +143,28 @@ def read_records(source: str | Path, *, captions: bool = True) -> Records:
     return scan_folder(source, captions=captions)
 
 
-def load_fitted(path: Path, table: dict[str, tuple[int, int]]) -> torch.Tensor | None:
-    """An image file as `fit_to_bin` makes it at its nearest bin of `table`, or None when it is
-    missing, truncated, not an image or a decompression bomb. JPEGs are decoded at the smallest
-    1/2, 1/4 or 1/8 scale that still covers the bin."""
+def image_size(path: Path) -> tuple[int, int] | None:
+    """(height, width) of an image file from its header alone, or None when it cannot be opened
+    as an image (missing, not an image, a decompression bomb)."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            height, width = closest_bin(image.height, image.width, table)
+            return image.height, image.width
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
+def load_fitted(path: Path, table: dict[str, tuple[int, int]] | None = None, *, size: tuple[int, int] | None = None) -> torch.Tensor | None:
+    """An image file as `fit_to_bin` makes it at its nearest bin of `table` (or at `size`, a bin
+    chosen by the caller), or None when it is missing, truncated, not an image or a
+    decompression bomb. JPEGs are decoded at the smallest 1/2, 1/4 or 1/8 scale that still
+    covers the bin."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            height, width = size or closest_bin(image.height, image.width, table)
             scale = max(height / image.height, width / image.width)
             image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
             return fit_to_bin(image, height, width)
@@ -216,232 +227,25 @@ def to_bucket(image: np.ndarray, table: dict[str, tuple[int, int]]) -> torch.Ten
     return fit_to_bin(Image.fromarray(np.asarray(image, dtype=np.uint8)), *closest_bin(image.shape[0], image.shape[1], table))
 
 
-# --------------------------------------------------------------------------------------------
-# Cache
-# --------------------------------------------------------------------------------------------
+Bin = tuple[int, int]
 
 
-def _shard_name(index: int) -> str:
-    return f"shard_{index:05d}.safetensors"
-
-
-def check_cache_options(**options: int) -> None:
-    """`SanaInputError` naming the first of `build_cache`'s size options that is not an integer ≥ 1."""
-    for name, value in options.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise SanaInputError(f"--{name.replace('_', '-')} {value!r}: must be an integer ≥ 1")
-
-
-def build_cache(
-    records: Sequence[Record],
-    out_dir: str | Path,
-    *,
-    dcae,
-    text_encoder,
-    resolution: int,
-    shard_size: int = 512,
-    batch_size: int = 16,
-    max_length: int = 300,
-    chi: bool = True,
-    sample_prompts: Sequence[str] = (),
-    progress: bool = True,
-) -> dict:
-    """Encode `records` into safetensors shards under `out_dir`; returns the cache summary.
-
-    `dcae` and `text_encoder` may be zero-argument callables that load the model: they are
-    called only if some shard is missing, so a complete cache never loads either. The empty
-    prompt's embedding (for caption dropout) and `sample_prompts`' embeddings (for sample
-    grids during training) are stored in `extras.safetensors`. Records a `Records` left out
-    (no caption, caption not UTF-8) are counted and listed in the summary, as unreadable images are.
-    """
-    check_cache_options(resolution=resolution, shard_size=shard_size, batch_size=batch_size, max_length=max_length)
-    if not records:
-        raise SanaInputError("build_cache: no records to encode (the data source yielded no image with a caption)")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    settings = {"version": CACHE_VERSION, "resolution": resolution, "max_length": max_length, "chi": chi, "records": len(records)}
-    summary_path = out / "cache.json"
-    if summary_path.is_file():
-        summary = _read_summary(summary_path)
-        if summary.get("settings") == settings and summary.get("complete"):
-            return summary
-        if summary.get("settings") != settings:
-            raise SanaCheckpointError(f"{out} holds a cache built with other settings {summary.get('settings')}; use another cache_dir")
-    write_json(summary_path, {"settings": settings, "complete": False})
-
-    shards = math.ceil(len(records) / shard_size)
-    missing = [k for k in range(shards) if not (out / _shard_name(k)).is_file()]
-    need_models = bool(missing) or not (out / "extras.safetensors").is_file()
-    if need_models:
-        dcae = dcae() if callable(dcae) and not isinstance(dcae, torch.nn.Module) else dcae
-        text_encoder = text_encoder() if callable(text_encoder) and not hasattr(text_encoder, "encode") else text_encoder
-        if resolution < dcae.spatial_compression:
-            raise SanaInputError(f"--resolution {resolution}: smaller than the DC-AE's compression factor {dcae.spatial_compression}")
-        table = bucket_table(resolution, dcae.spatial_compression)
-        encode_text = _text_encoder_fn(text_encoder, max_length, chi)
-
-    if not (out / "extras.safetensors").is_file():
-        # The empty prompt is encoded without the CHI, as pipelines encode the negative prompt
-        # (`sana.generate`, diffusers): caption dropout then trains exactly the unconditional
-        # input that classifier-free guidance feeds at sampling time.
-        embeds, mask = text_encoder.encode([""], chi=False, max_length=max_length)
-        tensors = {"null_text": embeds[0, : max(1, int(mask[0].sum()))].float().clone()}
-        tensors.update({f"sample_text.{i}": e for i, e in enumerate(encode_text(list(sample_prompts)))})
-        write_safetensors(out / "extras.safetensors", tensors, {"sample_prompts": json.dumps(list(sample_prompts)), "scaling_factor": str(dcae.scaling_factor)})
-
-    bar = _progress(len(missing) * shard_size, "caching", progress)
-    for k in missing:
-        chunk = records[k * shard_size : (k + 1) * shard_size]
-        tensors, meta, skipped = _encode_shard(chunk, dcae, encode_text, table, batch_size)
-        write_safetensors(out / _shard_name(k), tensors, {"samples": json.dumps(meta), "skipped": json.dumps(skipped)})
-        bar.update(len(chunk))
-    bar.close()
-
-    samples, skipped = 0, []
-    for k in range(shards):
-        meta = _read_shard_meta(out / _shard_name(k))
-        samples += len(json.loads(meta["samples"]))
-        skipped += json.loads(meta["skipped"])
-    summary = {"settings": settings, "complete": True, "shards": shards, "samples": samples, "skipped": skipped, "skipped_count": len(skipped)}
-    for key in ("without_caption", "bad_caption"):  # left out while reading the source (read_records warned)
-        summary[key] = list(getattr(records, key, []))
-        summary[f"{key}_count"] = len(summary[key])
-    write_json(summary_path, summary)
-    if skipped:
-        warnings.warn(f"{len(skipped)} unreadable image(s) skipped while caching (listed in {summary_path})", stacklevel=2)
-    return summary
-
-
-def _read_summary(path: Path) -> dict:
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise SanaCheckpointError(f"{path}: unreadable cache summary ({error}); rebuild the cache in another folder") from None
-    if not isinstance(summary, dict):
-        raise SanaCheckpointError(f"{path}: not a cache summary (a JSON object)")
-    return summary
-
-
-def _text_encoder_fn(text_encoder, max_length: int, chi: bool):
-    """prompts → per-prompt [L_i, D] embeddings; each distinct prompt is encoded once per build."""
-    memo: dict[str, torch.Tensor] = {}
-
-    def encode(prompts: Sequence[str]) -> list[torch.Tensor]:
-        new = list(dict.fromkeys(p for p in prompts if p not in memo))
-        if new:
-            embeds, mask = text_encoder.encode(new, chi=chi, max_length=max_length)
-            # Masks are a prefix (right-padded): keep the attended tokens only.
-            memo.update({p: e[: max(1, int(m.sum()))].float().clone() for p, e, m in zip(new, embeds, mask)})
-        return [memo[p] for p in prompts]
-
-    return encode
-
-
-@torch.inference_mode()
-def _encode_shard(chunk: Sequence[Record], dcae, encode_text, table, batch_size: int) -> tuple[dict, list, list]:
-    pixels: list[tuple[int, torch.Tensor]] = []
-    skipped = []
-    for i, record in enumerate(chunk):
-        image = load_fitted(record.image, table)
-        if image is None:
-            skipped.append(str(record.image))
-            continue
-        pixels.append((i, image))
-    latents: dict[int, torch.Tensor] = {}
-    by_size: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
-    for i, x in pixels:
-        by_size.setdefault(tuple(x.shape[-2:]), []).append((i, x))
-    for group in by_size.values():
-        for start in range(0, len(group), batch_size):
-            part = group[start : start + batch_size]
-            z = dcae.encode(torch.stack([x for _, x in part]).to(dcae.dtype)).float() * dcae.scaling_factor
-            latents.update({i: zi.cpu().clone() for (i, _), zi in zip(part, z)})
-    kept = [i for i, _ in pixels]
-    texts = []
-    for start in range(0, len(kept), batch_size):
-        texts += encode_text([chunk[i].caption for i in kept[start : start + batch_size]])
-    tensors, meta = {}, []
-    for n, (i, text) in enumerate(zip(kept, texts)):
-        tensors[f"latent.{n}"] = latents[i]
-        tensors[f"text.{n}"] = text
-        meta.append({"image": str(chunk[i].image), "caption": chunk[i].caption, "size": list(latents[i].shape[-2:])})
-    return tensors, meta, skipped
-
-
-def _read_shard_meta(path: Path) -> dict:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata()
-    except Exception as error:  # safetensors raises its own error types for missing or damaged files
-        raise SanaCheckpointError(f"{path}: cache shard missing or unreadable ({error}); rebuild the cache") from None
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, disable=not enabled or total == 0, dynamic_ncols=True)
-
-
-class LatentCache:
-    """Random access to a finished cache: `cache[i] -> (latent [c, h, w], text [L, D])`.
-
-    Shards are opened lazily (memory-mapped) and a few are kept open.
-    """
-
-    def __init__(self, folder: str | Path, keep_open: int = 4):
-        from safetensors import safe_open
-
-        self.folder = Path(folder)
-        summary_path = self.folder / "cache.json"
-        if not summary_path.is_file() or not _read_summary(summary_path).get("complete"):
-            raise SanaCheckpointError(f"{self.folder} is not a finished latent cache (no complete cache.json); build it with `python -m trainer cache`")
-        self.summary = _read_summary(summary_path)
-        self.index: list[tuple[int, int]] = []
-        self.meta: list[dict] = []
-        for k in range(self.summary["shards"]):
-            rows = json.loads(_read_shard_meta(self.folder / _shard_name(k))["samples"])
-            self.index += [(k, n) for n in range(len(rows))]
-            self.meta += rows
-        if not self.meta:
-            raise SanaCheckpointError(f"{self.folder}: the cache holds no sample (every image was unreadable?)")
-        self._open: OrderedDict[int, object] = OrderedDict()
-        self._keep_open = keep_open
-        self._safe_open = safe_open
-        with safe_open(str(self.folder / "extras.safetensors"), framework="pt") as f:
-            self.null_text = f.get_tensor("null_text")
-            extras_meta = f.metadata()
-            self.sample_prompts: list[str] = json.loads(extras_meta["sample_prompts"])
-            self.sample_texts = [f.get_tensor(f"sample_text.{i}") for i in range(len(self.sample_prompts))]
-            self.scaling_factor = float(extras_meta["scaling_factor"])
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def _shard(self, k: int):
-        if k not in self._open:
-            self._open[k] = self._safe_open(str(self.folder / _shard_name(k)), framework="pt")
-            if len(self._open) > self._keep_open:
-                self._open.popitem(last=False)
-        self._open.move_to_end(k)
-        return self._open[k]
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k, n = self.index[i]
-        shard = self._shard(k)
-        return shard.get_tensor(f"latent.{n}"), shard.get_tensor(f"text.{n}")
-
-    def latent_size(self, i: int) -> tuple[int, int]:
-        return tuple(self.meta[i]["size"])
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self[0][0].shape[0])
-
-    @property
-    def text_dim(self) -> int:
-        return int(self.null_text.shape[-1])
+def merge_small_buckets(counts: dict[Bin, int], min_size: int) -> dict[Bin, Bin]:
+    """Where each bin's images go so that no bucket holds fewer than `min_size` images: the
+    smallest bucket below it moves into the bucket nearest in aspect ratio (log h/w), until none
+    is below or one bucket is left. Returns {bin: target} for the bins that move."""
+    sizes = {b: n for b, n in counts.items() if n > 0}
+    moved: dict[Bin, Bin] = {}
+    while len(sizes) > 1:
+        small = min(sizes, key=lambda b: (sizes[b], b))
+        if sizes[small] >= min_size:
+            break
+        ratio = math.log(small[0] / small[1])
+        target = min((b for b in sizes if b != small), key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -sizes[b], b))
+        sizes[target] += sizes.pop(small)
+        moved = {b: (target if t == small else t) for b, t in moved.items()}
+        moved[small] = target
+    return moved
 
 
 def pad_texts(texts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -458,26 +262,34 @@ def pad_texts(texts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
 class BucketBatches:
     """Deterministic batches of same-size samples: batch `b` of epoch `e` depends only on (seed, e).
 
-    Each epoch shuffles the samples, fills one queue per latent size, emits a batch whenever a
-    queue holds `batch_size` indices (leftovers are dropped), then shuffles the batch order.
-    Resuming at (epoch, batch) therefore needs no saved sampler state, and every rank of a
-    distributed run computes the same global batches and takes its own slice.
+    Each epoch shuffles the samples (each `repeats` times), fills one queue per latent size,
+    emits a batch whenever a queue holds `batch_size` indices (leftovers wait for another
+    epoch's shuffle), then shuffles the batch order. Resuming at (epoch, batch) therefore needs
+    no saved sampler state, and every rank of a distributed run computes the same global batches
+    and takes its own slice. A size with fewer than `batch_size` samples never fills a batch:
+    `unusable` lists them (the trainer reports them; `python -m trainer cache --min-bucket-size`
+    merges them).
     """
 
-    def __init__(self, sizes: Sequence[tuple[int, int]], batch_size: int, seed: int):
-        largest = max(Counter(map(tuple, sizes)).values(), default=0)
+    def __init__(self, sizes: Sequence[tuple[int, int]], batch_size: int, seed: int, repeats: int = 1):
+        counts = Counter(map(tuple, sizes))
+        largest = max(counts.values(), default=0) * repeats
         if largest < batch_size:
             raise SanaInputError(f"--batch-size {batch_size}: no latent size of the cache has that many samples "
-                                 f"(the largest group has {largest} of {len(sizes)}); lower it")
-        self.sizes = list(sizes)
+                                 f"(the largest group has {largest} of {len(sizes) * repeats} with --repeats {repeats}); lower it")
+        self.sizes = [tuple(s) for s in sizes]
         self.batch_size = batch_size
         self.seed = seed
+        self.repeats = repeats
+        self.unusable = {size: n for size, n in sorted(counts.items()) if n * repeats < batch_size}
 
     def epoch(self, epoch: int) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         queues: dict[tuple[int, int], list[int]] = {}
         batches = []
-        for i in torch.randperm(len(self.sizes), generator=generator).tolist():
+        count = len(self.sizes)
+        for entry in torch.randperm(count * self.repeats, generator=generator).tolist():
+            i = entry % count
             queue = queues.setdefault(self.sizes[i], [])
             queue.append(i)
             if len(queue) == self.batch_size:

@@ -1,13 +1,19 @@
-"""torch.distributed setup: `torchrun` launches, DDP or FSDP wraps; gloo on CPU, NCCL on GPU.
+"""The hardware a command runs on: devices, CPU threads, and torch.distributed under `torchrun`
+(DDP or FSDP wraps; gloo on CPU, NCCL on GPU).
 
 A plain `python -m trainer ...` (no torchrun environment) is a world of one and wraps nothing.
+CPU threads default to the CPUs the process may use (its affinity, capped by a container's CPU
+quota) shared among the processes of one machine: PyTorch's own default counts the host's
+cores, which oversubscribes a container or a machine running several ranks.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -49,35 +55,102 @@ def check_device(device: str) -> None:
         raise SanaInputError(f"--device {device!r}: MPS is not available here; use --device cpu or auto")
 
 
-def init_world(device: str = "auto") -> World:
-    """Join the process group `torchrun` describes (if any) and pick this rank's device."""
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
+CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")  # cgroup v1: quota (-1: none), period beside it
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """The container's CPU quota in CPUs, or None when there is none (or it cannot be read)."""
+    try:
+        if CGROUP_CPU_MAX.is_file():
+            quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        if CGROUP_V1_QUOTA.is_file():
+            quota = int(CGROUP_V1_QUOTA.read_text())
+            period = int((CGROUP_V1_QUOTA.parent / "cpu.cfs_period_us").read_text())
+            return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask, capped by a cgroup CPU quota."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        count = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        count = min(count, max(1, math.floor(quota)))
+    return max(1, count)
+
+
+def set_cpu_threads(threads: int = 0) -> int:
+    """Set PyTorch's CPU threads and return the number: `threads`, or for 0 `OMP_NUM_THREADS`
+    when set (torchrun sets 1), else `usable_cpus()` shared by the processes on this machine."""
+    if threads < 0:
+        raise SanaInputError(f"--threads {threads}: must be ≥ 0 (0: the CPUs this process may use)")
+    if threads == 0:
+        if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+            threads = int(os.environ["OMP_NUM_THREADS"])
+        else:
+            threads = max(1, usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def process_rank() -> int:
+    """This process's rank under torchrun (0 without it)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def pick_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """The device `--device` names (checked by `check_device`); "auto" is the accelerator when
+    there is one (CUDA, else MPS), else the CPU. Under torchrun "cuda" is this rank's GPU."""
+    check_device(device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
+
+
+def launched_by_torchrun() -> bool:
+    return "MASTER_ADDR" in os.environ and "RANK" in os.environ
+
+
+def init_world(device: str = "auto", *, group_of_one: bool = False) -> World:
+    """Join the process group `torchrun` describes (if any) and pick this rank's device.
+    `group_of_one`: make the group also for a single process under torchrun (FSDP needs one,
+    e.g. to offload a model to the CPU on one GPU)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_device = torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
+    torch_device = pick_device(device, local_rank)
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)
-    if size > 1 and not dist.is_initialized():
+    if (size > 1 or (group_of_one and launched_by_torchrun())) and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch_device.type == "cuda" else "gloo")
     return World(rank=rank, size=size, local_rank=local_rank, device=torch_device)
 
 
-def wrap_model(model: torch.nn.Module, world: World, strategy: str) -> torch.nn.Module:
-    """DDP (`strategy="ddp"`) or FSDP2 with one shard group per DiT block (`"fsdp"`); unchanged for one process.
+def wrap_model(model: torch.nn.Module, world: World, strategy: str, *, cpu_offload: bool = False) -> torch.nn.Module:
+    """DDP (`strategy="ddp"`) or FSDP2 with one shard group per DiT block (`"fsdp"`); unchanged for
+    one process, except FSDP in a process group of one (torchrun --nproc_per_node 1).
 
     FSDP2 (`torch.distributed.fsdp.fully_shard`) shards in place: the module keeps its class
     behaviour and parameter names, its parameters become DTensor shards. It runs on CPU (gloo) too.
+    `cpu_offload` keeps the shards, their gradients and the optimizer step in CPU memory (FSDP2's
+    `CPUOffloadPolicy`; it needs a CUDA device to compute on).
     """
-    if not world.distributed:
-        return model
-    if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+    if strategy == "fsdp" and (world.distributed or dist.is_initialized()):
+        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
+        options = {"offload_policy": CPUOffloadPolicy()} if cpu_offload else {}
         for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, **options)
+        fully_shard(model, **options)
+        return model
+    if not world.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -124,13 +197,14 @@ def full_state_dict(wrapped: torch.nn.Module, strategy: str) -> dict[str, torch.
     return unwrap(wrapped).state_dict()
 
 
-def load_full_state_dict(wrapped: torch.nn.Module, strategy: str, state: dict[str, torch.Tensor]) -> None:
+def load_full_state_dict(wrapped: torch.nn.Module, strategy: str, state: dict[str, torch.Tensor], *, strict: bool = True) -> None:
+    """Load whole tensors into the (possibly sharded) model; `strict=False` loads a subset (a LoRA's adapters)."""
     if strategy == "fsdp" and is_sharded(wrapped):
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
         set_model_state_dict(wrapped, state, options=_full_options())
     else:
-        unwrap(wrapped).load_state_dict(state)
+        unwrap(wrapped).load_state_dict(state, strict=strict)
 
 
 def optimizer_state_dict(wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer, strategy: str) -> dict:

@@ -45,7 +45,7 @@ def _base_type(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
-def _parse_bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
@@ -63,7 +63,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         help_text = f"{field.metadata.get('help', '')} (default: {default!r})"
         kwargs: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS, "help": help_text}
         if base is bool:
-            kwargs.update(type=_parse_bool, metavar="BOOL")
+            kwargs.update(type=parse_bool, metavar="BOOL")
         elif base in (int, float, str):
             kwargs["type"] = base
         if is_list:
@@ -166,3 +166,14 @@ def check_range(config: Any, name: str, *, at_least: float | None = None, above:
         if bound is not None and not holds(value, bound):
             wanted = " and ".join(f"{s} {b}" for b, _, s in bounds if b is not None)
             raise invalid(name, value, f"must be {wanted}")
+
+
+def output_folder(path: str | Path, option: str) -> Path:
+    """Make the folder `option` (e.g. "--out-dir") names, before the work whose results go there:
+    a path that cannot be a folder is a `SanaInputError` then, not a lost run afterwards."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SanaInputError(f"{option} {folder}: cannot be made a folder ({error.strerror or error})") from None
+    return folder

@@ -1,4 +1,5 @@
-"""PNG outputs drawn with Pillow alone: the loss curve and labelled image grids (no matplotlib)."""
+"""PNG outputs drawn with Pillow alone (the loss curve and labelled image grids, no matplotlib), and
+the conversions between uint8 images and the float tensors the models take and give."""
 
 from __future__ import annotations
 
@@ -94,7 +95,14 @@ def _wrap(text: str, width: int) -> list[str]:
     return lines + ([line] if line else [])
 
 
+def from_uint8(images: Sequence[np.ndarray]) -> "torch.Tensor":
+    """uint8 [H, W, 3] images → a float [B, 3, H, W] batch in [-1, 1] (what the DC-AE encodes)."""
+    import torch
+
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 def to_uint8(images) -> list[np.ndarray]:
-    """[B, 3, H, W] tensors in [-1, 1] → list of uint8 [H, W, 3] arrays."""
-    array = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return list(array)
+    """Images [B, H, W, 3] in [0, 1] (what `sana.generate` and `sana.sampling.latents_to_images`
+    return) → a list of uint8 [H, W, 3] arrays."""
+    return list((images.float().clamp(0, 1) * 255).round().byte().cpu().numpy())

@@ -1,19 +1,26 @@
-"""Sampling from cached text embeddings (sample grids during training, evaluation).
+"""Sample grids from cached text embeddings (training samples), through the sampling layer.
 
-Built from `sana.samplers` / `sana.schedules`: Flow-DPM-Solver with classifier-free guidance,
-the unconditional branch fed the empty prompt's embedding (what caption dropout trained).
+The schedule (`sana.sampling.flow_schedule`), the guidance branches and their text batch
+(`guidance_branches`, `guided_context` inside `sana.pipeline.denoise_flow`) and the decoding
+(`sana.sampling.latents_to_images`) are the ones `sana.generate` and the nodes use; only the
+prompts differ: embeddings from the cache (or encoded at train time), the unconditional branch
+fed the empty prompt's embedding (what caption dropout trained).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
+import numpy as np
 import torch
 
-from sana.samplers import draw_noise, flow_dpm_solver, guided_velocity
-from sana.schedules import flow_dpm_schedule
+from sana.pipeline import PromptEmbeddings, denoise_flow
+from sana.samplers import draw_noise, guidance_branches
+from sana.sampling import FLOW_DPM_SOLVER, flow_schedule, latents_to_images
 
 from .data import pad_texts
+from .plotting import image_grid, to_uint8
 
 
 @torch.no_grad()
@@ -27,49 +34,30 @@ def sample_latents(
     guidance_scale: float = 4.5,
     shift: float | None = None,
     seed: int = 0,
-    latent_channels: int | None = None,
 ) -> torch.Tensor:
-    """Latents [B, c, h, w] (float32, scaled like the training latents) for per-prompt `texts` ([L_i, D])."""
-    config = model.config
-    device, dtype = model.device, model.dtype
-    batch = len(texts)
-    cond, cond_mask = pad_texts([t.float() for t in texts])
-    uncond, uncond_mask = pad_texts([null_text.float()] * batch)
-    length = max(cond.shape[1], uncond.shape[1])
-    cond, cond_mask = _pad_to(cond, cond_mask, length)
-    uncond, uncond_mask = _pad_to(uncond, uncond_mask, length)
-    generator = torch.Generator().manual_seed(seed)
-    channels = latent_channels or config.in_channels
-    noise = draw_noise((batch, channels, *latent_size), generator, device=device)
-    schedule = flow_dpm_schedule(steps, shift if shift is not None else config.flow_shift)
-    use_cfg = guidance_scale > 1.0
-
-    def call(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if use_cfg:
-            # `guidance_branches` order: the unconditional chunk first, then the conditional one.
-            context = torch.cat([uncond, cond])
-            mask = torch.cat([uncond_mask, cond_mask])
-        else:
-            context, mask = cond, cond_mask
-        return model(x.to(dtype), t.to(device), context.to(device, dtype), mask.to(device))
-
-    velocity = guided_velocity(call, guidance_scale=guidance_scale)
+    """Latents [B, c, h, w] (float32, scaled like the training latents) for per-prompt `texts`
+    ([L_i, D]), with Flow-DPM-Solver and classifier-free guidance as `sana.generate` samples."""
+    device, batch = model.device, len(texts)
+    # One padding for both branches: the prompts' and the empty prompt's rows share a length.
+    context, mask = pad_texts([t.float() for t in texts] + [null_text.float()] * batch)
+    context, mask = context.to(device), mask.to(device)
+    text = PromptEmbeddings(context[:batch], mask[:batch], context[batch:], mask[batch:])
+    noise = draw_noise((batch, model.config.in_channels, *latent_size), torch.Generator().manual_seed(seed), device=device)
+    schedule = flow_schedule(FLOW_DPM_SOLVER, steps, shift if shift is not None else model.config.flow_shift)
     was_training = model.training
     model.eval()
     try:
-        return flow_dpm_solver(velocity, noise, schedule)
+        return denoise_flow(model, text, noise, schedule, solver=FLOW_DPM_SOLVER,
+                            branches=guidance_branches(guidance_scale), guidance_scale=guidance_scale)
     finally:
         model.train(was_training)
 
 
-def _pad_to(embeds: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    extra = length - embeds.shape[1]
-    if extra <= 0:
-        return embeds, mask
-    return torch.nn.functional.pad(embeds, (0, 0, 0, extra)), torch.nn.functional.pad(mask, (0, extra))
-
-
-@torch.no_grad()
-def decode_latents(dcae, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents → images [B, 3, H, W] in [-1, 1]."""
-    return dcae.decode((latents / dcae.scaling_factor).to(dcae.device, dcae.dtype)).float().clamp(-1, 1)
+def write_sample_grid(dcae, latents: torch.Tensor, prompts: Sequence[str], path: Path) -> np.ndarray:
+    """Decode `latents` (`latents_to_images`) and save them as a labelled PNG grid; returns the
+    grid as a uint8 [H, W, 3] array."""
+    images = to_uint8(latents_to_images(dcae, latents))
+    grid = image_grid(images, list(prompts), scale=max(1, 128 // images[0].shape[0]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return np.asarray(grid)

@@ -6,9 +6,10 @@ networks that cannot be downloaded here; `phase="decoder-head"` trains only the 
 output side, with the latent space frozen, as phase 3 does; `phase="decoder"` trains the whole
 decoder with the encoder frozen, which sharpens a small model's edges without moving the
 latents a DiT was trained on). AdamW with the paper's phase-1
-settings scaled for tiny models, warm-up, gradient clipping. After training, the scaling
-factor is set to 1 / RMS of the latents over the data (the spec's rule) and the model is
-saved with `sana.dcae_io.save_dcae`, so `load_dcae` reads it back.
+settings scaled for tiny models, warm-up, gradient clipping. After training from scratch, the
+scaling factor is set to 1 / RMS of the latents over the data (the spec's rule); a fine-tune of
+--init keeps its factor unless `--scaling-factor recompute` (a DiT trained on the old latents
+would no longer match). The model is saved with `sana.dcae_io.save_dcae`, so `load_dcae` reads it back.
 
 Every option is checked before anything is loaded (`check_config`), one run at a time holds the
 output folder, and a non-finite loss stops training (`SanaNonFiniteError` naming the step)
@@ -18,6 +19,7 @@ before anything is saved.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,12 +33,16 @@ from sana.dcae import DCAE, DCAEConfig, latent_rms_scaling_factor
 from sana.dcae_io import load_dcae, save_dcae
 from sana.errors import SanaCheckpointError, SanaInputError, SanaNonFiniteError
 
+from . import distributed
 from .options import check_range, check_types, invalid, option, to_dict
 from .run_folder import run_lock
 
 
 @dataclass
 class DCAETrainConfig:
+    """Reconstruction training (L1 + MSE) of a small DC-AE from scratch (--config-json) or from a
+    checkpoint (--init), on an image folder or JSONL manifest (--data)."""
+
     output_dir: str = option("runs/dcae", "where the trained DC-AE (diffusers folder `vae/`) and its log go")
     data: str = option("", "image folder or JSONL manifest (captions are ignored)")
     init: str = option("", "DC-AE checkpoint to continue from (anything load_dcae reads); empty: --config-json")
@@ -52,15 +58,19 @@ class DCAETrainConfig:
     l1_weight: float = option(1.0, "weight of the L1 reconstruction loss")
     mse_weight: float = option(1.0, "weight of the MSE reconstruction loss")
     salient_weight: float = option(0.0, "extra per-pixel weight ∝ |pixel − image mean|: small objects on a plain background are not averaged away")
+    scaling_factor: str = option("auto", "the saved latent scaling factor: recompute (1 / RMS of the latents), keep --init's, or "
+                                 "auto (recompute from scratch, keep --init's: a DiT trained on its latents depends on it)",
+                                 choices=["auto", "recompute", "keep"])
     seed: int = option(0, "seed for initialisation and data order")
     log_every: int = option(10, "steps between loss-log rows")
+    threads: int = option(0, "CPU threads (0: the CPUs this process may use)")
     progress: bool = option(True, "show a progress bar")
 
 
 def check_config(config: DCAETrainConfig, *, has_images: bool = False) -> None:
     """Raise `SanaInputError` naming the first unusable option (`has_images`: the caller supplies
     the batches, so `data` is not needed); reads no file but stats paths."""
-    check_types(config)
+    check_values(config)
     if not config.output_dir:
         raise invalid("output_dir", config.output_dir, "give the output folder")
     if bool(config.init) == bool(config.config_json):
@@ -74,6 +84,11 @@ def check_config(config: DCAETrainConfig, *, has_images: bool = False) -> None:
             raise invalid("data", config.data, "give an image folder or JSONL manifest")
         if not Path(config.data).exists():
             raise invalid("data", config.data, "no such file or folder")
+
+
+def check_values(config: DCAETrainConfig) -> None:
+    """The checks of `check_config` that read no file: types and ranges."""
+    check_types(config)
     for name in ("resolution", "steps", "batch_size", "log_every"):
         check_range(config, name, at_least=1)
     check_range(config, "warmup_steps", at_least=0)
@@ -81,6 +96,9 @@ def check_config(config: DCAETrainConfig, *, has_images: bool = False) -> None:
         check_range(config, name, at_least=0.0)
     check_range(config, "lr", above=0.0)
     check_range(config, "seed", at_least=0, at_most=2**32 - 1)
+    check_range(config, "threads", at_least=0)
+    if config.scaling_factor == "keep" and not config.init:
+        raise invalid("scaling_factor", "keep", "there is no --init to keep it from: training from scratch computes it")
     if config.l1_weight == 0 and config.mse_weight == 0:
         raise SanaInputError("--l1-weight 0 and --mse-weight 0: the loss would be zero; give one a positive weight")
 
@@ -107,6 +125,7 @@ def train_dcae(config: DCAETrainConfig, images: Callable[[np.random.Generator, i
     `SanaCheckpointError` for an unusable file or a folder another run holds, and
     `SanaNonFiniteError` at the first non-finite loss (nothing is saved then)."""
     check_config(config, has_images=images is not None)
+    distributed.set_cpu_threads(config.threads)
     out = Path(config.output_dir)
     with run_lock(out):
         return _train(config, images, out)
@@ -164,15 +183,26 @@ def _train(config: DCAETrainConfig, images, out: Path) -> dict:
     model.eval()
     if not all(bool(p.isfinite().all()) for p in model.parameters()):
         raise SanaNonFiniteError(f"DC-AE training: the weights are non-finite after {config.steps} steps; nothing was saved")
-    if config.phase == "full":  # the other phases keep the latent space, hence its scaling factor
+    if _recompute_scaling(config):
         with torch.no_grad():
             latents = torch.cat([model.encoder(images(rng, config.batch_size)) for _ in range(4)])
         model.config = model.config.replace(scaling_factor=round(latent_rms_scaling_factor(latents), 5))
+    elif config.init and config.phase == "full":
+        print(f"keeping --init's scaling factor {model.config.scaling_factor} (a DiT trained on its latents depends on it; "
+              "--scaling-factor recompute to replace it)", file=sys.stderr)
     save_dcae(model, out / "vae")
     from .plotting import plot_loss
 
     plot_loss(out / "loss.jsonl", out / "loss.png")
     return {"loss": loss_value, "seconds": time.time() - started, "scaling_factor": model.config.scaling_factor, "path": str(out / "vae")}
+
+
+def _recompute_scaling(config: DCAETrainConfig) -> bool:
+    """Whether training ends by recomputing the scaling factor: only the full phase moves the
+    latent space, and a fine-tune of --init keeps its factor unless asked."""
+    if config.phase != "full" or config.scaling_factor == "keep":
+        return False
+    return config.scaling_factor == "recompute" or not config.init
 
 
 def _model_from_json(path: Path) -> DCAE:
