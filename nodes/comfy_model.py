@@ -138,7 +138,9 @@ class SanaDiffusionModel(nn.Module):
         return dit(x, timestep, context, context_mask, guidance, trim_context=trim, block_residuals=residuals)
 
 
-def caption_inputs(context: torch.Tensor, context_mask: torch.Tensor | None, context_length: int | None, batch: int):
+def caption_inputs(
+    context: torch.Tensor, context_mask: torch.Tensor | None, context_length: int | None, batch: int
+) -> tuple[torch.Tensor, torch.Tensor | None, bool | None]:
     """(context, context_mask, trim_context) for a DiT (or ControlNet) call from ComfyUI's conds:
     the mask broadcast to the batch, and both cut to the kept length computed once per sampling
     (`ContextLength`), so nothing is trimmed per step; without a known length, the model trims."""

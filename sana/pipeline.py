@@ -596,7 +596,7 @@ def denoise_flow(
 def _controlled_velocity(
     dit: SanaDiT, control: Control, context: torch.Tensor, mask: torch.Tensor, copies: int, guidance_scale: float,
     pag_scale: float,
-):
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The guided velocity of the DiT steered by `control` (see `denoise_flow`)."""
     dtype, timestep_scale = dit.dtype, dit.config.timestep_scale
     latents = control.latents
