@@ -14,6 +14,9 @@ translates ComfyUI's calling conventions:
 - The padded caption columns are dropped without reading the mask back from the device every
   step: each cond's kept length is computed once, when ComfyUI prepares the conds, and batched
   conds take the longest (`ContextLength`).
+- `control` (what ComfyUI's Apply ControlNet nodes attach, merged over chained ControlNets) carries
+  a Sana ControlNet's residuals under "output", one entry per DiT block (`comfy_controlnet.py`):
+  they become the DiT's `block_residuals`.
 """
 
 from __future__ import annotations
@@ -103,32 +106,49 @@ class SanaDiffusionModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.dit.dtype
 
+    def dit_timestep(self, timesteps: torch.Tensor, transformer_options: dict, batch: int) -> torch.Tensor:
+        """The float32 timestep `[batch]` the DiT gets for ComfyUI's `timesteps` (sigma * 1000):
+        the sampler's override (Flow-DPM-Solver's integer timestep) when it sets one, times the
+        config's `timestep_scale` (not for Sprint, which takes the flow time itself)."""
+        override = transformer_options.get(DIT_TIMESTEP_KEY)
+        if override is not None:
+            timestep = torch.full((batch,), float(override), device=timesteps.device, dtype=torch.float32)
+        else:
+            timestep = timesteps.float().reshape(-1).expand(batch) if timesteps.numel() == 1 else timesteps.float()
+        if not self.config.guidance_embeds:
+            timestep = timestep * self.config.timestep_scale
+        return timestep
+
     def forward(self, x, timesteps, context=None, control=None, transformer_options={}, context_mask=None, guidance=None,
                 context_length=None, **kwargs):
         dit = self.dit
         batch = x.shape[0]
-        override = transformer_options.get(DIT_TIMESTEP_KEY)
-        if override is not None:
-            timestep = torch.full((batch,), float(override), device=x.device, dtype=torch.float32)
-        else:
-            timestep = timesteps.float().reshape(-1).expand(batch) if timesteps.numel() == 1 else timesteps.float()
-        if not dit.config.guidance_embeds:
-            timestep = timestep * dit.config.timestep_scale
-        elif guidance is None:
+        timestep = self.dit_timestep(timesteps, transformer_options, batch)
+        if dit.config.guidance_embeds and guidance is None:
             guidance = torch.full((batch,), SPRINT_DEFAULT_GUIDANCE, device=x.device)
         if guidance is not None:
             guidance = guidance.reshape(-1)
             guidance = guidance.expand(batch) if guidance.numel() == 1 else guidance
-        if context_mask is not None and context_mask.shape[0] != batch:
-            context_mask = context_mask.expand(batch, -1)
-        trim = None  # no length known (a mask from elsewhere): the DiT trims by itself
-        if context_length is not None and context_mask is not None:
-            context, context_mask, trim = context[:, :context_length], context_mask[:, :context_length], False
+        context, context_mask, trim = caption_inputs(context, context_mask, context_length, batch)
+        residuals = control.get("output") if control is not None else None
         layers = transformer_options.get(PAG_LAYERS_KEY)
         if layers:
             with perturbed_self_attention(dit, layers, slice(None)):
-                return dit(x, timestep, context, context_mask, guidance, trim_context=trim)
-        return dit(x, timestep, context, context_mask, guidance, trim_context=trim)
+                return dit(x, timestep, context, context_mask, guidance, trim_context=trim, block_residuals=residuals)
+        return dit(x, timestep, context, context_mask, guidance, trim_context=trim, block_residuals=residuals)
+
+
+def caption_inputs(
+    context: torch.Tensor, context_mask: torch.Tensor | None, context_length: int | None, batch: int
+) -> tuple[torch.Tensor, torch.Tensor | None, bool | None]:
+    """(context, context_mask, trim_context) for a DiT (or ControlNet) call from ComfyUI's conds:
+    the mask broadcast to the batch, and both cut to the kept length computed once per sampling
+    (`ContextLength`), so nothing is trimmed per step; without a known length, the model trims."""
+    if context_mask is not None and context_mask.shape[0] != batch:
+        context_mask = context_mask.expand(batch, -1)
+    if context_length is not None and context_mask is not None:
+        return context[:, :context_length], context_mask[:, :context_length], False
+    return context, context_mask, None
 
 
 class ContextLength(comfy.conds.CONDConstant):

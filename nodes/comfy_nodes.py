@@ -37,6 +37,7 @@ from ..sana.sampling import FLOW_DPM_SOLVER, TRIGFLOW, sampling_schedule, select
 from ..sana.text_encoder import load_text_encoder
 from . import specs
 from .comfy_holders import ManagedModule, SanaGemma
+from .comfy_controlnet import load_sana_controlnet
 from .comfy_model import auto_dtype, load_sana_model, sana_dit, w8a8_model, with_pag
 from .comfy_vae import SanaDCAEVAE
 from .latents import empty_latent
@@ -58,6 +59,7 @@ DIT_FOLDER_KEYS = ("diffusion_models", "checkpoints")
 GEMMA_FOLDER_KEYS = ("text_encoders",)
 VAE_FOLDER_KEYS = ("vae",)
 LORA_FOLDER_KEYS = ("loras",)
+CONTROLNET_FOLDER_KEYS = ("controlnet",)
 
 
 def _roots(*keys: str) -> list[str]:
@@ -78,6 +80,10 @@ def _vae_is_folder(path: Path) -> bool:
     return has_config(path, "vae")
 
 
+def _controlnet_is_folder(path: Path) -> bool:
+    return has_config(path, "controlnet")
+
+
 DYNAMIC_OPTIONS: dict[str, Callable[[], list[str]]] = {
     specs.DIT_FILES: lambda: list_model_entries(
         _roots(*DIT_FOLDER_KEYS), folder_paths.supported_pt_extensions, _dit_is_folder
@@ -86,6 +92,9 @@ DYNAMIC_OPTIONS: dict[str, Callable[[], list[str]]] = {
     specs.GEMMA_FOLDERS: lambda: list_model_entries(_roots(*GEMMA_FOLDER_KEYS), (".safetensors",), is_gemma_folder),
     specs.VAE_FILES: lambda: list_model_entries(_roots(*VAE_FOLDER_KEYS), folder_paths.supported_pt_extensions, _vae_is_folder),
     specs.LORA_FILES: lambda: folder_paths.get_filename_list("loras"),
+    specs.CONTROLNET_FILES: lambda: list_model_entries(
+        _roots(*CONTROLNET_FOLDER_KEYS), folder_paths.supported_pt_extensions, _controlnet_is_folder
+    ),
 }
 
 
@@ -103,6 +112,7 @@ SOCKET_TYPES = {
     specs.SIGMAS: io.Sigmas,
     specs.GEMMA: GEMMA_TYPE,
     specs.INT: io.Int,
+    specs.CONTROL_NET: io.ControlNet,
 }
 
 
@@ -295,6 +305,11 @@ def run_w8a8_quantize(model):
     return (w8a8_model(model),)
 
 
+def run_controlnet_loader(controlnet_name: str, dtype: str):
+    path = resolve_model_entry(_roots(*CONTROLNET_FOLDER_KEYS), controlnet_name)
+    return (load_sana_controlnet(path, DTYPES[dtype]),)
+
+
 # --------------------------------------------------------------------------------------------
 # Validation before anything runs
 #
@@ -359,11 +374,19 @@ def validate_lora_loader(cls, lora_name: str | None = None) -> bool | str:
     return _verdict(model_entry_problem(LORA_FOLDER_KEYS, lora_name, lambda path: False, "LoRA file"))
 
 
+def validate_controlnet_loader(cls, controlnet_name: str | None = None) -> bool | str:
+    if controlnet_name is None:
+        return True
+    return _verdict(model_entry_problem(CONTROLNET_FOLDER_KEYS, controlnet_name, _controlnet_is_folder,
+                                        "diffusers ControlNet folder (no config.json, nor controlnet/config.json)"))
+
+
 VALIDATORS: dict[str, Callable[..., bool | str]] = {
     "SanaDiTLoader": validate_dit_loader,
     "SanaGemmaLoader": validate_gemma_loader,
     "SanaDCAELoader": validate_dcae_loader,
     "SanaLoRALoader": validate_lora_loader,
+    "SanaControlNetLoader": validate_controlnet_loader,
 }
 
 
@@ -381,6 +404,7 @@ RUNNERS: dict[str, Callable[..., tuple]] = {
     "SanaEmptyLatentImage": run_empty_latent,
     "SanaLoRALoader": run_lora_loader,
     "SanaW8A8Quantize": run_w8a8_quantize,
+    "SanaControlNetLoader": run_controlnet_loader,
 }
 
 

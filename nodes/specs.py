@@ -29,13 +29,14 @@ WIDGET_KINDS = frozenset({INT, FLOAT, STRING, BOOLEAN, COMBO})
 
 # Socket kinds (links only). SANA_GEMMA is our own type: a loaded Gemma-2 with its tokenizer.
 MODEL, CONDITIONING, LATENT, IMAGE, VAE = "MODEL", "CONDITIONING", "LATENT", "IMAGE", "VAE"
-SAMPLER, SIGMAS, GEMMA = "SAMPLER", "SIGMAS", "SANA_GEMMA"
+SAMPLER, SIGMAS, GEMMA, CONTROL_NET = "SAMPLER", "SIGMAS", "SANA_GEMMA", "CONTROL_NET"
 
 # Dynamic combo sources: the options are the model files/folders found at schema time.
 DIT_FILES = "dit_files"  # diffusion_models + checkpoints (files and diffusers folders)
 GEMMA_FOLDERS = "gemma_folders"  # text_encoders (Gemma-2 folders and single .safetensors files)
 VAE_FILES = "vae_files"  # vae (files and diffusers folders)
 LORA_FILES = "lora_files"  # loras
+CONTROLNET_FILES = "controlnet_files"  # controlnet (files and diffusers folders)
 
 DTYPE_OPTIONS = ("auto", "bf16", "fp16", "fp32")
 SOLVER_OPTIONS = ("flow_dpm_solver", "flow_euler", "trigflow")
@@ -489,6 +490,29 @@ _add(
             ),
         ),
         outputs=(OutputSpec(MODEL, "MODEL", "The model with the LoRA applied."),),
+        category=LOADERS_CATEGORY,
+    )
+)
+
+_add(
+    NodeSpec(
+        "SanaControlNetLoader",
+        "Sana ControlNet Loader",
+        "Loads a SANA ControlNet from models/controlnet: NVlabs' release as downloaded (e.g. "
+        "Sana_1600M_1024px_BF16_ControlNet_HED.pth, trained on HED edge maps) or a diffusers SanaControlNetModel "
+        "folder or file. Connect it to ComfyUI's Apply ControlNet with the Sana DC-AE as its vae (the control image "
+        "goes through the DC-AE); strength, start/end percent and chaining several ControlNets work as for any model. "
+        "For a SANA MODEL from Sana DiT Loader of the same family (600M or 1600M), with Sana KSampler or ComfyUI's samplers.",
+        inputs=(
+            InputSpec(
+                "controlnet_name",
+                COMBO,
+                "The ControlNet file or diffusers folder under models/controlnet.",
+                options_source=CONTROLNET_FILES,
+            ),
+            _dtype("ControlNet"),
+        ),
+        outputs=(OutputSpec(CONTROL_NET, "CONTROL_NET", "The ControlNet, for ComfyUI's Apply ControlNet nodes."),),
         category=LOADERS_CATEGORY,
     )
 )

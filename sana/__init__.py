@@ -3,6 +3,8 @@
 Public API:
 - `SanaDiT`, `SanaDiTConfig`, `DIT_PRESETS`: the Linear DiT for every SANA release.
 - `load_dit(path, *, dtype=None, device="cpu", config=None, ema=False)`, `save_dit(model, path, format=...)`.
+- `SanaControlNet`, `load_controlnet(path, *, dtype=None, device="cpu", config=None)`, `save_controlnet`:
+  the SANA ControlNet (NVlabs' release and diffusers' `SanaControlNetModel`); `generate(controlnet=...)`.
 - `DCAE`, `DCAEConfig`, `load_dcae`, `save_dcae`: the deep-compression autoencoder, both weight layouts, tiling.
 - `generate(*, dit, dcae, text_encoder, prompt, ...)`: text (or image) to images, as diffusers' SANA pipelines.
 - `load_lora(model, path, scale)`: merge a diffusers/PEFT-layout SANA LoRA into a DiT.
@@ -20,6 +22,8 @@ The modules form layers, each importing only from those below it (README, "Layou
 
 from .dit import DIT_PRESETS, SanaDiT, SanaDiTConfig
 from .dit_io import load_dit, load_w8a8, save_dit
+from .controlnet import SanaControlNet
+from .controlnet_io import load_controlnet, save_controlnet
 from .dcae import DCAE, DCAEConfig
 from .dcae_io import load_dcae, save_dcae
 from .errors import SanaCheckpointError, SanaError, SanaInputError, SanaNonFiniteError
@@ -38,14 +42,17 @@ __all__ = [
     "SanaNonFiniteError",
     "SanaDiT",
     "SanaDiTConfig",
+    "SanaControlNet",
     "TextEncoder",
     "generate",
+    "load_controlnet",
     "load_dcae",
     "load_dit",
     "load_lora",
     "load_text_encoder",
     "load_w8a8",
     "quantize_w8a8",
+    "save_controlnet",
     "save_dcae",
     "save_dit",
     "save_w8a8",

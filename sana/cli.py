@@ -6,6 +6,7 @@
     python -m sana generate ... --prompts prompts.jsonl --out-dir out/ --batch-size 8   # batch mode (sana.batch)
     torchrun --nproc_per_node 8 -m sana generate ... --prompts prompts.jsonl --out-dir out/   # one share per GPU
     python -m sana generate --replay out/000012.png               # the image again, from its own record
+    python -m sana generate ... --controlnet Sana_1600M_1024px_BF16_ControlNet_HED.pth --control-image edges.png
     python -m sana convert dit Sana_1600M_1024px.pth sana_1600m_diffusers/
     python -m sana convert vae dc-ae-f32c32-sana-1.1-diffusers/ dc-ae.safetensors --format original
     python -m sana doctor --model sana-1600m-4k --size 4096x4096  # kernels on this device, memory plan
@@ -56,6 +57,7 @@ EXIT_ERROR = 2  # argparse's status for bad usage; the CLIs use it for every San
 OPTION_NAMES = {
     "steps": "--steps", "guidance_scale": "--cfg", "pag_scale": "--pag", "flow_shift": "--shift", "seed": "--seed",
     "strength": "--strength", "batch_size": "--batch-size", "height": "--height", "width": "--width",
+    "control_scale": "--control-scale", "control_start": "--control-start", "control_end": "--control-end",
 }
 
 
@@ -206,15 +208,20 @@ def command_generate(args: argparse.Namespace) -> int:
     check_sampling_values(
         steps=args.steps if args.steps is not None else DEFAULT_FLOW_STEPS, guidance_scale=args.cfg,
         pag_scale=args.pag, flow_shift=args.shift, seed=args.seed, strength=args.strength,
-        batch_size=args.batch_size, height=args.height, width=args.width, names=OPTION_NAMES,
+        batch_size=args.batch_size, height=args.height, width=args.width, control_scale=args.control_scale,
+        control_start=args.control_start, control_end=args.control_end, names=OPTION_NAMES,
     )
+    if (args.controlnet is None) != (args.control_image is None):
+        raise SanaInputError("--controlnet and --control-image go together: a ControlNet is steered by a control image")
     check_dcae_dtype(DTYPES.get(args.vae_dtype), "--vae-dtype")
     if mode == "batch":
         return batch.run(_batch_options(args, device))
     check_output_path(Path(args.out))
     image = read_image(Path(args.image)) if args.image else None
+    control_image = read_image(Path(args.control_image)) if args.control_image else None
     started = time.perf_counter()
     dit = sana.load_dit(args.dit, dtype=_dtype(args.dtype, device), device=device)
+    controlnet = sana.load_controlnet(args.controlnet, dtype=dit.dtype, device=device) if args.controlnet else None
     dcae = load_dcae(args.vae, dtype=_dtype(args.vae_dtype, device), device=device)
     # Loaded on the CPU: generate moves it to the compute device only while encoding.
     text_encoder = sana.load_text_encoder(args.text_encoder, dtype=_dtype(args.text_encoder_dtype, device))
@@ -252,6 +259,11 @@ def command_generate(args: argparse.Namespace) -> int:
             strength=args.strength,
             callback=callback,
             compile_model=args.compile,
+            controlnet=controlnet,
+            control_image=control_image,
+            control_scale=args.control_scale,
+            control_start=args.control_start,
+            control_end=args.control_end,
         )
     finally:
         close()
@@ -358,6 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="images per prompt; with --prompts, items per forward pass (items of one size and settings)")
     gen.add_argument("--image", default=None, help="input image for image-to-image")
     gen.add_argument("--strength", type=float, default=1.0, help="image-to-image denoising strength in (0, 1]")
+    gen.add_argument("--controlnet", default=None,
+                     help="ControlNet checkpoint: NVlabs .pth as released, or a diffusers folder or file (with --control-image)")
+    gen.add_argument("--control-image", default=None, help="the ControlNet's control image (e.g. an HED edge map)")
+    gen.add_argument("--control-scale", type=float, default=1.0, help="ControlNet conditioning scale in [0, 100]")
+    gen.add_argument("--control-start", type=float, default=0.0, help="fraction of the steps where the ControlNet starts")
+    gen.add_argument("--control-end", type=float, default=1.0, help="fraction of the steps where the ControlNet stops")
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile each sampling step as one graph (CUDA graphs on GPU); pays off over many steps")
     gen.add_argument("--device", default=None, help="default: cuda if available, else cpu")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -418,21 +418,12 @@ class FinalLayer(nn.Module):
         return self.linear(layer_norm_modulate(x, shift, scale, self.eps))
 
 
-class SanaDiT(nn.Module):
-    """The SANA Linear DiT.
-
-    `forward(x, timestep, context, context_mask=None, guidance=None, trim_context=None) -> velocity`:
-    - x `[B, in_channels, h, w]` latents (any h, w divisible by the patch size);
-    - timestep `[B]`: the values diffusers' `SanaTransformer2DModel` receives (ints ⌊1000σ⌋
-      from Flow-DPM-Solver, floats from Flow-Euler, the flow time t ∈ [0, 1] for Sprint);
-    - context `[B, L, caption_channels]` text embeddings, any L; context_mask `[B, L]`
-      (1 keep, 0 pad) or None;
-    - guidance `[B]` the raw guidance scale, Sprint only (multiplied by
-      `config.guidance_embeds_scale` inside, as NVlabs' `cfg_embed_scale`);
-    - trim_context: drop caption columns every row masks out (`trim_padded_context`, one host
-      sync); None follows `self.trim_padded_context`. Never inside `torch.compile`.
-    Returns the velocity `[B, out_channels, h, w]` in the model's dtype.
-    """
+class DiTInputs(nn.Module):
+    """The input side shared by `SanaDiT` and `sana.controlnet.SanaControlNet`, which own the same
+    modules under the same names (so both load the same checkpoint keys): the patch embedding
+    (plus the sincos table of 2K/4K models), the timestep (and Sprint guidance) embedding with its
+    AdaLN projection `t_block`, and the caption projection with its RMSNorm. Also the block call
+    with optional gradient checkpointing, and the dtype/device of the weights."""
 
     def __init__(self, config: SanaDiTConfig):
         super().__init__()
@@ -444,8 +435,6 @@ class SanaDiT(nn.Module):
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
         self.y_embedder = CaptionEmbedder(config.caption_channels, C)
         self.attention_y_norm = RMSNorm(C, eps=1e-5)
-        self.blocks = nn.ModuleList(SanaBlock(config) for _ in range(config.depth))
-        self.final_layer = FinalLayer(C, config.patch_size**2 * config.out_channels, eps=1e-6)
         self.gradient_checkpointing = False
         # Dropping caption columns that every row masks out is exact (their softmax weight is
         # exp(−10000) = 0) and saves the K/V projection and attention work; it costs one host sync.
@@ -476,42 +465,47 @@ class SanaDiT(nn.Module):
             self._pos_embed_cache[key] = table
         return self._pos_embed_cache[key]
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        timestep: torch.Tensor,
-        context: torch.Tensor,
-        context_mask: torch.Tensor | None = None,
-        guidance: torch.Tensor | None = None,
-        trim_context: bool | None = None,
-    ) -> torch.Tensor:
+    def embed_latents(self, x: torch.Tensor, name: str = "x") -> tuple[torch.Tensor, int, int]:
+        """Latents `[B, in_channels, H, W]` -> (tokens `[B, h·w, C]` in the model's dtype, with the
+        sincos table added when the model has one; h; w). `name` is the argument named in errors."""
         cfg = self.config
-        B, _, H, W = x.shape
+        B, channels, H, W = x.shape
         p = cfg.patch_size
         if H % p or W % p:
-            raise SanaInputError(f"latent size {H}×{W} is not divisible by the patch size {p}")
-        if x.shape[1] != cfg.in_channels:
-            raise SanaInputError(f"x has {x.shape[1]} channels, the model expects {cfg.in_channels}")
-        if context.ndim != 3 or context.shape[-1] != cfg.caption_channels:
-            raise SanaInputError(
-                f"context must be [B, L, {cfg.caption_channels}] (caption_channels), got {list(context.shape)}"
-            )
+            raise SanaInputError(f"{name}: latent size {H}×{W} is not divisible by the patch size {p}")
+        if channels != cfg.in_channels:
+            raise SanaInputError(f"{name} has {channels} channels, the model expects {cfg.in_channels}")
         h, w = H // p, W // p
-        dtype = self.dtype
-        timestep = timestep.reshape(-1).expand(B) if timestep.numel() == 1 else timestep.reshape(B)
-
-        tokens = self.x_embedder(x.to(dtype))  # [B, N, C]
+        tokens = self.x_embedder(x.to(self.dtype))  # [B, N, C]
         if cfg.interpolation_scale is not None:
-            tokens = (tokens + self.pos_embed(h, w, tokens.device)).to(dtype)
+            tokens = (tokens + self.pos_embed(h, w, tokens.device)).to(self.dtype)
+        return tokens, h, w
 
+    def embed_timestep(
+        self, timestep: torch.Tensor, batch: int, guidance: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t_emb `[B, C]`, the AdaLN input t_mod `[B, 6C]`) for `timestep` (one value or `[B]`),
+        with Sprint's embedded `guidance` added to t_emb."""
+        timestep = timestep.reshape(-1).expand(batch) if timestep.numel() == 1 else timestep.reshape(batch)
         t_emb = self.t_embedder(timestep)  # [B, C]
         if self.cfg_embedder is not None:
             if guidance is None:
                 raise SanaInputError("this SANA-Sprint model needs `guidance` (the guidance scale, e.g. 4.5)")
-            guidance = guidance.reshape(-1).expand(B) if guidance.numel() == 1 else guidance.reshape(B)
-            t_emb = t_emb + self.cfg_embedder(guidance * cfg.guidance_embeds_scale)
-        t_mod = self.t_block(t_emb)  # [B, 6C]
+            guidance = guidance.reshape(-1).expand(batch) if guidance.numel() == 1 else guidance.reshape(batch)
+            t_emb = t_emb + self.cfg_embedder(guidance * self.config.guidance_embeds_scale)
+        return t_emb, self.t_block(t_emb)
 
+    def embed_caption(
+        self, context: torch.Tensor, context_mask: torch.Tensor | None, trim_context: bool | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(projected caption `[B, L', C]`, additive key-mask bias `[B, 1, 1, L']` or None); L' < L
+        when trimming drops the columns every row masks out (see `SanaDiT`'s `trim_context`)."""
+        cfg = self.config
+        if context.ndim != 3 or context.shape[-1] != cfg.caption_channels:
+            raise SanaInputError(
+                f"context must be [B, L, {cfg.caption_channels}] (caption_channels), got {list(context.shape)}"
+            )
+        dtype = self.dtype
         context = context.to(dtype)
         mask_bias = None
         if context_mask is not None:
@@ -521,17 +515,92 @@ class SanaDiT(nn.Module):
             if trim and not torch.compiler.is_compiling():  # the trimmed length is data: not in a graph
                 context, context_mask = trim_padded_context(context, context_mask)
             mask_bias = ((1 - context_mask.to(dtype)) * CROSS_ATTENTION_MASK_BIAS)[:, None, None, :]  # [B, 1, 1, L]
-        context = self.attention_y_norm(self.y_embedder.y_proj(context))  # [B, L, C]
+        return self.attention_y_norm(self.y_embedder.y_proj(context)), mask_bias  # [B, L, C]
 
-        for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, context, t_mod, mask_bias, h, w, use_reentrant=False)
-            else:
-                tokens = block(tokens, context, t_mod, mask_bias, h, w)
+    def run_block(
+        self,
+        block: SanaBlock,
+        tokens: torch.Tensor,
+        context: torch.Tensor,
+        t_mod: torch.Tensor,
+        mask_bias: torch.Tensor | None,
+        h: int,
+        w: int,
+    ) -> torch.Tensor:
+        """One block, recomputed in the backward pass when gradient checkpointing is on."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, tokens, context, t_mod, mask_bias, h, w, use_reentrant=False)
+        return block(tokens, context, t_mod, mask_bias, h, w)
+
+
+class SanaDiT(DiTInputs):
+    """The SANA Linear DiT.
+
+    `forward(x, timestep, context, context_mask=None, guidance=None, trim_context=None,
+    block_residuals=None) -> velocity`:
+    - x `[B, in_channels, h, w]` latents (any h, w divisible by the patch size);
+    - timestep `[B]`: the values diffusers' `SanaTransformer2DModel` receives (ints ⌊1000σ⌋
+      from Flow-DPM-Solver, floats from Flow-Euler, the flow time t ∈ [0, 1] for Sprint);
+    - context `[B, L, caption_channels]` text embeddings, any L; context_mask `[B, L]`
+      (1 keep, 0 pad) or None;
+    - guidance `[B]` the raw guidance scale, Sprint only (multiplied by
+      `config.guidance_embeds_scale` inside, as NVlabs' `cfg_embed_scale`);
+    - trim_context: drop caption columns every row masks out (`trim_padded_context`, one host
+      sync); None follows `self.trim_padded_context`. Never inside `torch.compile`;
+    - block_residuals: `block_residuals[i]` `[B, h·w, C]` (or None) is added to the hidden states
+      after block i, as a ControlNet's outputs are (`sana.controlnet.SanaControlNet` returns them
+      in this form); None, or a shorter list, leaves the other blocks as they are.
+    Returns the velocity `[B, out_channels, h, w]` in the model's dtype.
+    """
+
+    def __init__(self, config: SanaDiTConfig):
+        super().__init__(config)
+        C = config.hidden_size
+        self.blocks = nn.ModuleList(SanaBlock(config) for _ in range(config.depth))
+        self.final_layer = FinalLayer(C, config.patch_size**2 * config.out_channels, eps=1e-6)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+        trim_context: bool | None = None,
+        block_residuals: Sequence[torch.Tensor | None] | None = None,
+    ) -> torch.Tensor:
+        B = x.shape[0]
+        p = self.config.patch_size
+        tokens, h, w = self.embed_latents(x)
+        if block_residuals is not None:
+            check_block_residuals(block_residuals, tokens.shape, len(self.blocks))
+        t_emb, t_mod = self.embed_timestep(timestep, B, guidance)
+        context, mask_bias = self.embed_caption(context, context_mask, trim_context)
+
+        for i, block in enumerate(self.blocks):
+            tokens = self.run_block(block, tokens, context, t_mod, mask_bias, h, w)
+            if block_residuals is not None and i < len(block_residuals) and block_residuals[i] is not None:
+                residual = block_residuals[i].to(tokens.dtype)
+                # Without autograd `tokens` is this forward's own buffer (the blocks update it in place).
+                tokens = tokens + residual if torch.is_grad_enabled() else tokens.add_(residual)
 
         out = self.final_layer(tokens, t_emb)  # [B, N, p·p·c]
         out = out.reshape(B, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4)
         return out.reshape(B, -1, h * p, w * p)
+
+
+def check_block_residuals(residuals: Sequence[torch.Tensor | None], shape: torch.Size, depth: int) -> None:
+    """Raise `SanaInputError` unless `residuals` holds at most `depth` entries, each None or a
+    tensor of the hidden states' `shape` `[B, N, C]`."""
+    if isinstance(residuals, torch.Tensor) or not isinstance(residuals, Sequence):
+        raise SanaInputError(f"block_residuals must be a list of tensors (or None) per block, got {type(residuals).__name__}")
+    if len(residuals) > depth:
+        raise SanaInputError(f"block_residuals has {len(residuals)} entries, but the DiT has {depth} blocks")
+    for i, residual in enumerate(residuals):
+        if residual is not None and tuple(residual.shape) != tuple(shape):
+            raise SanaInputError(
+                f"block_residuals[{i}] has shape {list(residual.shape)}, the hidden states after block {i} are {list(shape)}"
+            )
 
 
 def kept_context_length(mask: torch.Tensor) -> int:

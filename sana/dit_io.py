@@ -27,7 +27,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,6 +71,16 @@ DEFAULT_MAX_SHARD_BYTES = 10 * 1024**3  # diffusers' default shard size
 
 # Cross-attention heads of the released widths; the weights cannot tell heads apart.
 KNOWN_CROSS_HEADS = {1152: (16, 72), 2240: (20, 112)}
+
+# The key only a ControlNet checkpoint holds, per layout (NVlabs' `controlnet.0.before_proj`, the
+# diffusers `SanaControlNetModel`'s `input_block`): `load_dit` refuses such a file by naming it,
+# and `sana.controlnet_io` tells the layout of a ControlNet file by it.
+CONTROLNET_MARKERS: dict[Layout, str] = {"official": "controlnet.0.before_proj.weight", "diffusers": "input_block.weight"}
+
+
+def holds_controlnet(reader: CheckpointReader) -> bool:
+    """Whether the checkpoint is a SANA ControlNet (NVlabs' release or a diffusers `SanaControlNetModel`)."""
+    return any(key in reader for key in CONTROLNET_MARKERS.values())
 
 
 def key_specs(config: SanaDiTConfig, layout: Layout) -> list[KeySpec]:
@@ -168,7 +178,7 @@ def _require(reader: CheckpointReader, key: str) -> tuple[int, ...]:
     return reader.shape(key)
 
 
-def _official_pe(reader: CheckpointReader, hidden: int) -> tuple[int | None, float | None]:
+def official_pe(reader: CheckpointReader, hidden: int) -> tuple[int | None, float | None]:
     """Sample size and PE interpolation scale from the stored `pos_embed` ([1, side², C])."""
     if "pos_embed" not in reader:
         return None, None
@@ -225,7 +235,7 @@ def infer_config(reader: CheckpointReader, layout: Layout) -> tuple[SanaDiTConfi
         guidance_embeds=guidance,
     )
     if layout == "official":
-        side, scale = _official_pe(reader, hidden)
+        side, scale = official_pe(reader, hidden)
         fields["sample_size"] = side or 32
         fields["interpolation_scale"] = scale
     elif hidden == 2240 and depth == 20 and not qk_norm and not guidance:
@@ -368,15 +378,15 @@ def _config_from_mapping(data: object, source: str) -> SanaDiTConfig:
     return config
 
 
-def _config_from_argument(config: SanaDiTConfig | dict | str) -> SanaDiTConfig:
+def _config_from_argument(config: SanaDiTConfig | dict | str, presets: Mapping[str, SanaDiTConfig]) -> SanaDiTConfig:
     if isinstance(config, SanaDiTConfig):
         return config
     if isinstance(config, str):
-        if config in DIT_PRESETS:
-            return DIT_PRESETS[config]
+        if config in presets:
+            return presets[config]
         path = Path(config)
         if not path.is_file():
-            raise SanaInputError(f"config={config!r} is neither a preset ({sorted(DIT_PRESETS)}) nor a JSON file")
+            raise SanaInputError(f"config={config!r} is neither a preset ({sorted(presets)}) nor a JSON file")
         return _config_from_mapping(read_json_file(path, "SANA DiT config"), str(path))
     if isinstance(config, dict):
         try:
@@ -387,12 +397,18 @@ def _config_from_argument(config: SanaDiTConfig | dict | str) -> SanaDiTConfig:
 
 
 def resolve_config(
-    reader: CheckpointReader, layout: Layout, config: SanaDiTConfig | dict | str | None = None
+    reader: CheckpointReader,
+    layout: Layout,
+    config: SanaDiTConfig | dict | str | None = None,
+    *,
+    presets: Mapping[str, SanaDiTConfig] = DIT_PRESETS,
+    infer: Callable[[CheckpointReader, Layout], tuple[SanaDiTConfig, list[str]]] | None = None,
 ) -> SanaDiTConfig:
-    """The config to build: `config=` first, then one stored with the weights, then a diffusers
-    `config.json`, then shapes. When the stored one and `config.json` disagree, a warning says so."""
+    """The config to build: `config=` first (an object, a name from `presets`, a mapping or a JSON
+    path), then one stored with the weights, then a diffusers `config.json`, then shapes (`infer`,
+    by default `infer_config`). When the stored one and `config.json` disagree, a warning says so."""
     if config is not None:
-        return _config_from_argument(config)
+        return _config_from_argument(config, presets)
     stored = _stored_config(reader)
     from_json = None
     if reader.config is not None:
@@ -409,7 +425,7 @@ def resolve_config(
                 reader.path, CONFIG_METADATA_KEY, diffusers_config(stored), diffusers_config(from_json), stacklevel=3
             )
         return stored
-    inferred, notes = infer_config(reader, layout)
+    inferred, notes = (infer or infer_config)(reader, layout)
     for note in notes:
         warnings.warn(f"{reader.path}: {note}", stacklevel=3)
     return inferred
@@ -444,6 +460,11 @@ def load_dit(
     """
     entry = EMA_WEIGHTS_ENTRY if ema else None
     reader = strip_prefix(open_checkpoint(path, subfolders=("transformer",), entry=entry), COMFY_PREFIXES)
+    if holds_controlnet(reader):
+        raise SanaCheckpointError(
+            f"{reader.path}: is a SANA ControlNet, not a DiT: load it with sana.load_controlnet (in ComfyUI: the "
+            "Sana ControlNet Loader, from models/controlnet) and load the DiT it controls separately"
+        )
     # W8A8 checkpoints (int8 weights + scales, sana/quant) carry a metadata marker; they have their own reader.
     if W8A8_METADATA_KEY in reader.metadata:
         return load_w8a8_dit(reader, resolve_config(reader, "official", config), dtype=dtype, device=device)
@@ -484,6 +505,15 @@ def load_w8a8(
     return load_w8a8_dit(reader, resolve_config(reader, "official", config), dtype=dtype, device=device)
 
 
+def official_pos_embed(config: SanaDiTConfig, dtype: torch.dtype) -> torch.Tensor:
+    """The `pos_embed` an official file stores: the training grid's sincos table `[1, side², C]`,
+    zeros for a model without positional embedding (what `official_pe` reads back)."""
+    side, C = config.sample_size // config.patch_size, config.hidden_size
+    if config.interpolation_scale is None:
+        return torch.zeros(1, side * side, C, dtype=dtype)
+    return sincos_pos_embed_2d(C, side, side, side, config.interpolation_scale)[None].to(dtype)
+
+
 def dit_state_dict(model: SanaDiT, layout: Layout) -> dict[str, torch.Tensor]:
     """The model's weights under `layout`'s key names and shapes (views where possible)."""
     return layout_state(model.state_dict(), key_specs(model.config, layout))
@@ -521,11 +551,7 @@ def save_dit(
     metadata = {CONFIG_METADATA_KEY: json.dumps(cfg.to_dict()), "format": "pt"}
     tensors = dit_state_dict(model, format)
     if format == "official":
-        side, C = cfg.sample_size // cfg.patch_size, cfg.hidden_size
-        if cfg.interpolation_scale is None:
-            pos = torch.zeros(1, side * side, C, dtype=model.dtype)
-        else:
-            pos = sincos_pos_embed_2d(C, side, side, side, cfg.interpolation_scale)[None].to(model.dtype)
+        pos = official_pos_embed(cfg, model.dtype)
         extras = dict(getattr(model, "official_extras", {}))
         extras.setdefault("y_embedder.y_embedding", torch.zeros(300, cfg.caption_channels, dtype=model.dtype))
         tensors = {"pos_embed": pos, **tensors, **extras}

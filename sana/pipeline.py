@@ -5,7 +5,8 @@ sampling vocabulary of `sana.sampling` (solvers, schedules, guided context, late
 and the solvers of `sana.samplers`; it holds no numerics of its own beyond the glue. With the
 same initial noise it reproduces diffusers' `SanaPipeline` (Flow-DPM-Solver, Flow-Euler),
 `SanaPAGPipeline` (PAG), `SanaSprintPipeline` and `SanaSprintImg2ImgPipeline` (TrigFlow), which
-`tests/test_pipeline.py` checks.
+`tests/test_pipeline.py` checks, and `SanaControlNetPipeline` (a ControlNet steering the DiT),
+which `tests/test_controlnet_pipeline.py` checks.
 
 Images go in and come out in ComfyUI's IMAGE convention: float [B, H, W, 3] in [0, 1].
 
@@ -19,12 +20,13 @@ tested on its own:
    DiT config's). `guided_pag` then perturbs the PAG layers for the whole generation;
 2. `encode_prompts` on the compute device (the DiT's), after which the text encoder leaves it:
    Gemma-2-2B is not needed again and its memory goes to the DiT and the decode;
-   `image_latents` encodes the img2img image;
+   `image_latents` encodes the img2img image and the ControlNet's control image;
 3. `seeded_generator`, `initial_noise`: the noise comes from a CPU generator, so a seed gives
    the same image on every device, and the same as diffusers with `torch.Generator("cpu")`;
    a list of seeds, one per image, gives each image its own generator (diffusers' list of
    generators), so an image depends on its own seed and not on the batch it is drawn in;
-4. `denoise_flow` over `flow_schedule(...)` or `denoise_trigflow` over `trigflow_angles(...)`;
+4. `denoise_flow` over `flow_schedule(...)` (with a ControlNet: its `Control`) or
+   `denoise_trigflow` over `trigflow_angles(...)`;
 5. `latents_to_images`: decode with the DC-AE, which tiles by itself when the image would not
    fit in memory, and resize-and-crop back from the resolution bin to the requested size.
 Each stage checks its output once (`SanaNonFiniteError` naming the text encoding, the image
@@ -49,6 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .controlnet import SanaControlNet, check_controlnet_fits
 from .dcae_tiling import default_memory_budget
 from .dit import SanaDiT, perturbed_self_attention, trim_padded_context
 from .errors import SanaCheckpointError, SanaInputError, check_integer, check_number
@@ -76,12 +79,14 @@ from .sampling import (
     SOLVERS,
     TRIGFLOW,
     Autoencoder,
+    control_steps,
     default_pag_layers,
     flow_schedule,
     guided_context,
     images_to_latents,
     latents_to_images,
     select_solver,
+    step_switched_velocity,
     trigflow_angles,
 )
 from .schedules import MAX_FLOW_SHIFT, MAX_STEPS, MIN_FLOW_SHIFT, FlowSchedule, img2img_start_step
@@ -98,6 +103,9 @@ MAX_GUIDANCE = 1000.0
 # Seeds are what a torch.Generator takes without aliasing: [0, 2^64). torch maps a negative seed
 # s to 2^64 + s (so -1 would silently equal 2^64 - 1), hence negatives are refused.
 SEED_LIMIT = 2**64
+# A ControlNet's conditioning scale: 1 as trained, ComfyUI's Apply ControlNet goes to 10. The
+# residuals grow with it; past 100 they swamp the DiT's hidden states whatever the image.
+MAX_CONTROL_SCALE = 100.0
 
 Seed = int | Sequence[int]
 """One seed for the whole batch, or one per image (each image then has its own generator)."""
@@ -209,6 +217,7 @@ class GenerationPlan:
     flow_shift: float  # the request's, else the DiT config's `flow_shift` (unused by TrigFlow)
     branches: tuple[str, ...]  # guidance branches of each model call (`guidance_branches`); () for TrigFlow
     strength: float  # the img2img denoising strength; 1.0 for text to image
+    control_steps: range = range(0)  # the sampling steps (from 0, of those run) the ControlNet acts on
 
 
 def check_sampling_values(
@@ -222,6 +231,9 @@ def check_sampling_values(
     batch_size: int = 1,
     height: int | None = None,
     width: int | None = None,
+    control_scale: float = 1.0,
+    control_start: float = 0.0,
+    control_end: float = 1.0,
     names: Mapping[str, str] | None = None,
 ) -> None:
     """The checks of `generate`'s numbers that need no model (bounds in `generate`'s docstring):
@@ -250,6 +262,14 @@ def check_sampling_values(
     for side, value in (("height", height), ("width", width)):
         if value is not None:
             check_integer(name(side), value, low=1, high=MAX_IMAGE_SIDE)
+    check_number(name("control_scale"), control_scale, low=0.0, high=MAX_CONTROL_SCALE)
+    check_number(name("control_start"), control_start, low=0.0, high=1.0)
+    check_number(name("control_end"), control_end, low=0.0, high=1.0)
+    if control_start >= control_end:
+        raise SanaInputError(
+            f"{name('control_start')} {control_start} must be below {name('control_end')} {control_end}: the ControlNet "
+            "acts on the steps between them"
+        )
 
 
 def _check_pag_layers(dit: SanaDiT, pag_layers: Sequence[int] | None, pag: bool) -> tuple[int, ...]:
@@ -275,15 +295,32 @@ def _check_latents(latents: object, shape: tuple[int, ...]) -> None:
         raise SanaInputError("latents hold NaN or infinite values; the initial noise must be finite")
 
 
-def _check_image(image: object, batch: int) -> None:
+def _check_image(image: object, batch: int, name: str = "image") -> None:
     shape = list(image.shape) if isinstance(image, torch.Tensor) else None
     if shape is None or len(shape) not in (3, 4) or shape[-1] != 3 or 0 in shape:
-        raise SanaInputError(f"image must be [B, H, W, 3] in [0, 1] (ComfyUI IMAGE), got {shape or type(image).__name__}")
+        raise SanaInputError(f"{name} must be [B, H, W, 3] in [0, 1] (ComfyUI IMAGE), got {shape or type(image).__name__}")
     if len(shape) == 4 and shape[0] not in (1, batch):
-        raise SanaInputError(f"got {shape[0]} images for a batch of {batch}; pass 1 or {batch}")
+        raise SanaInputError(f"got {shape[0]} {name}s for a batch of {batch}; pass 1 or {batch}")
     low, high = (float(v) for v in torch.stack(list(torch.aminmax(image.detach().float()))).tolist())
     if not (0.0 <= low and high <= 1.0):  # NaN fails both, and min/max propagate it
-        raise SanaInputError(f"image values must be finite and in [0, 1] (ComfyUI IMAGE); found [{low}, {high}]")
+        raise SanaInputError(f"{name} values must be finite and in [0, 1] (ComfyUI IMAGE); found [{low}, {high}]")
+
+
+def _check_controlnet(
+    dit: SanaDiT, controlnet: SanaControlNet | None, control_image: torch.Tensor | None, solver: str
+) -> None:
+    if (controlnet is None) != (control_image is None):
+        given, missing = ("controlnet", "control_image") if control_image is None else ("control_image", "controlnet")
+        raise SanaInputError(f"{given} needs {missing}: a ControlNet is steered by a control image")
+    if controlnet is None:
+        return
+    if not isinstance(controlnet, SanaControlNet):
+        raise SanaInputError(f"controlnet must be a SanaControlNet (sana.load_controlnet), got {type(controlnet).__name__}")
+    if solver == TRIGFLOW:
+        raise SanaInputError("a ControlNet needs a flow solver; SANA-Sprint's TrigFlow sampler takes none")
+    check_controlnet_fits(controlnet, dit)
+    if controlnet.device != dit.device:
+        raise SanaInputError(f"the ControlNet is on {controlnet.device} and the DiT on {dit.device}: load both on one device")
 
 
 def check_generation_inputs(
@@ -308,6 +345,11 @@ def check_generation_inputs(
     strength: float = 1.0,
     callback: ProgressCallback | None = None,
     pag_layers: Sequence[int] | None = None,
+    controlnet: SanaControlNet | None = None,
+    control_image: torch.Tensor | None = None,
+    control_scale: float = 1.0,
+    control_start: float = 0.0,
+    control_end: float = 1.0,
 ) -> GenerationPlan:
     """Check every argument of `generate` (same names and defaults) and the parts against each
     other, allocating nothing large and running no model; returns the `GenerationPlan`.
@@ -322,7 +364,8 @@ def check_generation_inputs(
         raise SanaInputError(f"negative_prompt must be a string, got {negative_prompt!r:.200}")
     check_sampling_values(
         steps=steps, guidance_scale=guidance_scale, pag_scale=pag_scale, flow_shift=flow_shift, seed=seed,
-        strength=strength, batch_size=batch_size, height=height, width=width,
+        strength=strength, batch_size=batch_size, height=height, width=width, control_scale=control_scale,
+        control_start=control_start, control_end=control_end,
     )
     batch = len(prompts) * batch_size
     if isinstance(seed, Sequence) and len(seed) != batch:
@@ -334,6 +377,7 @@ def check_generation_inputs(
     solver = select_solver(dit, solver)
     if solver == TRIGFLOW and uses_pag(pag_scale):
         raise SanaInputError("PAG (pag_scale > 0) needs a flow solver; SANA-Sprint's TrigFlow sampler has no PAG")
+    _check_controlnet(dit, controlnet, control_image, solver)
     start_step = img2img_start_step(steps, strength) if image is not None else 0
     layers = _check_pag_layers(dit, pag_layers, solver != TRIGFLOW and uses_pag(pag_scale))
     if callback is not None and not callable(callback):
@@ -354,12 +398,15 @@ def check_generation_inputs(
         _check_latents(latents, shape)
     if image is not None:
         _check_image(image, batch)
+    if control_image is not None:
+        _check_image(control_image, batch, "control_image")
     return GenerationPlan(
         prompts=prompts, solver=solver, height=height, width=width, sample_height=sample[0], sample_width=sample[1],
         latent_shape=shape, start_step=start_step, pag_layers=layers,
         flow_shift=float(dit.config.flow_shift if flow_shift is None else flow_shift),
         branches=() if solver == TRIGFLOW else guidance_branches(guidance_scale, pag_scale),
         strength=strength if image is not None else 1.0,
+        control_steps=control_steps(steps - start_step, control_start, control_end) if controlnet is not None else range(0),
     )
 
 
@@ -428,8 +475,8 @@ def encode_prompts(
 
 
 def image_latents(dcae: Autoencoder, image: torch.Tensor, plan: GenerationPlan, device: torch.device) -> torch.Tensor:
-    """The img2img image as DiT-space latents at the plan's sampling size, one row per image of
-    the batch, on `device` (`images_to_latents`)."""
+    """The img2img image (or the ControlNet's control image) as DiT-space latents at the plan's
+    sampling size, one row per image of the batch, on `device` (`images_to_latents`)."""
     clean = images_to_latents(dcae, image, plan.sample_height, plan.sample_width).to(device)
     return clean.expand(plan.latent_shape[0], -1, -1, -1)
 
@@ -491,7 +538,19 @@ def _caption(context: torch.Tensor, mask: torch.Tensor, compile_model: bool) -> 
     return (context, mask) if compile_model else trim_padded_context(context, mask)
 
 
-_DENOISING_HINT = "check the DiT's (and any LoRA's) weights and dtype, and the guidance scale"
+_DENOISING_HINT = "check the DiT's (and any LoRA's or ControlNet's) weights and dtype, and the guidance scale"
+
+
+@dataclass(frozen=True)
+class Control:
+    """What `denoise_flow` needs to steer the DiT with a ControlNet: the control image's latents
+    `[B or 1, C, h, w]` (DiT space, on the device: `image_latents`), the conditioning scale, and
+    the sampling steps it acts on (`GenerationPlan.control_steps`)."""
+
+    controlnet: SanaControlNet
+    latents: torch.Tensor
+    scale: float = 1.0
+    steps: range = range(0)
 
 
 def guided_pag(dit: SanaDiT, plan: GenerationPlan) -> AbstractContextManager:
@@ -517,11 +576,16 @@ def denoise_flow(
     image_latents: torch.Tensor | None = None,
     callback: ProgressCallback | None = None,
     compile_model: bool = False,
+    control: Control | None = None,
 ) -> torch.Tensor:
     """Flow-DPM-Solver or Flow-Euler over `schedule` from `noise` (img2img: `image_latents`
     noised to the schedule's first sigma) with CFG / PAG as `branches` say; returns the final
     DiT-space latents, checked finite (`SanaNonFiniteError` names the first bad step). PAG needs
-    `guided_pag` entered around the call. The DiT gets the timestep times `timestep_scale`."""
+    `guided_pag` entered around the call. The DiT gets the timestep times `timestep_scale`.
+
+    `control`: at its steps, the ControlNet sees each model call's batch (every guidance branch,
+    the control latents repeated per branch as diffusers does) with the DiT's timestep and
+    caption, and its residuals go into the DiT's blocks."""
     if image_latents is None:
         start = noise
     else:
@@ -536,9 +600,40 @@ def denoise_flow(
     velocity = guided_velocity(model, guidance_scale=guidance_scale, pag_scale=pag_scale)
     if compile_model:
         velocity = compiled_step(velocity, dit.device)
+    if control is not None and control.steps:
+        controlled = _controlled_velocity(dit, control, context, mask, len(branches), guidance_scale, pag_scale)
+        if compile_model:
+            controlled = compiled_step(controlled, dit.device)
+        every_step = control.steps == range(schedule.num_steps)
+        velocity = controlled if every_step else step_switched_velocity(controlled, velocity, control.steps)
     sampler = flow_dpm_solver if solver == FLOW_DPM_SOLVER else flow_euler
     watch = NonFiniteWatch(_progress(callback, schedule.num_steps))
     return watch.check(sampler(velocity, start, schedule, callback=watch), "denoising", _DENOISING_HINT)
+
+
+def _controlled_velocity(
+    dit: SanaDiT, control: Control, context: torch.Tensor, mask: torch.Tensor, copies: int, guidance_scale: float,
+    pag_scale: float,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The guided velocity of the DiT steered by `control` (see `denoise_flow`)."""
+    dtype, timestep_scale = dit.dtype, dit.config.timestep_scale
+    latents = control.latents
+    if copies > 1 and latents.shape[0] > 1:  # one control row serves the whole call by broadcasting
+        latents = torch.cat([latents] * copies)
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = t * timestep_scale
+        residuals = control.controlnet(x, t, context, latents, mask, scale=control.scale, trim_context=False)
+        return dit(x.to(dtype), t, context, mask, trim_context=False, block_residuals=residuals)
+
+    guided = guided_velocity(model, guidance_scale=guidance_scale, pag_scale=pag_scale)
+
+    # Its own code object: torch.compile caches graphs per code object, so the plain and the
+    # controlled step (both `guided_velocity`'s function otherwise) each keep one graph.
+    def controlled(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return guided(x, t)
+
+    return controlled
 
 
 def denoise_trigflow(
@@ -607,6 +702,11 @@ def generate(
     callback: ProgressCallback | None = None,
     pag_layers: Sequence[int] | None = None,
     compile_model: bool = False,
+    controlnet: SanaControlNet | None = None,
+    control_image: torch.Tensor | None = None,
+    control_scale: float = 1.0,
+    control_start: float = 0.0,
+    control_end: float = 1.0,
 ) -> torch.Tensor:
     """Generate images with a SANA DiT; returns float32 [B, height, width, 3] in [0, 1] (CPU).
 
@@ -640,6 +740,13 @@ def generate(
     - `image` ([B or 1, H, W, 3], finite, in [0, 1]) with `strength` in (0, 1]: image-to-image.
       The schedule keeps its last round(steps * strength) steps (diffusers' rule) and starts
       from the encoded image noised to the first kept sigma (angle, for TrigFlow).
+    - `controlnet` (`sana.load_controlnet`) with `control_image` ([B or 1, H, W, 3], finite, in
+      [0, 1], e.g. an edge map): the image goes through the DC-AE at the sampling size (resized
+      like `image`) and the ControlNet steers the DiT with it, its residuals times
+      `control_scale` (in [0, 100]; 1 as trained) at the sampling steps i with
+      i / n >= `control_start` and (i + 1) / n <= `control_end` (fractions in [0, 1], start
+      below end, n the steps run: diffusers' `control_guidance_start` / `_end`). Flow solvers
+      only; as diffusers' `SanaControlNetPipeline`, and with PAG and img2img too.
     - `callback(step, total, x0)`: after each step, with the current x0 prediction (latents).
     - `compile_model`: run each step's model evaluation through `compiled_step` (the first
       call compiles; worth it for many steps or several generations at one size).
@@ -654,13 +761,17 @@ def generate(
         dit=dit, dcae=dcae, text_encoder=text_encoder, prompt=prompt, negative_prompt=negative_prompt, height=height,
         width=width, steps=steps, guidance_scale=guidance_scale, flow_shift=flow_shift, solver=solver, seed=seed,
         latents=latents, pag_scale=pag_scale, resolution_binning=resolution_binning, batch_size=batch_size,
-        image=image, strength=strength, callback=callback, pag_layers=pag_layers,
+        image=image, strength=strength, callback=callback, pag_layers=pag_layers, controlnet=controlnet,
+        control_image=control_image, control_scale=control_scale, control_start=control_start, control_end=control_end,
     )
     device = dit.device
     with guided_pag(dit, plan):
         negative = negative_prompt if UNCOND in plan.branches else None
         text = encode_prompts(text_encoder, plan.prompts, copies=batch_size, negative_prompt=negative, chi=chi, device=device)
         clean = None if image is None else image_latents(dcae, image, plan, device)
+        control = None
+        if controlnet is not None:
+            control = Control(controlnet, image_latents(dcae, control_image, plan, device), control_scale, plan.control_steps)
         generator = seeded_generator(seed)
         noise = initial_noise(plan, generator, latents, device)
         if plan.solver == TRIGFLOW:
@@ -672,17 +783,19 @@ def generate(
             final = denoise_flow(
                 dit, text, noise, flow_schedule(plan.solver, steps, plan.flow_shift, plan.strength), solver=plan.solver,
                 branches=plan.branches, guidance_scale=guidance_scale, pag_scale=pag_scale, image_latents=clean,
-                callback=callback, compile_model=compile_model,
+                callback=callback, compile_model=compile_model, control=control,
             )
     return latents_to_images(dcae, final, plan.height, plan.width)
 
 
 __all__ = [
     "Autoencoder",
+    "Control",
     "DIFFUSERS_PAG_LAYERS",
     "FLOW_DPM_SOLVER",
     "FLOW_EULER",
     "GenerationPlan",
+    "MAX_CONTROL_SCALE",
     "MAX_GUIDANCE",
     "NVLABS_PAG_LAYERS",
     "ProgressCallback",

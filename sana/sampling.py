@@ -7,6 +7,8 @@
   `flow_schedule` (Flow-DPM-Solver / Flow-Euler sigmas and DiT timesteps), `trigflow_angles`
   (SANA-Sprint) and `sampling_schedule` (any solver's, as flow sigmas: ComfyUI's SIGMAS);
 - `guided_context`: the text rows of a guided model call, one block per guidance branch;
+- `control_steps` / `step_switched_velocity`: the steps a ControlNet acts on (diffusers' rule for
+  a start and end fraction), and a velocity that takes the ControlNet only at those steps;
 - `latents_to_images` / `images_to_latents`: the one way between latents and [0, 1] images
   (unscale, decode, map), with the DC-AE's tiling and progress passed through.
 
@@ -27,7 +29,7 @@ from .dcae_tiling import TileProgress
 from .dit import SanaDiT
 from .errors import SanaInputError
 from .resolution import resize_and_crop
-from .samplers import COND, PERTURBED, UNCOND, flow_time_from_trigflow, require_finite
+from .samplers import COND, PERTURBED, UNCOND, VelocityFn, flow_time_from_trigflow, require_finite
 from .schedules import (
     FlowSchedule,
     flow_dpm_schedule,
@@ -145,6 +147,33 @@ def sampling_schedule(solver: str, steps: int, shift: float, strength: float = 1
 
 
 # ---------------------------------------------------------------------------------------
+# ControlNet steps
+
+
+def control_steps(steps: int, start: float = 0.0, end: float = 1.0) -> range:
+    """The sampling steps (from 0, of `steps` run) a ControlNet acts on for the fractions
+    `start` < `end` in [0, 1]: step i when i / steps >= start and (i + 1) / steps <= end, the rule
+    of diffusers' `control_guidance_start` / `control_guidance_end`."""
+    active = [i for i in range(steps) if not (i / steps < start or (i + 1) / steps > end)]
+    return range(active[0], active[-1] + 1) if active else range(0)
+
+
+def step_switched_velocity(inside: VelocityFn, outside: VelocityFn, steps: range) -> VelocityFn:
+    """A velocity function calling `inside` at the sampling steps in `steps` and `outside` at the
+    others. It counts its calls, which is the step index because every sampler of
+    `sana.samplers` calls its velocity once per step, in order; the count is a Python int, so a
+    compiled `inside` or `outside` sees no changing value (no recompiles, no host sync)."""
+    calls = 0
+
+    def velocity(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        step, calls = calls, calls + 1
+        return (inside if step in steps else outside)(x, timestep)
+
+    return velocity
+
+
+# ---------------------------------------------------------------------------------------
 # Pixels <-> latents
 
 
@@ -233,6 +262,7 @@ __all__ = [
     "NVLABS_PAG_LAYERS",
     "SOLVERS",
     "TRIGFLOW",
+    "control_steps",
     "default_pag_layers",
     "flow_schedule",
     "guided_context",
@@ -240,5 +270,6 @@ __all__ = [
     "latents_to_images",
     "sampling_schedule",
     "select_solver",
+    "step_switched_velocity",
     "trigflow_angles",
 ]

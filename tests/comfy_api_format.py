@@ -21,7 +21,7 @@ VIRTUAL_NODES = ("Note", "MarkdownNote", "Reroute", "PrimitiveNode")
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 
 # Core nodes used by the shipped workflows, in /object_info form (ComfyUI v0.3.64: nodes.py,
-# comfy_extras/nodes_custom_sampler.py, comfy_extras/nodes_flux.py).
+# comfy_extras/nodes_custom_sampler.py, comfy_extras/nodes_flux.py, comfy_extras/nodes_canny.py).
 CORE_OBJECT_INFO: dict[str, dict] = {
     "SaveImage": {
         "input": {"required": {"images": ["IMAGE", {}], "filename_prefix": ["STRING", {"default": "ComfyUI"}]}},
@@ -48,6 +48,25 @@ CORE_OBJECT_INFO: dict[str, dict] = {
         "input": {"required": {"model": ["MODEL"], "conditioning": ["CONDITIONING"]}},
         "input_order": {"required": ["model", "conditioning"]},
         "output": ["GUIDER"],
+    },
+    "Canny": {
+        "input": {"required": {"image": ["IMAGE", {}],
+                               "low_threshold": ["FLOAT", {"default": 0.4, "min": 0.01, "max": 0.99, "step": 0.01}],
+                               "high_threshold": ["FLOAT", {"default": 0.8, "min": 0.01, "max": 0.99, "step": 0.01}]}},
+        "input_order": {"required": ["image", "low_threshold", "high_threshold"]},
+        "output": ["IMAGE"],
+    },
+    "ControlNetApplyAdvanced": {
+        "input": {
+            "required": {"positive": ["CONDITIONING", {}], "negative": ["CONDITIONING", {}], "control_net": ["CONTROL_NET", {}],
+                         "image": ["IMAGE", {}], "strength": ["FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}],
+                         "start_percent": ["FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}],
+                         "end_percent": ["FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001}]},
+            "optional": {"vae": ["VAE", {}]},
+        },
+        "input_order": {"required": ["positive", "negative", "control_net", "image", "strength", "start_percent", "end_percent"],
+                        "optional": ["vae"]},
+        "output": ["CONDITIONING", "CONDITIONING"],
     },
     "FluxGuidance": {
         "input": {"required": {"conditioning": ["CONDITIONING"], "guidance": ["FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1}]}},
@@ -85,7 +104,7 @@ def spec_object_info(node_specs: dict) -> dict[str, dict]:
     return info
 
 
-def _input_spec(info: dict, name: str) -> list:
+def input_spec(info: dict, name: str) -> list:
     for group in ("required", "optional"):
         if name in info["input"].get(group, {}):
             return info["input"][group][name]
@@ -102,7 +121,7 @@ def widget_layout(info: dict) -> list[tuple[str, bool, bool]]:
     order = info["input_order"].get("required", []) + info["input_order"].get("optional", [])
     layout = []
     for name in order:
-        spec = _input_spec(info, name)
+        spec = input_spec(info, name)
         options = spec[1] if len(spec) > 1 else {}
         kind = input_kind(spec)
         if kind not in WIDGET_TYPES or options.get("forceInput"):

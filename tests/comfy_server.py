@@ -62,7 +62,7 @@ class ComfyServer:
         for folder in (self.output, self.input, base / "temp", base / "user"):
             folder.mkdir(parents=True, exist_ok=True)
         lines = ["sana_test:", f"    base_path: {model_root}", "    diffusion_models: diffusion_models", "    vae: vae",
-                 "    text_encoders: text_encoders"]
+                 "    text_encoders: text_encoders", "    controlnet: controlnet"]
         if not extension_already_installed(Path(COMFYUI_DIR)):
             (base / "custom_nodes").mkdir()
             (base / "custom_nodes" / "sana-comfy").symlink_to(ROOT, target_is_directory=True)
@@ -134,7 +134,7 @@ class ComfyServer:
         self.log.close()
 
 
-MODEL_FOLDERS = ("diffusion_models", "vae", "text_encoders")
+MODEL_FOLDERS = ("diffusion_models", "controlnet", "vae", "text_encoders")
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ extension as a package; tests therefore load the repository root as the package
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import sys
@@ -22,6 +23,7 @@ PACKAGE = "sana_comfy_ext"
 DIT_1024 = "Sana_1600M_1024px_BF16.pth"
 DIT_4K = "Sana_1600M_4Kpx_BF16.pth"
 DIT_SPRINT = "Sana_Sprint_1.6B_1024px.pth"
+CONTROLNET_HED = "Sana_1600M_1024px_BF16_ControlNet_HED.pth"  # goes in models/controlnet/
 DCAE_FOLDER = "dc-ae-f32c32-sana-1.1-diffusers"
 # The single file the workflows name instead of that folder: its diffusion_pytorch_model.safetensors
 # saved under this name (ComfyUI's frontend downloads single .safetensors files, not folders).
@@ -92,6 +94,25 @@ def random_dit(lib, config, seed: int = 0):
     return dit
 
 
+def write_controlnet_release(lib, dit, path: Path, seed: int = 3) -> Path:
+    """A one-block ControlNet for `dit` (its copied block and projections random, so it steers)
+    written as NVlabs releases one: the whole SanaMSControlNet, base DiT keys included, in bf16."""
+    dit_io, controlnet_io = ext_module("sana.dit_io"), ext_module("sana.controlnet_io")
+    torch.manual_seed(seed)
+    dit = copy.deepcopy(dit).float()
+    controlnet = lib.SanaControlNet.from_dit(dit, 1)
+    with torch.no_grad():
+        for name, p in controlnet.named_parameters():
+            if name.startswith(("input_proj.", "output_projs.")):
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5 if p.ndim > 1 else 0.1 * torch.randn_like(p))
+            elif name.startswith("blocks."):
+                p.add_(0.02 * torch.randn_like(p))
+    state = {"pos_embed": dit_io.official_pos_embed(dit.config, torch.float32), **dit_io.dit_state_dict(dit, "official")}
+    state.update(controlnet_io.controlnet_state_dict(controlnet, "official"))
+    torch.save({"state_dict": {k: v.to(torch.bfloat16).contiguous() for k, v in state.items()}}, path)
+    return path
+
+
 def tiny_dcae_config(dcae_module):
     """A 6-stage (compression 32) SANA-layout DC-AE with 32 latent channels and tiny widths."""
     return dcae_module.DCAEConfig(
@@ -116,25 +137,29 @@ def random_dcae(dcae_module, seed: int = 0):
 
 def write_model_folders(root: Path) -> dict[str, Path]:
     """Write tiny random models under the official names into ComfyUI-style folders below `root`:
-    diffusion_models/ (the three DiT .pth files), vae/ (the DC-AE diffusers folder, and the same
-    weights as one diffusers-layout file) and text_encoders/ (a Gemma-2 causal-LM folder). Official .pth files carry no config, so the DiTs
-    use a released width (1152) at depth 1 for the loader to detect them. Returns the folders."""
+    diffusion_models/ (the three DiT .pth files), controlnet/ (the HED ControlNet release for the
+    1024px DiT), vae/ (the DC-AE diffusers folder, and the same weights as one diffusers-layout
+    file) and text_encoders/ (a Gemma-2 causal-LM folder). Official .pth files carry no config, so
+    the DiTs use a released width (1152) at depth 1 (2 for the 1024px one, whose ControlNet copies
+    one block) for the loaders to detect them. Returns the folders."""
     from tiny_gemma import build_tiny_gemma
 
     lib = ext_module("sana")
     dcae_module = ext_module("sana.dcae")
     dcae_io = ext_module("sana.dcae_io")
-    folders = {name: root / name for name in ("diffusion_models", "vae", "text_encoders")}
+    folders = {name: root / name for name in ("diffusion_models", "controlnet", "vae", "text_encoders")}
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
-    released = dict(hidden_size=1152, depth=1, cross_heads=16, cross_head_dim=72)
+    released = dict(hidden_size=1152, cross_heads=16, cross_head_dim=72)
     for name, kwargs, seed in (
-        (DIT_1024, {}, 0),
+        (DIT_1024, {"depth": 2}, 0),
         (DIT_4K, {"sample_size": 128, "interpolation_scale": 2.0}, 1),
         (DIT_SPRINT, {"sprint": True}, 2),
     ):
-        dit = random_dit(lib, tiny_dit_config(lib, **released, **kwargs), seed).to(torch.bfloat16)
+        dit = random_dit(lib, tiny_dit_config(lib, **{"depth": 1, **released, **kwargs}), seed).to(torch.bfloat16)
         lib.save_dit(dit, folders["diffusion_models"] / name, format="official")
+        if name == DIT_1024:
+            write_controlnet_release(lib, dit, folders["controlnet"] / CONTROLNET_HED)
     dcae = random_dcae(dcae_module)
     dcae_io.save_dcae(dcae, folders["vae"] / DCAE_FOLDER)
     dcae_io.save_dcae(dcae, folders["vae"] / DCAE_FILE, layout="diffusers")

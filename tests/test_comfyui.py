@@ -17,7 +17,11 @@ needs this project's runtime requirements (torch, transformers, safetensors, ein
    SanaKSampler node (Flow-DPM-Solver, Flow-DPM-Solver + PAG, Sprint's trigflow) against
    `sana.generate` on the same noise: ComfyUI starts flow sampling at sigma0 * noise, so the
    reference gets `latents = sigma0 * noise` (Sprint: the seed, whose stream also gives the
-   per-step noise).
+   per-step noise). With the Sana ControlNet Loader's CONTROL_NET through ComfyUI's own Apply
+   ControlNet (the DC-AE as its vae): the SanaKSampler equals `sana.generate(controlnet=...)`
+   with the same control image, two chained Apply nodes equal one of their summed strength, and
+   ComfyUI's own KSampler (euler, simple) equals sana's Flow-Euler over ComfyUI's sigmas with the
+   ControlNet.
 """
 
 from __future__ import annotations
@@ -113,7 +117,8 @@ def test_shipped_workflows_run_headless(server, path):
         assert png_size(server.get(query)) == (width, height)
 
 
-LOADER_FOLDERS = {"SanaDiTLoader": "diffusion_models", "SanaGemmaLoader": "text_encoders", "SanaDCAELoader": "vae"}
+LOADER_FOLDERS = {"SanaDiTLoader": "diffusion_models", "SanaGemmaLoader": "text_encoders", "SanaDCAELoader": "vae",
+                  "SanaControlNetLoader": "controlnet"}
 
 
 def loader_errors(answer: dict, prompt: dict) -> dict[str, str]:
@@ -137,7 +142,8 @@ def test_every_missing_model_file_is_reported_at_queue_time(server, model_root, 
         status, answer = server.post_prompt(prompt, workflow)
     assert status == 400 and answer["error"]["type"] == "prompt_outputs_failed_validation", answer
     reported = loader_errors(answer, prompt)
-    assert set(reported) == set(LOADER_FOLDERS), reported  # every loader, in one answer
+    loaders = {node["class_type"] for node in prompt.values()} & set(LOADER_FOLDERS)
+    assert set(reported) == loaders and len(loaders) >= 3, reported  # every loader, in one answer
     for class_type, details in reported.items():
         inputs = next(n["inputs"] for n in prompt.values() if n["class_type"] == class_type)
         model_name = next(value for key, value in inputs.items() if key.endswith("_name"))
@@ -177,7 +183,7 @@ PARITY_SCRIPT = textwrap.dedent(
     comfy.options.enable_args_parsing()
     import torch
     import folder_paths
-    for key in ("diffusion_models", "vae", "text_encoders"):
+    for key in ("diffusion_models", "vae", "text_encoders", "controlnet"):
         folder_paths.add_model_folder_path(key, f"{models}/{key}", is_default=True)
     spec = importlib.util.spec_from_file_location("sana_comfy_parity", f"{root}/__init__.py", submodule_search_locations=[root])
     module = importlib.util.module_from_spec(spec); sys.modules[spec.name] = module; spec.loader.exec_module(module)
@@ -273,7 +279,62 @@ PARITY_SCRIPT = textwrap.dedent(
         core_tiled = vae.decode_tiled(samples, tile_x=4, tile_y=4, overlap=1)
         ours_tiled = cn.run_dcae_decode(out, vae, 128, 32)[0]
         results["core_vae_decode_tiled"] = {"max_abs_diff": float((core_tiled - ours_tiled).abs().max()), "std": float(core_tiled.std())}
+
+        # The Sana ControlNet through ComfyUI's own Apply ControlNet, the DC-AE as its vae.
+        import comfy.samplers
+        import nodes as comfy_nodes
+        from sana_comfy_parity.sana.pipeline import Control, denoise_flow, encode_prompts
+        from sana_comfy_parity.sana.sampling import images_to_latents, latents_to_images
+        from sana_comfy_parity.sana.schedules import FlowSchedule
+        cn_file = "Sana_1600M_1024px_BF16_ControlNet_HED.pth"
+        (control_net,) = cn.run_controlnet_loader(cn_file, "fp32")
+        controlnet = sana.load_controlnet(f"{models}/controlnet/{cn_file}", dtype=torch.float32)
+        dit = sana.load_dit(f"{models}/diffusion_models/Sana_1600M_1024px_BF16.pth", dtype=torch.float32)
+        edges = (torch.rand(1, H, W, 1, generator=torch.Generator().manual_seed(7)) > 0.85).float().expand(-1, -1, -1, 3).contiguous()
+        noise = draw_noise((1, 32, H // 32, W // 32), torch.Generator().manual_seed(seed))
+        apply = comfy_nodes.ControlNetApplyAdvanced()
+
+        def with_control(solver, scale):
+            schedule = sampling_schedule(solver, steps, dit.config.flow_shift)
+            return generate(dit=dit, dcae=vae.dcae, text_encoder=gemma.text_encoder, prompt="a red bicycle", height=H, width=W,
+                            resolution_binning=False, guidance_scale=4.5, seed=seed, steps=steps, solver=solver,
+                            latents=schedule.sigmas[0] * noise, controlnet=controlnet, control_image=edges, control_scale=scale)
+
+        def compare(name, latent_out, reference):
+            image = cn.run_dcae_decode(latent_out, vae, 0, 256)[0]
+            results[name] = {"max_abs_diff": float((image - reference).abs().max()), "std": float(image.std())}
+            return image
+
+        effects = {}
+        (model,) = cn.run_dit_loader("Sana_1600M_1024px_BF16.pth", "fp32", "auto")
+        pos_c, neg_c = apply.apply_controlnet(positive, negative, control_net, edges, 0.8, 0.0, 1.0, vae=vae)
+        for name, solver in (("controlnet_dpm", "flow_dpm_solver"), ("controlnet_euler", "flow_euler")):
+            (out_c,) = cn.run_ksampler(model, pos_c, neg_c, latent, seed, steps, 4.5, 0.0, solver, 0.0, 1.0)
+            image_c = compare(name, out_c, with_control(solver, 0.8))
+            if solver == "flow_dpm_solver":
+                effects["control_changes_the_image"] = float((image_c - results_dpm_image).abs().max())
+                controlled_image = image_c
+        # Chaining: each Apply node wraps the previous one and the residuals add up (0.3 + 0.5 = 0.8).
+        pos_1, neg_1 = apply.apply_controlnet(positive, negative, control_net, edges, 0.3, 0.0, 1.0, vae=vae)
+        pos_2, neg_2 = apply.apply_controlnet(pos_1, neg_1, control_net, edges, 0.5, 0.0, 1.0, vae=vae)
+        (out_chain,) = cn.run_ksampler(model, pos_2, neg_2, latent, seed, steps, 4.5, 0.0, "flow_dpm_solver", 0.0, 1.0)
+        compare("controlnet_chained", out_chain, with_control("flow_dpm_solver", 0.8))
+        # start/end percent: ComfyUI's own rule (sigma range); a half range lies between none and all.
+        pos_h, neg_h = apply.apply_controlnet(positive, negative, control_net, edges, 0.8, 0.0, 0.5, vae=vae)
+        (out_half,) = cn.run_ksampler(model, pos_h, neg_h, latent, seed, steps, 4.5, 0.0, "flow_dpm_solver", 0.0, 1.0)
+        half = cn.run_dcae_decode(out_half, vae, 0, 256)[0]
+        effects["half_range_vs_full"] = float((half - controlled_image).abs().max())
+        effects["half_range_vs_none"] = float((half - results_dpm_image).abs().max())
+        # ComfyUI's own KSampler (euler, simple) with the ControlNet = sana's Flow-Euler over ComfyUI's sigmas.
+        (out_core,) = comfy_nodes.common_ksampler(model, seed, steps, 4.5, "euler", "simple", pos_c, neg_c, latent)
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps).float()
+        text = encode_prompts(gemma.text_encoder, ["a red bicycle"], copies=1, negative_prompt="", chi=True, device=torch.device("cpu"))
+        control = Control(controlnet, images_to_latents(vae.dcae, edges, H, W), 0.8, range(steps))
+        final = denoise_flow(dit, text, sigmas[0] * noise, FlowSchedule(sigmas=sigmas, timesteps=sigmas[:-1] * 1000),
+                             solver="flow_euler", branches=("uncond", "cond"), guidance_scale=4.5, control=control)
+        compare("controlnet_core_ksampler", out_core, latents_to_images(vae.dcae, final, H, W))
     print("PARITY " + json.dumps(results))
+    print("EFFECTS " + json.dumps(effects))
     '''
 )
 
@@ -287,8 +348,11 @@ def test_ksampler_node_matches_sana_generate(model_root, tmp_path):
     line = next((l for l in run.stdout.splitlines() if l.startswith("PARITY ")), None)
     assert run.returncode == 0 and line, run.stdout[-3000:] + run.stderr[-5000:]
     results = json.loads(line[len("PARITY "):])
-    print(results)
+    effects = json.loads(next(l for l in run.stdout.splitlines() if l.startswith("EFFECTS "))[len("EFFECTS "):])
+    print(results, effects)
     for name, result in results.items():
         assert result["max_abs_diff"] < 1e-4, (name, result)
         assert result["std"] > 0.01, (name, result)
     assert results["lora"]["changed_by"] > 1e-3, results["lora"]  # the LoRA did something
+    assert effects["control_changes_the_image"] > 1e-2, effects  # the ControlNet steers: the parity proves something
+    assert effects["half_range_vs_full"] > 1e-3 and effects["half_range_vs_none"] > 1e-3, effects

@@ -39,7 +39,7 @@ WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 VIEWPORT = "1366x768"
 PROBE_TIMEOUT_S = 600
-LOADER_DIRECTORIES = {"SanaDiTLoader": "diffusion_models", "SanaDCAELoader": "vae"}  # the loaders whose files the dialog can name
+LOADER_DIRECTORIES = {"SanaDiTLoader": "diffusion_models", "SanaDCAELoader": "vae", "SanaControlNetLoader": "controlnet"}  # the loaders whose files the dialog can name
 
 # The frontend's drawing rules (ComfyUI_frontend 1.27, litegraph): a title gets the node width
 # minus two title heights, a combo/number row the width minus 85 px (margins and arrows), with a

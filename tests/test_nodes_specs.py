@@ -28,6 +28,7 @@ PINNED_INPUT_ORDER = {
     "SanaEmptyLatentImage": ["width", "height", "batch_size", "resolution_bins"],
     "SanaLoRALoader": ["model", "lora_name", "strength"],
     "SanaW8A8Quantize": ["model"],
+    "SanaControlNetLoader": ["controlnet_name", "dtype"],
 }
 PINNED_OUTPUTS = {
     "SanaDiTLoader": ["MODEL"],
@@ -43,6 +44,7 @@ PINNED_OUTPUTS = {
     "SanaEmptyLatentImage": ["LATENT", "INT", "INT"],
     "SanaLoRALoader": ["MODEL"],
     "SanaW8A8Quantize": ["MODEL"],
+    "SanaControlNetLoader": ["CONTROL_NET"],
 }
 
 # Display names follow one style ("Sana <what it is>") and each node sits in the sub-category of
@@ -53,6 +55,7 @@ PINNED_NAMES_AND_CATEGORIES = {
     "SanaGemmaLoader": ("Sana Gemma Loader", "Sana/loaders"),
     "SanaDCAELoader": ("Sana DC-AE Loader", "Sana/loaders"),
     "SanaLoRALoader": ("Sana LoRA Loader", "Sana/loaders"),
+    "SanaControlNetLoader": ("Sana ControlNet Loader", "Sana/loaders"),
     "SanaGemmaTextEncode": ("Sana CHI Text Encode", "Sana/conditioning"),
     "SanaGemmaNegativeEncode": ("Sana Negative Text Encode", "Sana/conditioning"),
     "SanaKSampler": ("Sana KSampler", "Sana/sampling"),

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from canvas_geometry import REFERENCE_CANVAS, TAB_STRIP_HEIGHT, overlap, saved_node_box, to_screen
-from comfy_api_format import WorkflowError, spec_object_info, to_api_prompt, widget_layout, widget_values
-from node_fixtures import DCAE_FILE, DIT_1024, DIT_4K, DIT_SPRINT, GEMMA_FOLDER, ROOT, ext_module
+from comfy_api_format import WorkflowError, input_spec, spec_object_info, to_api_prompt, widget_layout, widget_values
+from node_fixtures import CONTROLNET_HED, DCAE_FILE, DIT_1024, DIT_4K, DIT_SPRINT, GEMMA_FOLDER, ROOT, ext_module
 
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 SPECS = ext_module("nodes.specs").NODE_SPECS
@@ -37,6 +37,7 @@ def test_the_four_workflows_ship():
         "sana_sprint_1.6b_2step.json",
         "sana_1600m_img2img.json",
         "sana_1600m_1024px_w8a8.json",
+        "sana_1600m_controlnet_canny.json",
     }
 
 
@@ -67,7 +68,7 @@ def test_workflow_fits_the_node_definitions(path):
         assert link_id in (source["outputs"][origin_slot]["links"] or [])
         assert sink["inputs"][target_slot]["link"] == link_id
         produced = OBJECT_INFO[source["type"]]["output"][origin_slot]
-        wanted = OBJECT_INFO[sink["type"]]["input"]["required"][sink["inputs"][target_slot]["name"]][0]
+        wanted = input_spec(OBJECT_INFO[sink["type"]], sink["inputs"][target_slot]["name"])[0]
         assert produced == wanted == kind, (source["type"], sink["type"], produced, wanted, kind)
 
     assert any(OBJECT_INFO[n["type"]].get("output_node") for n in workflow["nodes"])
@@ -107,7 +108,7 @@ def test_workflow_names_official_files_listed_in_the_readme(path):
     readme = (ROOT / "workflows" / "README.md").read_text()
     names = model_names(load(path))
     assert names, "a workflow must name the model files it needs"
-    assert names <= {DIT_1024, DIT_4K, DIT_SPRINT, DCAE_FILE, GEMMA_FOLDER}
+    assert names <= {DIT_1024, DIT_4K, DIT_SPRINT, DCAE_FILE, GEMMA_FOLDER, CONTROLNET_HED}
     for name in names:
         assert name in readme, f"{name} is not listed in workflows/README.md"
 
@@ -119,7 +120,7 @@ def test_workflow_names_official_files_listed_in_the_readme(path):
 # for the names that node's widgets hold.
 DOWNLOAD_HOSTS = ("https://huggingface.co/", "https://civitai.com/")
 DOWNLOAD_SUFFIXES = (".safetensors", ".sft")
-LOADER_DIRECTORIES = {"SanaDiTLoader": "diffusion_models", "SanaDCAELoader": "vae"}
+LOADER_DIRECTORIES = {"SanaDiTLoader": "diffusion_models", "SanaDCAELoader": "vae", "SanaControlNetLoader": "controlnet"}
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -197,6 +198,15 @@ def test_each_workflow_does_what_its_name_says():
     (loader,) = [k for k, n in w8a8.items() if n["class_type"] == "SanaDiTLoader"]
     assert w8a8[quantize]["inputs"]["model"] == [loader, 0]
     assert nodes(w8a8, "SanaKSampler")[0]["model"] == [quantize, 0]
+
+    control = by_name["sana_1600m_controlnet_canny"]
+    ids = {n["class_type"]: k for k, n in control.items()}
+    apply = control[ids["ControlNetApplyAdvanced"]]["inputs"]
+    assert apply["control_net"] == [ids["SanaControlNetLoader"], 0] and apply["vae"] == [ids["SanaDCAELoader"], 0]
+    assert apply["image"] == [ids["Canny"], 0] and control[ids["Canny"]]["inputs"]["image"] == [ids["LoadImage"], 0]
+    (ks,) = nodes(control, "SanaKSampler")
+    assert ks["positive"] == [ids["ControlNetApplyAdvanced"], 0] and ks["negative"] == [ids["ControlNetApplyAdvanced"], 1]
+    assert nodes(control, "SanaControlNetLoader")[0]["controlnet_name"] == CONTROLNET_HED
 
 
 def test_api_conversion_of_seed_widgets_skips_the_control_value():
