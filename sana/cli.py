@@ -147,6 +147,8 @@ def generation_mode(args: argparse.Namespace) -> str:
         raise SanaInputError("--prompt needs --out (the PNG to write)")
     if mode == "batch" and args.image:
         raise SanaInputError("--image (image to image) is for --prompt; --prompts generates from text only")
+    if mode == "batch" and (args.controlnet or args.control_image):
+        raise SanaInputError("--controlnet/--control-image are for --prompt (or --replay); --prompts generates from text only")
     if mode != "replay":
         missing = [option for option, value in (("--dit", args.dit), ("--vae", args.vae), ("--text-encoder", args.text_encoder)) if not value]
         if missing:
@@ -171,7 +173,8 @@ def _batch_options(args: argparse.Namespace, device: str) -> batch.BatchOptions:
     )
 
 
-def _single_record_text(args, dit, dcae, text_encoder, *, solver: str, steps: int, seed: int, count: int) -> list[dict[str, str]]:
+def _single_record_text(args, dit, dcae, text_encoder, controlnet, *, solver: str, steps: int, seed: int,
+                        count: int) -> list[dict[str, str]]:
     """Each image's PNG text chunks (`sana.provenance`): the request `generate` got, resolved."""
     from sana.provenance import describe_models, file_sha256, make_record, png_text
 
@@ -187,6 +190,11 @@ def _single_record_text(args, dit, dcae, text_encoder, *, solver: str, steps: in
     if args.image:
         request["strength"] = args.strength
         extra["image"] = {"path": os.path.abspath(args.image), "sha256": file_sha256(Path(args.image))}
+    if controlnet is not None:
+        request.update(control_scale=args.control_scale, control_start=args.control_start, control_end=args.control_end)
+        described = describe_models({"controlnet": args.controlnet})["controlnet"]
+        extra["controlnet"] = {**described, "dtype": str(controlnet.dtype).removeprefix("torch.")}
+        extra["control_image"] = {"path": os.path.abspath(args.control_image), "sha256": file_sha256(Path(args.control_image))}
     parts = batch.Parts(dit, dcae, text_encoder)
     models = describe_models({"dit": args.dit, "vae": args.vae, "text_encoder": args.text_encoder})
     models = {c: {**m, "dtype": batch.dtype_names(parts)[c]} for c, m in models.items()}
@@ -233,7 +241,7 @@ def command_generate(args: argparse.Namespace) -> int:
     # A random seed is drawn here rather than in generate, so that the image records it.
     seed = args.seed if args.seed is not None else secrets.randbelow(SEED_LIMIT)
     count = len(args.prompt) * args.batch_size
-    texts = _single_record_text(args, dit, dcae, text_encoder, solver=solver, steps=steps, seed=seed, count=count)
+    texts = _single_record_text(args, dit, dcae, text_encoder, controlnet, solver=solver, steps=steps, seed=seed, count=count)
     callback, close = progress_callback()
     started = time.perf_counter()
     try:
@@ -288,6 +296,7 @@ def command_replay(args: argparse.Namespace) -> int:
             paths={k: v for k, v in overrides.items() if v},
             dtypes={k: DTYPES[v] for k, v in dtypes.items() if v}, device=args.device or _default_device(),
             image_input=Path(args.image) if args.image else None, callback=callback, compile_model=args.compile,
+            controlnet=args.controlnet, control_image=Path(args.control_image) if args.control_image else None,
         )
     finally:
         close()
@@ -371,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", default=None, help="input image for image-to-image")
     gen.add_argument("--strength", type=float, default=1.0, help="image-to-image denoising strength in (0, 1]")
     gen.add_argument("--controlnet", default=None,
-                     help="ControlNet checkpoint: NVlabs .pth as released, or a diffusers folder or file (with --control-image)")
+                     help="ControlNet checkpoint: NVlabs .pth as released, or a diffusers folder or file (with --control-image; with --replay: where a recorded one moved)")
     gen.add_argument("--control-image", default=None, help="the ControlNet's control image (e.g. an HED edge map)")
     gen.add_argument("--control-scale", type=float, default=1.0, help="ControlNet conditioning scale in [0, 100]")
     gen.add_argument("--control-start", type=float, default=0.0, help="fraction of the steps where the ControlNet starts")

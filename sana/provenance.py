@@ -4,13 +4,15 @@ A record is plain JSON data: `request` (the keyword arguments of `sana.generate`
 image, every default resolved: solver, steps, size, flow shift, PAG layers), `image_index` (the
 row of that call's output the PNG holds), `models` (for the DiT, DC-AE and text encoder: the
 path loaded, a display name, the dtype and the SHA-256 of the files, see `model_hash`) and the
-project `version`. It goes into two PNG text chunks (`png_text`):
+project `version`. Inputs beyond the models ride beside them: `image` (image to image's input:
+path and SHA-256), `controlnet` (path, name, SHA-256, dtype) and `control_image` (path, SHA-256).
+It goes into two PNG text chunks (`png_text`):
 
 - `parameters`: the A1111 infotext that stable-diffusion-webui, Forge, Civitai and the ComfyUI
   nodes that read A1111 images parse: the prompt, `Negative prompt: ...` (when there is one),
   then one line of `Key: value` pairs, `Steps, Sampler, CFG scale, Seed, Size (WxH), Model
   hash, Model` first as A1111 writes them, then SANA's own keys (`VAE hash`, `Text encoder
-  hash`, `Flow shift`, `PAG scale`, ...) and `Version`. Values holding a comma, a colon or a
+  hash`, `Flow shift`, `PAG scale`, `ControlNet`, `Control scale`, ...) and `Version`. Values holding a comma, a colon or a
   newline are JSON-quoted, A1111's rule. `Model hash` is A1111's short form: the first 10 hex
   digits of the SHA-256 (what A1111 and Civitai call AutoV2 for a single file).
 - `sana`: the record itself as JSON, exact: `read_record` reads it back, and
@@ -50,10 +52,13 @@ PROJECT = "sana-comfy"
 REQUEST_KEYS = (
     "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "flow_shift", "solver",
     "pag_scale", "pag_layers", "chi", "resolution_binning", "batch_size", "strength",
+    "control_scale", "control_start", "control_end",
 )
 COMPONENTS = ("dit", "vae", "text_encoder")
 # A pipeline root's sub-folders each loader reads (see `sana.checkpoint.pipeline_subfolder`).
-COMPONENT_FOLDERS = {"dit": ("transformer",), "vae": ("vae",), "text_encoder": ("text_encoder", "tokenizer")}
+COMPONENT_FOLDERS = {
+    "dit": ("transformer",), "vae": ("vae",), "text_encoder": ("text_encoder", "tokenizer"), "controlnet": ("controlnet",),
+}
 
 _log = logging.getLogger("sana")
 _CHUNK = 1 << 22
@@ -259,6 +264,13 @@ def parameters_text(record: Mapping[str, Any]) -> str:
         pairs.append(("Resolution binning", "off"))
     if "image" in record:
         pairs.append(("Denoising strength", _number(request["strength"])))
+    if "controlnet" in record:
+        controlnet = record["controlnet"]
+        pairs += [
+            ("ControlNet hash", str(controlnet.get("sha256", ""))[:SHORT_HASH]), ("ControlNet", controlnet.get("name")),
+            ("Control scale", _number(request.get("control_scale", 1.0))),
+            ("Control steps", f"{_number(request.get('control_start', 0.0))}-{_number(request.get('control_end', 1.0))}"),
+        ]
     batch = len(request["prompt"]) if isinstance(request["prompt"], list) else 1
     if batch * int(request.get("batch_size", 1)) > 1 and not isinstance(request.get("seed"), list):
         pairs += [("Batch size", batch * int(request["batch_size"])), ("Batch pos", record["image_index"])]

@@ -5,8 +5,8 @@ of its output the image is, and the model files with their hashes and dtypes. `r
 models from the recorded paths (or the ones given, for files that moved), refuses files whose
 hash is not the recorded one (the same name with other weights would silently give another
 image), calls `generate(**request)` and writes the row to a new PNG that carries the record too.
-An image to image request needs its input image, found at the recorded path or given, and
-checked against its recorded hash.
+An image to image request needs its input image, and a ControlNet request its ControlNet and
+control image, each found at the recorded path or given, and checked against its recorded hash.
 
 On the machine and device that made the image the replay is exact; elsewhere (another CPU,
 a GPU, another thread count) it is as close as those runs are to each other. Batch mode's
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .batch import dtype_names, load_parts
+from .controlnet_io import load_controlnet
 from .errors import SanaCheckpointError, SanaInputError
 from .pipeline import generate
 from .png import read_image, write_png
@@ -66,16 +67,40 @@ def check_model_hashes(record: Mapping[str, Any], models: Mapping[str, Mapping[s
             )
 
 
-def _input_image(record: Mapping[str, Any], given: Path | None, image: Path) -> torch.Tensor | None:
-    source = record.get("image")
+# Record keys of the inputs beside the models -> (what it is, the option that gives it).
+INPUTS = {"image": ("the input image", "--image"), "control_image": ("the control image", "--control-image")}
+
+
+def _input_image(record: Mapping[str, Any], key: str, given: Path | None, image: Path) -> torch.Tensor | None:
+    source = record.get(key)
     if source is None:
         return None
+    what, option = INPUTS[key]
     path = given or Path(source["path"])
     if not path.is_file():
-        raise SanaCheckpointError(f"{image} was made from the input image {path}, which is not there; give it with --image")
+        raise SanaCheckpointError(f"{image} was made from {what} {path}, which is not there; give it with {option}")
     if file_sha256(path) != source.get("sha256"):
-        raise SanaCheckpointError(f"{path} is not the input image {image} was made from (its SHA-256 differs); give that one with --image")
+        raise SanaCheckpointError(f"{path} is not {what} {image} was made from (its SHA-256 differs); give that one with {option}")
     return read_image(path)
+
+
+def _controlnet_path(record: Mapping[str, Any], given: str | None, image: Path) -> str | None:
+    """The ControlNet the image was made with (recorded or given), its hash checked; None without one."""
+    recorded = record.get("controlnet")
+    if recorded is None:
+        return None
+    path = given or recorded.get("path")
+    if not isinstance(path, str) or not os.path.exists(path):
+        if given:
+            raise SanaCheckpointError(f"--controlnet {path} does not exist")
+        raise SanaCheckpointError(f"{image} was made with the ControlNet {path}, which is not there; give the file with --controlnet")
+    found = describe_models({"controlnet": path})["controlnet"]["sha256"]
+    if recorded.get("sha256") is not None and found != recorded["sha256"]:
+        raise SanaCheckpointError(
+            f"{path} has SHA-256 {found[:SHORT_HASH]}..., but {image} was made with the ControlNet "
+            f"{str(recorded['sha256'])[:SHORT_HASH]}... ({recorded.get('name')}); give that file with --controlnet"
+        )
+    return path
 
 
 def _dtypes(record: Mapping[str, Any], given: Mapping[str, torch.dtype]) -> dict[str, torch.dtype]:
@@ -105,6 +130,8 @@ def replay(
     callback: Callable | None = None,
     compile_model: bool = False,
     log: Callable[[str], None] | None = None,
+    controlnet: str | None = None,
+    control_image: Path | None = None,
 ) -> Path:
     """Generate `image` again from its record and write it to `out` (default `replay_path`);
     returns the path written. Everything is checked (record, output path, model and input
@@ -117,16 +144,27 @@ def replay(
     model_paths = _model_paths(record, paths or {}, image)
     models = describe_models(model_paths)
     check_model_hashes(record, models, image)
-    source = _input_image(record, image_input, image)
+    source = _input_image(record, "image", image_input, image)
+    control = _input_image(record, "control_image", control_image, image)
+    controlnet_path = _controlnet_path(record, controlnet, image)
+    if (controlnet_path is None) != (control is None):
+        raise SanaCheckpointError(f"{image}: the record names a ControlNet or a control image without the other")
     parts = load_parts(model_paths, _dtypes(record, dtypes or {}), device)
+    control_model = load_controlnet(controlnet_path, dtype=parts.dit.dtype, device=device) if controlnet_path else None
     request = record["request"]
     images = generate(dit=parts.dit, dcae=parts.dcae, text_encoder=parts.text_encoder, image=source,
-                      callback=callback, compile_model=compile_model, **request)
+                      controlnet=control_model, control_image=control, callback=callback,
+                      compile_model=compile_model, **request)
     index = record["image_index"]
     if index >= images.shape[0]:
         raise SanaCheckpointError(f"{image}: the record names image {index}, but its request makes {images.shape[0]}")
     again = {**record, "models": {c: {**m, "dtype": dtype_names(parts)[c]} for c, m in models.items()},
              "version": project_version()}
+    if controlnet_path is not None:
+        again["controlnet"] = {**record["controlnet"], "path": os.path.abspath(controlnet_path)}
+    for key, given in (("image", image_input), ("control_image", control_image)):
+        if given is not None and key in record:
+            again[key] = {**record[key], "path": os.path.abspath(given)}
     write_png(out, images[index], png_text(again))
     before = read_image(image)[0]
     if before.shape != images[index].shape:

@@ -10,6 +10,7 @@ through our loaders. Both sides run in fp32 from the same seed and are compared 
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -22,6 +23,8 @@ from node_fixtures import randomize_at_trained_scale
 from sana.dcae_io import load_dcae
 from sana.errors import SanaCheckpointError, SanaInputError
 from sana.cli import main, read_image, write_png
+from sana.png import read_png_text
+from sana.provenance import read_record
 from sana.pipeline import check_generation_inputs, check_sampling_values, generate
 from sana.sampling import control_steps
 from sana.text_encoder import COMPLEX_HUMAN_INSTRUCTION
@@ -233,3 +236,55 @@ def test_command_line_writes_what_generate_returns(parts, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_record_names_the_controlnet_and_replay_uses_it(parts, tmp_path, capsys):
+    """The PNG's record carries the ControlNet (hash) and the control image (hash) with the
+    control settings; --replay makes the same pixels from them, and refuses other files."""
+    write_png(tmp_path / "edges.png", control_images()[0])
+    out = tmp_path / "out.png"
+    assert main(["generate", "--dit", str(parts.root / "dit_600m"), "--vae", str(parts.root / "vae"), "--text-encoder",
+                 str(parts.gemma_folder), "--width", "64", "--height", "64", "--no-binning", "--seed", "5", "--device", "cpu",
+                 "--steps", "2", "--prompt", PROMPTS[0], "--controlnet", str(parts.root / "controlnet_600m"),
+                 "--control-image", str(tmp_path / "edges.png"), "--control-scale", "0.8", "--control-end", "0.5",
+                 "--out", str(out)]) == 0
+    record = read_record(out)
+    assert (record["request"]["control_scale"], record["request"]["control_start"], record["request"]["control_end"]) == (0.8, 0.0, 0.5)
+    assert record["controlnet"]["name"] == "controlnet_600m" and len(record["controlnet"]["sha256"]) == 64
+    assert record["control_image"]["path"] == str(tmp_path / "edges.png")
+    assert "ControlNet: controlnet_600m" in read_png_text(out)["parameters"]
+    assert "Control scale: 0.8" in read_png_text(out)["parameters"]
+
+    capsys.readouterr()
+    assert main(["generate", "--replay", str(out), "--device", "cpu"]) == 0
+    assert "identical pixels" in capsys.readouterr().err
+    assert torch.equal(read_image(tmp_path / "out-replay.png"), read_image(out))
+
+    # Another control image, another ControlNet, or none where one was recorded: refused, named.
+    write_png(tmp_path / "other.png", control_images(seed=1)[0])
+    cases = [
+        (["--control-image", str(tmp_path / "other.png")], "is not the control image"),
+        (["--controlnet", str(parts.root / "controlnet_1600m")], "give that file with --controlnet"),
+        (["--controlnet", str(tmp_path / "missing")], "--controlnet .*missing does not exist"),
+    ]
+    for extra, message in cases:
+        assert main(["generate", "--replay", str(out), "--device", "cpu", "--out", str(tmp_path / "bad.png"), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and re.search(message, err[0]), err
+    assert not (tmp_path / "bad.png").exists()
+    (tmp_path / "edges.png").rename(tmp_path / "moved.png")
+    assert main(["generate", "--replay", str(out), "--device", "cpu", "--out", str(tmp_path / "bad.png")]) == 2
+    assert "give it with --control-image" in capsys.readouterr().err
+    assert main(["generate", "--replay", str(out), "--device", "cpu", "--out", str(tmp_path / "moved-replay.png"),
+                 "--control-image", str(tmp_path / "moved.png")]) == 0
+    assert torch.equal(read_image(tmp_path / "moved-replay.png"), read_image(out))
+    assert read_record(tmp_path / "moved-replay.png")["control_image"]["path"] == str(tmp_path / "moved.png")
+
+
+def test_batch_mode_refuses_a_controlnet_before_loading(parts, tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text("a\nb\n")
+    assert main(["generate", "--dit", str(parts.root / "dit_600m"), "--vae", str(parts.root / "vae"), "--text-encoder",
+                 str(parts.gemma_folder), "--prompts", str(tmp_path / "prompts.txt"), "--out-dir", str(tmp_path / "out"),
+                 "--controlnet", str(parts.root / "controlnet_600m"), "--control-image", str(tmp_path / "none.png")]) == 2
+    assert "--controlnet/--control-image are for --prompt" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
