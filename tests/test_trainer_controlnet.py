@@ -247,3 +247,21 @@ def test_the_dit_only_options_are_not_on_its_command_line(control_world, capsys)
     assert "--lr" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["controlnet", "--lora-rank", "4"])
+
+
+def test_controlnet_demo_runs_end_to_end_on_tiny_settings(tmp_path):
+    """The demo's stages on the shipped model with a handful of images and steps (its figure is a
+    bench, docs/BENCHMARKS.md); a rerun with other options is refused, naming them."""
+    from trainer.controlnet_demo import DemoOptions, run_controlnet_demo
+
+    options = DemoOptions(count=8, steps=2, batch_size=4, seeds=1, sample_steps=2)
+    result = run_controlnet_demo(tmp_path / "demo", options, progress=False)
+    for name in ("with_control", "without_control"):
+        assert result[name]["images"] == result["held_out_scenes"] == len(shapes.held_out_scenes())
+        assert 0.0 <= result[name]["position"] <= 1.0
+    assert json.loads((tmp_path / "demo" / "controlnet_demo.json").read_text())["with_control"] == result["with_control"]
+    assert (tmp_path / "demo" / "controlnet_demo.png").stat().st_size > 1000
+    captions = [p.read_text() for p in (tmp_path / "demo" / "data").glob("*.txt")]
+    assert len(captions) == 8 and not any(word in c.split() for c in captions for word in shapes.POSITIONS)
+    with pytest.raises(SanaInputError, match="--steps 2 → 3"):
+        run_controlnet_demo(tmp_path / "demo", DemoOptions(count=8, steps=3, batch_size=4, seeds=1, sample_steps=2), progress=False)

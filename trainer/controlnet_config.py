@@ -10,6 +10,7 @@ from sana.errors import SanaInputError
 
 from .dit_config import DiTTrainConfig
 from .dit_config import check_config as check_dit_config
+from .dit_config import check_values as check_dit_values
 from .options import check_range, invalid, option
 
 # The DiT trainer's options that make no sense for a ControlNet: hidden from its command line
@@ -51,19 +52,25 @@ class ControlNetTrainConfig(DiTTrainConfig):
 
 def check_config(config: ControlNetTrainConfig) -> None:
     """Raise `SanaInputError` naming the first unusable option; reads no file but stats paths."""
+    check_values(config)
+    if config.controlnet and not Path(config.controlnet).exists():
+        raise invalid("controlnet", config.controlnet, "no such file or folder")
+    check_dit_config(config)
+
+
+def check_values(config: ControlNetTrainConfig) -> None:
+    """The checks of `check_config` that read no file."""
     defaults = ControlNetTrainConfig()
     for name, why in NOT_CONTROLNET_OPTIONS.items():
         if getattr(config, name) != getattr(defaults, name):
             raise invalid(name, getattr(config, name), f"not an option of `trainer controlnet`: {why}")
     if not config.init:
         raise invalid("init", config.init, "give the base DiT the ControlNet steers (anything sana.load_dit reads)")
+    check_dit_values(config)
     check_range(config, "controlnet_blocks", at_least=0)
     if config.controlnet and config.controlnet_blocks:
         raise invalid("controlnet_blocks", config.controlnet_blocks, f"a new ControlNet's size; --controlnet {config.controlnet} "
                       "has its own (give one of the two)")
-    if config.controlnet and not Path(config.controlnet).exists():
-        raise invalid("controlnet", config.controlnet, "no such file or folder")
-    check_dit_config(config)
 
 
 def check_cache_has_control(config: ControlNetTrainConfig, cache) -> None:

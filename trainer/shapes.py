@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -144,10 +144,10 @@ def caption(scene: Scene, rng: np.random.Generator | None = None) -> str:
     return template.format(**fields)
 
 
-def caption_without_position(scene: Scene) -> str:
+def caption_without_position(scene: Scene, rng: np.random.Generator | None = None) -> str:
     """A prompt for `scene` that says nothing of where its objects are: "a large red circle",
-    "two cyan triangles". (`parse_prompt` reads a single object's as being in the center: score
-    images of it against `scene` itself.)"""
+    "two cyan triangles" (`rng` is unused: it takes `caption`'s arguments). `parse_prompt`
+    reads a single object's as being in the center: score images of it against `scene` itself."""
     if scene.count == 1:
         return f"a {scene.size} {scene.colour} {scene.shape}"
     return MULTI_TEMPLATES[0].format(count=COUNT_WORDS[scene.count], colour=scene.colour, shape=scene.shape)
@@ -241,10 +241,12 @@ def sample_scenes(n: int, rng: np.random.Generator, scenes: Sequence[Scene] | No
 
 
 def write_dataset(folder: str | Path, count: int, *, side: int = 128, seed: int = 0,
-                  control_dir: str | Path | None = None, scenes: Sequence[Scene] | None = None) -> Path:
-    """Write `count` training images as `NNNNNN.png` + `NNNNNN.txt` (the caption) to `folder`,
-    drawn from `scenes` (default: the training scenes); with `control_dir`, each image's
-    `edge_map` as `control_dir/NNNNNN.png` too (what `python -m trainer cache --control-dir` reads).
+                  control_dir: str | Path | None = None, scenes: Sequence[Scene] | None = None,
+                  describe: Callable[[Scene, np.random.Generator], str] | None = None) -> Path:
+    """Write `count` training images as `NNNNNN.png` + `NNNNNN.txt` (the caption, by `describe`,
+    default `caption`) to `folder`, drawn from `scenes` (default: the training scenes); with
+    `control_dir`, each image's `edge_map` as `control_dir/NNNNNN.png` too (what
+    `python -m trainer cache --control-dir` reads).
 
     Also writes `scenes.jsonl` (file, caption, scene) so tests can check what was drawn.
     Deterministic in `seed` (the images do not depend on `control_dir`).
@@ -260,7 +262,7 @@ def write_dataset(folder: str | Path, count: int, *, side: int = 128, seed: int 
     with open(folder / "scenes.jsonl", "w") as manifest:
         for i, scene in enumerate(sample_scenes(count, rng, scenes)):
             name = f"{i:06d}"
-            text = caption(scene, rng)
+            text = (describe or caption)(scene, rng)
             image = render(scene, side, rng)
             Image.fromarray(image).save(folder / f"{name}.png", optimize=False, compress_level=1)
             if control_dir is not None:
