@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from common import machine  # noqa: E402
+from trainer.distributed import set_cpu_threads  # noqa: E402
 from trainer.controlnet_demo import DemoOptions, evaluate_control, run_controlnet_demo  # noqa: E402
 
 
@@ -31,11 +32,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=None, help="score over this many seeds (default: the run's)")
     parser.add_argument("--steps", type=int, default=DemoOptions.steps, help="training steps")
     parser.add_argument("--lr", type=float, default=DemoOptions.lr)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: the CPUs this process may use; on a busy "
+                        "machine 1 avoids oversubscription)")
     args = parser.parse_args()
-    result = run_controlnet_demo(args.out_dir, DemoOptions(steps=args.steps, lr=args.lr), progress=False)
+    threads = set_cpu_threads(args.threads)
+    result = run_controlnet_demo(args.out_dir, DemoOptions(steps=args.steps, lr=args.lr), progress=False, threads=threads)
     if args.seeds is not None and args.seeds != result["seeds"]:
         result.update(evaluate_control(result["options"]["model"], result["controlnet"], seeds=args.seeds))
-    print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f}")
+    print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f}; {threads} thread(s)")
     print(f"timings (s): {result['timings_s']}; final training loss {result['final_loss']:.4f}")
     print(f"held-out scenes: {result['held_out_scenes']} ({result['single_object_scenes']} single-object) x {result['seeds']} seeds, "
           f"{result['steps']} steps, CFG {result['guidance_scale']}")
