@@ -301,3 +301,16 @@ def test_two_gloo_processes_train_as_one(control_world, tmp_path, strategy):
         b = load_controlnet(tmp_path / "two" / name).state_dict()
         worst = max(float((a[k] - b[k]).abs().max()) for k in a)
         assert worst < 1e-4, (name, worst)  # fp32 gradients averaged over 2 ranks vs summed in one batch
+
+
+def test_an_unreadable_control_image_skips_its_sample_until_it_is_fixed(world, control_world, tmp_path):  # noqa: F811
+    data, control = tmp_path / "data", tmp_path / "control"
+    shutil.copytree(control_world["data"], data)
+    shutil.copytree(control_world["control"], control)
+    good = (control / "000002.png").read_bytes()
+    (control / "000002.png").write_bytes(b"not an image")
+    with pytest.warns(UserWarning, match="1 unreadable"):
+        summary = _build(world, data, tmp_path / "cache", control)
+    assert summary["samples"] == 15 and summary["skipped"] == [str(data / "000002.png")]
+    (control / "000002.png").write_bytes(good)  # fixed: the sample is encoded now
+    assert _build(world, data, tmp_path / "cache", control)["samples"] == 16

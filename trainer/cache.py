@@ -258,8 +258,9 @@ def compare(records: Sequence[Record], contents: Contents) -> Plan:
         entry = contents.samples.get(record.key)
         if entry is None:
             skipped = contents.skipped.get(record.key)
-            if skipped is None or _file_state(record.image) != {k: skipped.get(k) for k in ("bytes", "mtime_ns")}:
-                new.append(record)  # never seen, or an unreadable image that changed since: (re)try it
+            states = {k: v for k, v in _skip_entry(record).items() if k.endswith(("bytes", "mtime_ns"))}
+            if skipped is None or states != {k: skipped.get(k) for k in states}:
+                new.append(record)  # never seen, or an unreadable image (or control image) that changed since: (re)try it
             continue
         if entry["caption"] != record.caption:
             captions.append(f"{record.key}: {entry['caption']!r} → {record.caption!r}")
@@ -591,7 +592,11 @@ def _encode_batch(batch: list[Record], pixels: torch.Tensor, control_pixels: tor
 
 
 def _skip_entry(record: Record) -> dict:
-    return {"key": record.key, "image": str(record.image), **_file_state(record.image)}
+    """What a skipped sample's files were: a change to either retries it."""
+    entry = {"key": record.key, "image": str(record.image), **_file_state(record.image)}
+    if record.control is not None:
+        entry.update(control=str(record.control), **{f"control_{k}": v for k, v in _file_state(record.control).items()})
+    return entry
 
 
 def _summary(settings: CacheSettings, contents: Contents, plan: Plan, records, memo: dict, report: dict) -> dict:
