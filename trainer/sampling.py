@@ -63,11 +63,20 @@ def sample_latents(
             m.train(mode)
 
 
-def write_sample_grid(dcae, latents: torch.Tensor, prompts: Sequence[str], path: Path) -> np.ndarray:
+def write_sample_grid(dcae, latents: torch.Tensor, prompts: Sequence[str], path: Path,
+                      controls: torch.Tensor | None = None) -> np.ndarray:
     """Decode `latents` (`latents_to_images`) and save them as a labelled PNG grid; returns the
-    grid as a uint8 [H, W, 3] array."""
+    grid as a uint8 [H, W, 3] array. With `controls` (the control latents they were steered by),
+    each image follows its control image as the DC-AE decodes it."""
     images = to_uint8(latents_to_images(dcae, latents))
-    grid = image_grid(images, list(prompts), scale=max(1, 128 // images[0].shape[0]))
+    labels = list(prompts)
+    columns = None
+    if controls is not None:
+        shown = to_uint8(latents_to_images(dcae, controls.to(latents)))
+        images = [image for pair in zip(shown, images) for image in pair]
+        labels = [label for prompt in prompts for label in ("control", prompt)]
+        columns = min(len(images), 4)
+    grid = image_grid(images, labels, columns=columns, scale=max(1, 128 // images[0].shape[0]))
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     return np.asarray(grid)

@@ -316,7 +316,7 @@ def write_samples(parts: Parts, samples: SampleSet, cache: LatentCache, config: 
         if not write:
             return
         dcae = load_dcae(config.vae, device=dit.device)  # loaded only for the grid, then freed
-        grid = write_sample_grid(dcae, latents, samples.prompts, path)
+        grid = write_sample_grid(dcae, latents, samples.prompts, path, samples.controls)
     except SanaNonFiniteError as error:
         print(f"warning: step {step}: sample grid not written: {error}", file=sys.stderr, flush=True)
         return
