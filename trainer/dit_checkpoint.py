@@ -1,6 +1,7 @@
 """What a DiT training run saves: the resumable state (`capture_state` / `restore_state`) and
 the weights other tools read (`export_weights`: a diffusers folder for `sana.load_dit`, or a LoRA
-file for `sana.load_lora`, raw and EMA).
+file for `sana.load_lora`, raw and EMA; `save_checkpoint` takes another run's export, e.g. the
+ControlNet trainer's). A LoRA's or ControlNet's state keeps only the trained weights (`Parts.partial`).
 
 The state holds tensors and plain data only (`state.pt` loads with weights_only), every random
 number generator's state included, so a resumed run continues exactly where the saved one was.
