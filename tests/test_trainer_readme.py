@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from trainer.__main__ import build_parser
+from trainer.controlnet_config import ControlNetTrainConfig
+from trainer.controlnet_config import check_values as check_controlnet_values
 from trainer.dit_config import DiTTrainConfig, check_values
 from trainer.options import build_config
 
@@ -32,7 +34,8 @@ def training_commands() -> list[str]:
 
 def test_the_section_has_the_walkthrough_commands():
     commands = " ".join(training_commands())
-    for step in ("trainer cache", "trainer dit", "--lora-rank", "torchrun", "trainer demo --lora"):
+    for step in ("trainer cache", "trainer dit", "--lora-rank", "torchrun", "trainer demo --lora", "--control-dir",
+                 "trainer controlnet ", "trainer controlnet-demo"):
         assert step in commands, step
 
 
@@ -43,3 +46,5 @@ def test_readme_command_parses_and_its_values_pass(command):
     args = build_parser().parse_args(argv)  # an unknown option or a bad value exits here
     if args.command == "dit":
         check_values(build_config(DiTTrainConfig, args))
+    if args.command == "controlnet":
+        check_controlnet_values(build_config(ControlNetTrainConfig, args))

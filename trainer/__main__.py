@@ -3,6 +3,9 @@
 Commands:
   cache     encode an image folder / JSONL manifest into the latent + text-embedding cache
   dit       train the DiT (full fine-tune, or LoRA with --lora-rank) on a cache; torchrun-ready
+  controlnet  train a ControlNet for a frozen DiT on a cache with control images; torchrun-ready
+  controlnet-demo  train a ControlNet for the shipped model on shapes-world edge maps, on the CPU,
+            and score generation with vs without control on held-out scenes
   dcae      train a small DC-AE (reconstruction loss)
   preset    build the embedded default model (`python -m trainer --preset shapes-tiny` is the same)
   pack      copy a built model folder compactly (fp16 DiT / DC-AE), as shipped in assets/shapes-tiny
@@ -44,18 +47,25 @@ def _cache_command(args: argparse.Namespace) -> None:
     check_cache_options(resolution=resolution, shard_size=args.shard_size, batch_size=args.batch_size,
                         max_length=args.max_length, min_bucket_size=args.min_bucket_size)
     encode_dtype(distributed.pick_device(args.device), args.dtype)  # refused before the data is read
-    for option, path in (("--vae", args.vae), ("--text-encoder", args.text_encoder), ("--data", args.data)):
-        if not Path(path).exists():
+    for option, path in (("--vae", args.vae), ("--text-encoder", args.text_encoder), ("--data", args.data),
+                         ("--control-dir", args.control_dir)):
+        if path is not None and not Path(path).exists():
             raise SanaInputError(f"{option} {path}: no such file or folder")
     distributed.set_cpu_threads(args.threads)
     summary = build_cache(
-        read_records(args.data), args.cache_dir, vae=args.vae, text_encoder=args.text_encoder,
+        read_records(args.data, control_dir=args.control_dir), args.cache_dir, vae=args.vae, text_encoder=args.text_encoder,
         resolution=resolution, shard_size=args.shard_size, batch_size=args.batch_size, max_length=args.max_length,
         chi=args.chi, sample_prompts=args.sample_prompts, flip=args.flip, min_bucket_size=args.min_bucket_size,
         device=args.device, dtype=args.dtype, min_psnr=args.min_psnr, progress=not args.no_progress,
     )
     # The lists of left-out files stay in cache.json; the counts are printed.
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict)) or k in ("buckets",)}, indent=2))
+
+
+CONTROLNET_DEMO_DESCRIPTION = """Train a ControlNet for the shipped shapes-tiny model on the CPU (a few minutes): shapes-world
+images with their edge maps and captions without position words, cached, then `trainer controlnet`.
+Then generate the held-out scenes from position-free prompts without and with each scene's edge map
+and score where the shapes land (the shapes evaluator's position score; colour and shape too)."""
 
 
 def _preset_overrides(items: list[str]) -> dict:
@@ -86,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--cache-dir", required=True, help="output folder of safetensors shards (resumable, updated incrementally)")
     cache.add_argument("--vae", required=True, help="DC-AE checkpoint (anything sana load_dcae reads)")
     cache.add_argument("--text-encoder", required=True, help="Gemma-2 folder (anything sana.load_text_encoder reads)")
+    cache.add_argument("--control-dir", default=None, help="a ControlNet's control images: a folder holding one per image of "
+                       "--data, at the same relative path (a JSONL manifest names them in a \"control\" key instead)")
     cache.add_argument("--resolution", type=int, default=None, help="training resolution; images go to its aspect-ratio bins (default: --dit's)")
     cache.add_argument("--dit", default=None, help="the DiT you will train: --resolution defaults to its training resolution")
     cache.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto: the accelerator when there is one (default: auto)")
@@ -102,7 +114,30 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     add_options(commands.add_parser("dit", help="train the DiT (torchrun-ready)", description=DiTTrainConfig.__doc__), DiTTrainConfig)
+    from .controlnet_config import ControlNetTrainConfig
+
+    add_options(commands.add_parser("controlnet", help="train a ControlNet for a frozen DiT (torchrun-ready)",
+                                    description=ControlNetTrainConfig.__doc__), ControlNetTrainConfig)
     add_options(commands.add_parser("dcae", help="train a small DC-AE", description=DCAETrainConfig.__doc__), DCAETrainConfig)
+
+    from .controlnet_demo import DemoOptions
+
+    defaults = DemoOptions()
+    ctrl_demo = commands.add_parser("controlnet-demo", help="train a ControlNet for the shipped model on edge maps and score it",
+                                    description=CONTROLNET_DEMO_DESCRIPTION)
+    ctrl_demo.add_argument("--out-dir", default="runs/controlnet-demo", help="folder of the run (data, cache, run/, "
+                           "controlnet_demo.json and .png; a rerun reuses it) (default: runs/controlnet-demo)")
+    ctrl_demo.add_argument("--model", default=defaults.model, help=f"model folder whose DiT the ControlNet steers (default: {SHIPPED_MODEL_DIR})")
+    for name, help_text in (("count", "training images"), ("steps", "training steps"), ("batch_size", "batch size"),
+                            ("lr", "learning rate"), ("controlnet_blocks", "DiT blocks the ControlNet copies"),
+                            ("ema_decay", "EMA decay (the EMA weights are evaluated)"), ("seed", "seed of the data and training"),
+                            ("seeds", "evaluation images per held-out scene"), ("sample_steps", "sampling steps"),
+                            ("guidance_scale", "CFG scale")):
+        default = getattr(defaults, name)
+        ctrl_demo.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default,
+                               help=f"{help_text} (default: {default})")
+    ctrl_demo.add_argument("--threads", type=int, default=0, help="CPU threads (default: 0, the CPUs this process may use)")
+    ctrl_demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     preset = commands.add_parser("preset", help="build the embedded default model")
     preset.add_argument("name", nargs="?", default="shapes-tiny", help="preset name (trainer/presets/<name>.json)")
@@ -170,6 +205,23 @@ def _run(args: argparse.Namespace) -> None:
         distributed.shutdown()  # under torchrun: leave the process group cleanly
         if distributed.process_rank() == 0:  # one summary, not one per rank
             print(json.dumps(summary))
+    elif args.command == "controlnet":
+        from .controlnet_config import ControlNetTrainConfig
+        from .train_controlnet import train_controlnet
+
+        summary = train_controlnet(build_config(ControlNetTrainConfig, args))
+        summary.pop("model")
+        distributed.shutdown()
+        if distributed.process_rank() == 0:
+            print(json.dumps(summary))
+    elif args.command == "controlnet-demo":
+        from dataclasses import fields
+
+        from .controlnet_demo import DemoOptions, run_controlnet_demo
+
+        options = DemoOptions(**{f.name: getattr(args, f.name) for f in fields(DemoOptions)})
+        threads = distributed.set_cpu_threads(args.threads)
+        print(json.dumps(run_controlnet_demo(args.out_dir, options, progress=not args.no_progress, threads=threads), indent=2))
     elif args.command == "dcae":
         from .train_dcae import train_dcae
 

@@ -11,8 +11,9 @@ A cache is never reused silently when what it was built from changed:
 - its settings (`CacheSettings`: resolution, caption length, CHI, flips, bucket merging,
   encoding dtype, and content hashes of the DC-AE's and the text encoder's files) are stored in
   `cache.json` and in every shard; a build with other settings is refused, naming each change;
-- each sample records its source key, caption and the image's size, mtime and SHA-256; a
-  changed caption or image is refused, naming the files; new images are encoded into new
+- each sample records its source key, caption and the image's size, mtime and SHA-256 (and
+  its control image's, for a ControlNet's cache); a changed caption, image or control image is
+  refused, naming the files; new images are encoded into new
   shards (incrementally, so an interrupted build resumes where it stopped); images gone from
   the source are left out of training and reported;
 - the sample prompts' embeddings (`extras.safetensors`) are re-encoded when the prompts change.
@@ -24,7 +25,9 @@ under `min_psnr` is warned about (a dataset the autoencoder cannot represent tra
 Images smaller than their bin are upscaled; how many, and by how much, is in the summary.
 
 Each cached sample holds the latent (already multiplied by the DC-AE's scaling factor, i.e.
-what the DiT trains on; with `flip` also the latent of the mirrored image) and the caption
+what the DiT trains on; with `flip` also the latent of the mirrored image), for records with a
+control image (`Record.control`) the control image's latent, encoded by the same DC-AE at the
+image's bin as the official ControlNet pipeline encodes it (mirrored too with `flip`), and the caption
 embedding in the encoder's dtype, cut to its unmasked tokens: the DiT's cross-attention gives
 masked tokens exactly zero weight, so re-padding with zeros at batch time reproduces the
 full-length result.
@@ -89,16 +92,22 @@ class CacheSettings:
     vae: str  # content hash of the DC-AE's files (or weights)
     text_encoder: str  # content hash of the text encoder's files (or weights)
     version: int = CACHE_VERSION
+    control: bool = False  # every sample holds a control image's latent (a ControlNet's cache)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        if not values["control"]:  # a cache without control images reads as caches did before it
+            del values["control"]
+        return values
 
     def changes(self, before: dict) -> list[str]:
         """What differs from the settings `before` (a `to_dict`), one phrase each."""
         names = {"vae": "the DC-AE (--vae, its files' content)", "text_encoder": "the text encoder (--text-encoder, its files' content)",
-                 "version": "the cache format version"}
-        return [f"{names.get(key, '--' + key.replace('_', '-'))} {_shown(before.get(key))} (cache) → {_shown(now)} (now)"
-                for key, now in self.to_dict().items() if before.get(key) != now]
+                 "version": "the cache format version",
+                 "control": 'control images (--control-dir, or a manifest\'s "control" key)'}
+        absent = {"control": False}
+        return [f"{names.get(key, '--' + key.replace('_', '-'))} {_shown(before.get(key, absent.get(key)))} (cache) → {_shown(now)} (now)"
+                for key, now in dataclasses.asdict(self).items() if before.get(key, absent.get(key)) != now]
 
 
 def _shown(value) -> str:
@@ -214,15 +223,22 @@ def _file_state(path: Path) -> dict:
     return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def _image_changed(entry: dict, record: Record) -> bool:
-    """Whether a cached image's file is no longer what was encoded (same size and mtime: same
-    file; otherwise its content hash decides)."""
-    now = _file_state(record.image)
+def _file_changed(entry: dict, path: Path, prefix: str = "") -> bool:
+    """Whether a cached file is no longer what was encoded (same size and mtime: same file;
+    otherwise its content hash decides); `prefix` "control_" reads the control image's record."""
+    now = _file_state(path)
     if now["bytes"] is None:
         return True
-    if [now["bytes"], now["mtime_ns"]] == [entry.get("bytes"), entry.get("mtime_ns")]:
+    if [now["bytes"], now["mtime_ns"]] == [entry.get(prefix + "bytes"), entry.get(prefix + "mtime_ns")]:
         return False
-    return file_sha256(record.image) != entry.get("sha256")
+    return file_sha256(path) != entry.get(prefix + "sha256")
+
+
+def _control_changed(entry: dict, record: Record) -> bool:
+    """Whether a sample's control image is another file, or its file changed, since it was cached."""
+    if record.control is None or "control" not in entry:
+        return False  # a cache without control images: the settings tell those apart
+    return entry["control"] != str(record.control) or _file_changed(entry, record.control, "control_")
 
 
 @dataclass
@@ -233,30 +249,35 @@ class Plan:
     changed_captions: list[str]
     changed_images: list[str]
     removed: list[str]
+    changed_controls: list[str] = dataclasses.field(default_factory=list)
 
 
 def compare(records: Sequence[Record], contents: Contents) -> Plan:
-    new, captions, images = [], [], []
+    new, captions, images, controls = [], [], [], []
     for record in records:
         entry = contents.samples.get(record.key)
         if entry is None:
             skipped = contents.skipped.get(record.key)
-            if skipped is None or _file_state(record.image) != {k: skipped.get(k) for k in ("bytes", "mtime_ns")}:
-                new.append(record)  # never seen, or an unreadable image that changed since: (re)try it
+            states = {k: v for k, v in _skip_entry(record).items() if k.endswith(("bytes", "mtime_ns"))}
+            if skipped is None or states != {k: skipped.get(k) for k in states}:
+                new.append(record)  # never seen, or an unreadable image (or control image) that changed since: (re)try it
             continue
         if entry["caption"] != record.caption:
             captions.append(f"{record.key}: {entry['caption']!r} → {record.caption!r}")
-        elif _image_changed(entry, record):
+        elif _file_changed(entry, record.image):
             images.append(record.key)
+        elif _control_changed(entry, record):
+            controls.append(f"{record.key} ({record.control})")
     keys = {r.key for r in records}
-    return Plan(new, captions, images, sorted(k for k in contents.samples if k not in keys))
+    return Plan(new, captions, images, sorted(k for k in contents.samples if k not in keys), controls)
 
 
 def _refuse_changed(out: Path, plan: Plan) -> None:
-    if not (plan.changed_captions or plan.changed_images):
+    if not (plan.changed_captions or plan.changed_images or plan.changed_controls):
         return
     parts = []
-    for items, what in ((plan.changed_captions, "caption(s) changed"), (plan.changed_images, "image(s) changed")):
+    for items, what in ((plan.changed_captions, "caption(s) changed"), (plan.changed_images, "image(s) changed"),
+                        (plan.changed_controls, "control image(s) changed")):
         if items:
             parts.append(f"{len(items)} {what} ({'; '.join(items[:3])}{'; ...' if len(items) > 3 else ''})")
     raise SanaCheckpointError(
@@ -331,8 +352,10 @@ def build_cache(
     `vae` and `text_encoder` are paths (loaded on `device` in `dtype` only when something must
     be encoded) or loaded models (used as they are). The empty prompt's embedding (for caption
     dropout) and `sample_prompts`' embeddings (for sample grids) go to `extras.safetensors`.
-    Records a `Records` left out (no caption, caption not UTF-8) are counted and listed in the
-    summary, as unreadable images are. Raises `SanaCheckpointError` for a cache built from
+    Records a `Records` left out (no caption, caption not UTF-8, no control image) are counted
+    and listed in the summary, as unreadable images are (an unreadable control image skips its
+    sample). When the records have control images (`Record.control`, all or none of them),
+    each sample also holds its control image's latent (`LatentCache.control`). Raises `SanaCheckpointError` for a cache built from
     other settings or data (naming what changed), `SanaInputError` for unusable options.
     """
     check_cache_options(resolution=resolution, shard_size=shard_size, batch_size=batch_size, max_length=max_length,
@@ -346,11 +369,17 @@ def build_cache(
     if summary and summary.get("settings", {}).get("version") != CACHE_VERSION:
         raise SanaCheckpointError(f"{out} holds a cache of an earlier version ({summary.get('settings')}); build into another --cache-dir")
     memo = summary.get("file_hashes", {})
+    with_control = [r.control is not None for r in records]
+    if any(with_control) and not all(with_control):
+        missing = [r.key for r in records if r.control is None]
+        raise SanaInputError(f"build_cache: {len(missing)} record(s) have no control image ({', '.join(missing[:3])}); "
+                             "a ControlNet's cache needs one for every sample")
     settings = CacheSettings(
         resolution=resolution, max_length=max_length, chi=chi, flip=flip, min_bucket_size=min_bucket_size,
         dtype=str(compute_dtype).removeprefix("torch."),
         vae=model_fingerprint(vae, memo, subfolders=("vae",)),
         text_encoder=model_fingerprint(text_encoder, memo, subfolders=("text_encoder", "tokenizer")),
+        control=all(with_control),
     )
     contents = Contents.read(out) if out.is_dir() else Contents({}, {}, {})
     _refuse_other_settings(out, settings, contents, summary)
@@ -512,46 +541,62 @@ def _encode_shard(chunk: Sequence[Record], bins: dict, encoders: _Encoders, batc
     for size, group in groups.items():
         for start in range(0, len(group), batch_size):
             part = group[start : start + batch_size]
-            batch, pixels = [], []
+            batch, pixels, controls = [], [], []
             for record in part:
                 image = load_fitted(record.image, size=size)
-                if image is None:
+                control = load_fitted(record.control, size=size) if record.control is not None else None
+                if image is None or (record.control is not None and control is None):
                     skipped.append(_skip_entry(record))
                     continue
                 batch.append(record)
                 pixels.append(image)
+                controls.append(control)
             if batch:
-                encoded.update(_encode_batch(batch, torch.stack(pixels), size, encoders))
+                control_pixels = torch.stack(controls) if encoders.settings.control else None
+                encoded.update(_encode_batch(batch, torch.stack(pixels), control_pixels, size, encoders))
             bar.update(len(part))
     tensors, samples = {}, []
     for record in chunk:  # source order: a rebuilt shard is the same file
         if record.key not in encoded:
             continue
-        latent, flipped, text, meta = encoded[record.key]
+        latents, text, meta = encoded[record.key]
         n = len(samples)
-        tensors[f"latent.{n}"], tensors[f"text.{n}"] = latent, text
-        if flipped is not None:
-            tensors[f"latent_flip.{n}"] = flipped
+        tensors[f"text.{n}"] = text
+        tensors.update({f"{name}.{n}": latent for name, latent in latents.items()})
         samples.append(meta)
     order = {r.key: i for i, r in enumerate(chunk)}
     return tensors, samples, sorted(skipped, key=lambda e: order[e["key"]])
 
 
-def _encode_batch(batch: list[Record], pixels: torch.Tensor, size: Bin, encoders: _Encoders) -> dict:
-    latents = encoders.encode_images(pixels)
-    flipped = encoders.encode_images(pixels.flip(-1)) if encoders.settings.flip else None
+def _encode_batch(batch: list[Record], pixels: torch.Tensor, control_pixels: torch.Tensor | None, size: Bin,
+                  encoders: _Encoders) -> dict:
+    """key → ({tensor name: latent}, caption embedding, metadata) for one batch of one bin."""
+    latents = {"latent": encoders.encode_images(pixels)}
+    if control_pixels is not None:
+        latents["control"] = encoders.encode_images(control_pixels)
+    if encoders.settings.flip:
+        latents["latent_flip"] = encoders.encode_images(pixels.flip(-1))
+        if control_pixels is not None:
+            latents["control_flip"] = encoders.encode_images(control_pixels.flip(-1))
     texts = encoders.encode_texts([r.caption for r in batch])
-    del pixels
+    del pixels, control_pixels
     result = {}
     for i, record in enumerate(batch):
         meta = {"key": record.key, "image": str(record.image), "caption": record.caption, "sha256": file_sha256(record.image),
-                **_file_state(record.image), "size": list(latents[i].shape[-2:]), "bin": list(size)}
-        result[record.key] = (latents[i].clone(), flipped[i].clone() if flipped is not None else None, texts[i], meta)
+                **_file_state(record.image), "size": list(latents["latent"][i].shape[-2:]), "bin": list(size)}
+        if record.control is not None:
+            meta.update(control=str(record.control), control_sha256=file_sha256(record.control),
+                        **{f"control_{k}": v for k, v in _file_state(record.control).items()})
+        result[record.key] = ({name: tensor[i].clone() for name, tensor in latents.items()}, texts[i], meta)
     return result
 
 
 def _skip_entry(record: Record) -> dict:
-    return {"key": record.key, "image": str(record.image), **_file_state(record.image)}
+    """What a skipped sample's files were: a change to either retries it."""
+    entry = {"key": record.key, "image": str(record.image), **_file_state(record.image)}
+    if record.control is not None:
+        entry.update(control=str(record.control), **{f"control_{k}": v for k, v in _file_state(record.control).items()})
+    return entry
 
 
 def _summary(settings: CacheSettings, contents: Contents, plan: Plan, records, memo: dict, report: dict) -> dict:
@@ -573,7 +618,7 @@ def _summary(settings: CacheSettings, contents: Contents, plan: Plan, records, m
     for key in ("psnr_db", "upscaled", "largest_upscale"):  # measured on the images a build encoded
         if key in report:
             summary[key] = report[key]
-    for key in ("without_caption", "bad_caption"):  # left out while reading the source (read_records warned)
+    for key in ("without_caption", "bad_caption", "without_control"):  # left out while reading the source (read_records warned)
         summary[key] = list(getattr(records, key, []))
         summary[f"{key}_count"] = len(summary[key])
     summary["file_hashes"] = memo
@@ -593,7 +638,8 @@ def _progress(total: int, desc: str, enabled: bool):
 
 class LatentCache:
     """Random access to a finished cache: `cache[i] -> (latent [c, h, w], text [L, D])`,
-    `cache.flipped(i)` the mirrored image's latent (a cache built with flips).
+    `cache.flipped(i)` the mirrored image's latent (a cache built with flips), `cache.control(i)`
+    the control image's latent (a ControlNet's cache: `has_control`).
 
     Shards are opened lazily (memory-mapped) and a few are kept open; samples whose image left
     the data source (`removed` in cache.json) are not part of it.
@@ -608,6 +654,7 @@ class LatentCache:
             raise SanaCheckpointError(f"{self.folder} is not a finished latent cache (no complete cache.json); build it with `python -m trainer cache`")
         self.summary = _read_json(summary_path, "cache summary")
         self.flips = bool(self.summary.get("settings", {}).get("flip"))
+        self.has_control = bool(self.summary.get("settings", {}).get("control"))
         removed = set(self.summary.get("removed", []))
         self.index: list[tuple[str, int]] = []
         self.meta: list[dict] = []
@@ -654,6 +701,17 @@ class LatentCache:
                                  "`python -m trainer cache --flip true` (off by default: captions may name sides)")
         name, n = self.index[i]
         return self._shard(name).get_tensor(f"latent_flip.{n}")
+
+    def control(self, i: int, *, mirrored: bool = False) -> torch.Tensor:
+        """The latent of sample `i`'s control image (mirrored: of the mirrored control image, a cache
+        built with flips); `SanaInputError` for a cache without control images."""
+        if not self.has_control:
+            raise SanaInputError(f"--cache-dir {self.folder}: the cache holds no control images; build a ControlNet's cache with "
+                                 "`python -m trainer cache --control-dir FOLDER` (or a manifest whose rows have a \"control\" key)")
+        if mirrored:
+            self.flipped(i)  # the cache's own message when it has no mirrored images
+        name, n = self.index[i]
+        return self._shard(name).get_tensor(f"{'control_flip' if mirrored else 'control'}.{n}")
 
     def latent_size(self, i: int) -> tuple[int, int]:
         return tuple(self.meta[i]["size"])

@@ -7,6 +7,11 @@ captions that are not UTF-8 are left out, counted and reported (`Records`, then 
 summary); a source that yields nothing is an error naming it. Each record has a `key`, its
 image's path as the source names it, which the cache (`trainer.cache`) tracks it by.
 
+A ControlNet's data adds a control image per record (`Record.control`): in a folder given as
+`control_dir`, at the image's path relative to the data folder (same name), or a manifest row's
+`"control"` path. Records whose control image is missing are left out and reported
+(`without_control`), as captionless images are.
+
 Each image goes to its aspect-ratio bin through `fit_to_bin`, whose memory is bounded by the
 bin whatever the image's size or shape (cut the region, reduce it in uint8, then resample);
 `image_size` reads only the header, so bins are chosen (and small buckets merged,
@@ -44,6 +49,7 @@ class Record:
     image: Path
     caption: str
     key: str = ""
+    control: Path | None = None  # the control image of a ControlNet's training sample
 
     def __post_init__(self) -> None:
         if not self.key:
@@ -52,34 +58,51 @@ class Record:
 
 class Records(list):
     """The records of a data source, plus what was left out of them and why: `without_caption`
-    (images with no caption; manifest rows with none) and `bad_caption` (caption files that are
-    not UTF-8 text). `build_cache` copies both into its summary."""
+    (images with no caption; manifest rows with none), `bad_caption` (caption files that are
+    not UTF-8 text) and `without_control` (a ControlNet's images without a control image).
+    `build_cache` copies them into its summary."""
 
-    def __init__(self, records=(), *, without_caption: Sequence[str] = (), bad_caption: Sequence[str] = ()):
+    def __init__(self, records=(), *, without_caption: Sequence[str] = (), bad_caption: Sequence[str] = (),
+                 without_control: Sequence[str] = ()):
         super().__init__(records)
         self.without_caption = list(without_caption)
         self.bad_caption = list(bad_caption)
+        self.without_control = list(without_control)
 
     def warn(self, source: Path) -> None:
         for paths, what in ((self.without_caption, "image(s) without a caption"),
-                            (self.bad_caption, "caption file(s) that are not UTF-8 text")):
+                            (self.bad_caption, "caption file(s) that are not UTF-8 text"),
+                            (self.without_control, "image(s) without a control image")):
             if paths:
                 shown = ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
                 warnings.warn(f"{source}: {len(paths)} {what} left out ({shown})", stacklevel=3)
 
 
-def scan_folder(folder: str | Path, *, captions: bool = True) -> Records:
-    """Images in `folder` (recursively, sorted) with their same-name `.txt` caption (first line).
+def scan_folder(folder: str | Path, *, captions: bool = True, control_dir: str | Path | None = None) -> Records:
+    """Images in `folder` (recursively, sorted) with their same-name `.txt` caption (first line),
+    and with `control_dir` their same-name control image there (a `control_dir` inside `folder`
+    is not scanned for training images).
 
-    With `captions=False` (an autoencoder's data) images need no caption. Images without one and
-    captions that are not UTF-8 are left out, counted and warned about; a folder that yields no
-    record is an error naming it."""
+    With `captions=False` (an autoencoder's data) images need no caption. Images without one (or
+    without a control image), and captions that are not UTF-8 are left out, counted and warned
+    about; a folder that yields no record is an error naming it."""
     folder = Path(folder)
     if not folder.is_dir():
         raise SanaCheckpointError(f"data folder {folder} does not exist")
-    records, without_caption, bad_caption = [], [], []
+    if control_dir is not None and not Path(control_dir).is_dir():
+        raise SanaInputError(f"--control-dir {control_dir}: no such folder")
+    records, without_caption, bad_caption, without_control = [], [], [], []
     images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if control_dir is not None:
+        controls = Path(control_dir).resolve()
+        images = [p for p in images if not p.resolve().is_relative_to(controls)]
     for path in images:
+        control = None
+        if control_dir is not None:
+            control = Path(control_dir) / path.relative_to(folder)
+            if not control.is_file():
+                without_control.append(str(path))
+                continue
         text_path = path.with_suffix(".txt")
         if not text_path.is_file():
             if captions:
@@ -92,26 +115,29 @@ def scan_folder(folder: str | Path, *, captions: bool = True) -> Records:
         except (OSError, UnicodeDecodeError):
             bad_caption.append(str(text_path))
             continue
-        records.append(Record(path, lines[0].strip() if lines else "", path.relative_to(folder).as_posix()))
-    found = Records(records, without_caption=without_caption, bad_caption=bad_caption)
+        records.append(Record(path, lines[0].strip() if lines else "", path.relative_to(folder).as_posix(), control))
+    found = Records(records, without_caption=without_caption, bad_caption=bad_caption, without_control=without_control)
     found.warn(folder)
     if not found:
+        controls = f", {len(without_control)} without a same-name control image in {control_dir}" if control_dir is not None else ""
         raise SanaCheckpointError(
             f"data folder {folder}: no usable image ({len(images)} image file(s) with suffix {list(IMAGE_SUFFIXES)}; "
-            f"{len(without_caption)} without a same-name .txt caption, {len(bad_caption)} with a caption that is not UTF-8)"
+            f"{len(without_caption)} without a same-name .txt caption, {len(bad_caption)} with a caption that is not UTF-8"
+            f"{controls})"
         )
     return found
 
 
 def read_manifest(path: str | Path) -> Records:
     """Records from a JSONL manifest; malformed lines are skipped with a warning, rows without a
-    caption are counted as such."""
+    caption are counted as such. When any row names a `"control"` image (a ControlNet's data),
+    rows without one are left out and counted (`without_control`)."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise SanaCheckpointError(f"manifest {path}: cannot be read as UTF-8 text: {error}") from None
-    records, without_caption = [], []
+    records, without_caption, without_control = [], [], []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -119,28 +145,37 @@ def read_manifest(path: str | Path) -> Records:
             row = json.loads(line)
             image = row.get("image") or row.get("file") or row.get("path")
             text = row.get("caption", row.get("text", row.get("prompt")))
+            control = row.get("control")
             if not isinstance(image, str):
                 raise ValueError("needs an image path")
+            if control is not None and not isinstance(control, str):
+                raise ValueError('"control" must be an image path')
         except (ValueError, AttributeError) as error:
             warnings.warn(f"{path}:{number}: skipped ({error})", stacklevel=2)
             continue
         if not isinstance(text, str):
             without_caption.append(f"{path}:{number}")
             continue
-        records.append(Record(path.parent / image, text.strip(), image))
-    found = Records(records, without_caption=without_caption)
+        records.append(Record(path.parent / image, text.strip(), image, path.parent / control if control else None))
+    if any(r.control is not None for r in records):
+        without_control = [r.key for r in records if r.control is None]
+        records = [r for r in records if r.control is not None]
+    found = Records(records, without_caption=without_caption, without_control=without_control)
     found.warn(path)
     if not found:
         raise SanaCheckpointError(f"manifest {path}: no usable row (each needs an image path and a caption string)")
     return found
 
 
-def read_records(source: str | Path, *, captions: bool = True) -> Records:
-    """A folder or a `.jsonl` manifest."""
+def read_records(source: str | Path, *, captions: bool = True, control_dir: str | Path | None = None) -> Records:
+    """A folder (with `control_dir`, its images' control images) or a `.jsonl` manifest."""
     source = Path(source)
     if source.suffix.lower() == ".jsonl":
+        if control_dir is not None:
+            raise SanaInputError(f"--control-dir {control_dir}: for an image folder; a JSONL manifest ({source}) names each "
+                                 'row\'s control image in its "control" key')
         return read_manifest(source)
-    return scan_folder(source, captions=captions)
+    return scan_folder(source, captions=captions, control_dir=control_dir)
 
 
 def image_size(path: Path) -> tuple[int, int] | None:

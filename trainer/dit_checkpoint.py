@@ -1,6 +1,7 @@
 """What a DiT training run saves: the resumable state (`capture_state` / `restore_state`) and
 the weights other tools read (`export_weights`: a diffusers folder for `sana.load_dit`, or a LoRA
-file for `sana.load_lora`, raw and EMA).
+file for `sana.load_lora`, raw and EMA; `save_checkpoint` takes another run's export, e.g. the
+ControlNet trainer's). A LoRA's or ControlNet's state keeps only the trained weights (`Parts.partial`).
 
 The state holds tensors and plain data only (`state.pt` loads with weights_only), every random
 number generator's state included, so a resumed run continues exactly where the saved one was.
@@ -65,7 +66,7 @@ def capture_state(parts: Parts, config: DiTTrainConfig, step: int, data_position
     LoRA run keeps only the adapters: the frozen base is --init's, rebuilt on resume."""
     strategy = config.distributed
     weights = distributed.full_state_dict(parts.wrapped, strategy)
-    if config.lora_rank:
+    if parts.partial:
         weights = {name: tensor for name, tensor in weights.items() if name in parts.trained}
     return {
         "model": weights,
@@ -86,9 +87,9 @@ def restore_state(parts: Parts, state: dict, config: DiTTrainConfig) -> tuple[in
     """Load `capture_state`'s state; returns its (step, data position, non-finite steps so far,
     training seconds so far)."""
     missing = sorted(set(parts.trained) - set(state["model"]))
-    if missing:  # a LoRA checkpoint holds the adapters only: every one of them must be there
+    if missing:  # a LoRA (ControlNet) checkpoint holds the adapters (ControlNet) only: every one of them must be there
         raise SanaCheckpointError(f"the checkpoint lacks trained weights {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-    distributed.load_full_state_dict(parts.wrapped, config.distributed, state["model"], strict=not config.lora_rank)
+    distributed.load_full_state_dict(parts.wrapped, config.distributed, state["model"], strict=not parts.partial)
     distributed.load_optimizer_state_dict(parts.wrapped, parts.optimizer, config.distributed, state["optimizer"])
     parts.scheduler.load_state_dict(state["scheduler"])
     parts.scaler.load_state_dict(state["scaler"])
@@ -99,17 +100,23 @@ def restore_state(parts: Parts, state: dict, config: DiTTrainConfig) -> tuple[in
     return state["step"], (epoch, batch_index), state.get("non_finite_steps", 0), float(state.get("seconds", 0.0))
 
 
-def save_checkpoint(out: Path, state: dict, model: SanaDiT, config: DiTTrainConfig) -> None:
-    """Resumable state under checkpoints/, plus weights sana.load_dit (or sana.load_lora) reads
-    directly; older checkpoints are pruned only once both are written. `state` holds finite
-    weights (checked by the caller on every rank)."""
+def save_checkpoint(out: Path, state: dict, model: torch.nn.Module, config: DiTTrainConfig, export=None) -> None:
+    """Resumable state under checkpoints/, plus weights other tools read directly (`export(out,
+    state, model, config)`, default `export_dit`: what sana.load_dit or sana.load_lora reads);
+    older checkpoints are pruned only once both are written. `state` holds finite weights
+    (checked by the caller on every rank)."""
     save_state(out, state)
+    (export or export_dit)(out, state, model, config)
+    prune_checkpoints(out, config.keep_checkpoints, state["step"])
+    plot_loss(out / "loss.jsonl", out / "loss.png")
+
+
+def export_dit(out: Path, state: dict, model: SanaDiT, config: DiTTrainConfig) -> None:
+    """`export_weights` of the trained DiT (or its LoRA), with whole weights under FSDP."""
     if distributed.is_sharded(model):  # FSDP shards: export from the whole weights gathered in `state`
         model = SanaDiT(model.config)
         model.load_state_dict(state["model"])
     export_weights(out, model, state["ema"]["shadow"] if state["ema"] is not None else None, config)
-    prune_checkpoints(out, config.keep_checkpoints, state["step"])
-    plot_loss(out / "loss.jsonl", out / "loss.png")
 
 
 def export_weights(out: Path, model: SanaDiT, ema_weights: dict[str, torch.Tensor] | None, config: DiTTrainConfig) -> None:

@@ -27,9 +27,9 @@ RESUMABLE_CHANGES = frozenset({
 })
 
 
-def find_start(config: DiTTrainConfig, out: Path, say: Report) -> Resumable | None:
+def find_start(config: DiTTrainConfig, out: Path, say: Report, exports: tuple[str, ...] = EXPORTS) -> Resumable | None:
     """The checkpoint this run continues from (its options checked against the ones given now), or
-    None for a fresh start, which must not overwrite an earlier run's checkpoints or exports."""
+    None for a fresh start, which must not overwrite an earlier run's checkpoints or `exports`."""
     if config.resume:
         resumable = find_resumable(out, say)
     else:
@@ -38,7 +38,7 @@ def find_start(config: DiTTrainConfig, out: Path, say: Report) -> Resumable | No
     if resumable is not None:
         check_resume_options(resumable.state["config"], config, resumable.path, say)
         return resumable
-    exported = [name for name in EXPORTS if (out / name).exists()]
+    exported = [name for name in exports if (out / name).exists()]
     if exported:  # checkpoints are written before the exports: these were deleted
         raise SanaCheckpointError(
             f"{out} holds exported weights of an earlier run ({', '.join(exported)}) but no checkpoint to resume; "

@@ -2,13 +2,14 @@
 
 `build_parts` makes the model (from --init or a fresh --model, LoRA adapters injected, wrapped
 for DDP/FSDP), the optimizer, the LR schedule, the fp16 scaler, the EMA and the generator every
-random draw of a step comes from. `forward_backward` computes one global batch's gradients
+random draw of a step comes from; `assemble_parts` does the same for any module whose trainable
+parameters are the ones to train (`trainer.train_controlnet`'s ControlNet on a frozen DiT). `forward_backward` computes one global batch's gradients
 (flow matching, as in SANA's recipe); `skip_reason` says, identically on every rank, whether
 they may update anything.
 
 The loss: u ~ logit-normal(mean, std), σ = shift·u / (1 + (shift−1)·u),
-x_t = (1−σ)·x0 + σ·ε, target v = ε − x0, loss = mean((model(x_t, 1000σ, y) − v)²), with the
-caption replaced by the empty prompt's embedding with probability `caption_dropout` (what
+x_t = (1−σ)·x0 + σ·ε, target v = ε − x0, loss = mean((model(x_t, 1000σ, y) − v)²) (a
+ControlNet's model also takes the sample's control latents), with the caption replaced by the empty prompt's embedding with probability `caption_dropout` (what
 classifier-free guidance needs).
 """
 
@@ -94,12 +95,14 @@ def sample_sigmas(batch: int, generator: torch.Generator, mean: float, std: floa
     return shift * u / (1 + (shift - 1) * u)
 
 
-def flow_matching_loss(model, x0, context, mask, noise, sigma, autocast_dtype) -> torch.Tensor:
-    """Mean squared error between the predicted and the true velocity ε − x0."""
+def flow_matching_loss(model, x0, context, mask, noise, sigma, autocast_dtype, control=None) -> torch.Tensor:
+    """Mean squared error between the predicted and the true velocity ε − x0; `control` (the
+    control latents) is passed on to a model that takes them."""
     s = sigma.view(-1, 1, 1, 1).to(x0)
     x_t = (1 - s) * x0 + s * noise
+    extra = {} if control is None else {"control": control}
     with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        prediction = model(x_t, sigma.to(x0) * 1000, context, mask)
+        prediction = model(x_t, sigma.to(x0) * 1000, context, mask, **extra)
     return F.mse_loss(prediction.float(), (noise - x0).float())
 
 
@@ -138,6 +141,8 @@ class Parts:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     generator: torch.Generator  # every random draw of a step
+    partial: bool = False  # only `trained` is saved: the rest is --init's, rebuilt on resume (LoRA, ControlNet)
+    control: bool = False  # the model takes each sample's control latents (a ControlNet on a frozen DiT)
 
     def optimizer_step(self) -> None:
         """Apply the step's gradients (optimizer, fp16 scale, LR schedule); the EMA follows once
@@ -168,6 +173,12 @@ def build_parts(config: DiTTrainConfig, cache: LatentCache, world) -> Parts:
 
         model.requires_grad_(False)
         inject_lora(model, rank=config.lora_rank, alpha=config.lora_alpha or config.lora_rank, targets=config.lora_targets, seed=config.seed)
+    return assemble_parts(model, config, world, partial=bool(config.lora_rank))
+
+
+def assemble_parts(model: torch.nn.Module, config: DiTTrainConfig, world, *, partial: bool, control: bool = False) -> Parts:
+    """`model` (on the device, its parameters to train the ones that require gradients) wrapped for
+    DDP/FSDP, with the optimizer, LR schedule, fp16 scaler, EMA and generator that train it."""
     wrapped = distributed.wrap_model(model, world, config.distributed, cpu_offload=config.fsdp_cpu_offload)
     # FSDP replaces the parameters by their shards: take them, and the EMA's copies, after wrapping.
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -183,6 +194,8 @@ def build_parts(config: DiTTrainConfig, cache: LatentCache, world) -> Parts:
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0),
         scaler=torch.amp.GradScaler(world.device.type, enabled=config.mixed_precision == "fp16"),
         generator=torch.Generator().manual_seed(config.seed),
+        partial=partial,
+        control=control,
     )
 
 
@@ -207,10 +220,12 @@ def forward_backward(parts: Parts, cache: LatentCache, indices: list[int], confi
     sigma = sample_sigmas(len(items), generator, config.logit_mean, config.logit_std, shift)
     null_text = cache.null_text.float()
     texts = [null_text if d else text.float() for (_, text), d in zip(items, drop.tolist())]
+    mirrored = [False] * len(items)
     if config.flip:  # drawn only then, so runs without flips keep their random sequence
         mirrored = (torch.rand(len(items), generator=generator) < 0.5).tolist()
         items = [(cache.flipped(i), text) if m else (latent, text) for i, (latent, text), m in zip(indices, items, mirrored)]
     latents = torch.stack([latent.float() for latent, _ in items])
+    controls = torch.stack([cache.control(i, mirrored=m).float() for i, m in zip(indices, mirrored)]) if parts.control else None
 
     mine = slice(world.rank * micro * config.grad_accum, (world.rank + 1) * micro * config.grad_accum)
     total_loss = torch.zeros((), device=world.device)
@@ -227,6 +242,7 @@ def forward_backward(parts: Parts, cache: LatentCache, indices: list[int], confi
                 noise[part].to(world.device),
                 sigma[part],
                 autocast_dtype,
+                controls[part].to(world.device) if controls is not None else None,
             )
             parts.scaler.scale(loss / config.grad_accum).backward()
         total_loss += loss.detach() / config.grad_accum

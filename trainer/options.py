@@ -57,6 +57,8 @@ def parse_bool(text: str) -> bool:
 def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
     parser.add_argument("--config", type=Path, default=None, help="JSON or TOML file with any of the options below")
     for field in dataclasses.fields(cls):
+        if field.metadata.get("hidden"):  # a field a subclass's command does not take (its check refuses it)
+            continue
         base, is_list = _base_type(field.type)
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         flag = "--" + field.name.replace("_", "-")

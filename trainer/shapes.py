@@ -9,7 +9,9 @@ from pixels alone (no model): foreground = pixels far from the background colour
 box corners an object fills (a square all four, an apex-up triangle the bottom two, a circle
 none), position = nearest anchor of the
 largest object's centroid, count = components above a minimum area. `evaluate` scores
-generated images against the scenes their prompts describe.
+generated images against the scenes their prompts describe. `edge_map(image)` is the control
+image of a ControlNet: the objects' outlines, white on black, as an HED or Canny preprocessor
+draws them (`write_dataset(..., control_dir=)` writes one per image).
 
 Some (colour, shape, position) and (colour, shape, count) combinations are held out of the
 training prompts (`is_held_out`): every colour, shape, position and count is still seen in
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -142,6 +144,15 @@ def caption(scene: Scene, rng: np.random.Generator | None = None) -> str:
     return template.format(**fields)
 
 
+def caption_without_position(scene: Scene, rng: np.random.Generator | None = None) -> str:
+    """A prompt for `scene` that says nothing of where its objects are: "a large red circle",
+    "two cyan triangles" (`rng` is unused: it takes `caption`'s arguments). `parse_prompt`
+    reads a single object's as being in the center: score images of it against `scene` itself."""
+    if scene.count == 1:
+        return f"a {scene.size} {scene.colour} {scene.shape}"
+    return MULTI_TEMPLATES[0].format(count=COUNT_WORDS[scene.count], colour=scene.colour, shape=scene.shape)
+
+
 def parse_prompt(prompt: str) -> Scene:
     """The scene a shapes-world prompt describes (keyword matching; raises SanaInputError, a ValueError, if incomplete)."""
     words = prompt.lower().replace(",", " ").split()
@@ -229,30 +240,61 @@ def sample_scenes(n: int, rng: np.random.Generator, scenes: Sequence[Scene] | No
     return [pool[int(i)] for i in rng.integers(len(pool), size=n)]
 
 
-def write_dataset(folder: str | Path, count: int, *, side: int = 128, seed: int = 0) -> Path:
-    """Write `count` training images as `NNNNNN.png` + `NNNNNN.txt` (the caption) to `folder`.
+def write_dataset(folder: str | Path, count: int, *, side: int = 128, seed: int = 0,
+                  control_dir: str | Path | None = None, scenes: Sequence[Scene] | None = None,
+                  describe: Callable[[Scene, np.random.Generator], str] | None = None) -> Path:
+    """Write `count` training images as `NNNNNN.png` + `NNNNNN.txt` (the caption, by `describe`,
+    default `caption`) to `folder`, drawn from `scenes` (default: the training scenes); with
+    `control_dir`, each image's `edge_map` as `control_dir/NNNNNN.png` too (what
+    `python -m trainer cache --control-dir` reads).
 
     Also writes `scenes.jsonl` (file, caption, scene) so tests can check what was drawn.
-    Deterministic in `seed`.
+    Deterministic in `seed` (the images do not depend on `control_dir`).
     """
     from PIL import Image
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if control_dir is not None:
+        control_dir = Path(control_dir)
+        control_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     with open(folder / "scenes.jsonl", "w") as manifest:
-        for i, scene in enumerate(sample_scenes(count, rng)):
+        for i, scene in enumerate(sample_scenes(count, rng, scenes)):
             name = f"{i:06d}"
-            text = caption(scene, rng)
-            Image.fromarray(render(scene, side, rng)).save(folder / f"{name}.png", optimize=False, compress_level=1)
+            text = (describe or caption)(scene, rng)
+            image = render(scene, side, rng)
+            Image.fromarray(image).save(folder / f"{name}.png", optimize=False, compress_level=1)
+            if control_dir is not None:
+                Image.fromarray(edge_map(image)).save(control_dir / f"{name}.png", optimize=False, compress_level=1)
             (folder / f"{name}.txt").write_text(text + "\n")
             manifest.write(json.dumps({"file": f"{name}.png", "caption": text, "scene": scene.to_dict()}) + "\n")
     return folder
 
 
+def edge_map(image: np.ndarray) -> np.ndarray:
+    """The outlines of `image`'s objects as a uint8 [H, W, 3] image, white (255) on black: the
+    pixels on either side of the foreground mask's boundary (`foreground_mask`; 4-neighbours),
+    a 2-pixel line as an HED or Canny map draws it. Pure: the same image gives the same map."""
+    mask = foreground_mask(image)
+    padded = np.pad(mask, 1, mode="edge")  # the image border is no boundary
+    neighbours = [padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]]
+    differs = np.logical_or.reduce([n != mask for n in neighbours])
+    return np.repeat(np.where(differs, 255, 0).astype(np.uint8)[..., None], 3, axis=-1)
+
+
 # --------------------------------------------------------------------------------------------
 # Analysis
 # --------------------------------------------------------------------------------------------
+
+
+def foreground_mask(image: np.ndarray) -> np.ndarray:
+    """Boolean [H, W]: the pixels of a uint8 [H, W, 3] image far from the background colour."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise SanaInputError(f"expected an [H, W, 3] image, got shape {image.shape}")
+    pixels = image.astype(np.float64)
+    return np.sqrt(((pixels - np.array(BACKGROUND)) ** 2).sum(-1)) > FOREGROUND_DISTANCE
 
 
 @dataclass(frozen=True)
@@ -318,12 +360,9 @@ def nearest_position(x: float, y: float) -> str:
 
 def analyze(image: np.ndarray) -> Analysis:
     """Read objects and scene attributes from a uint8 [H, W, 3] image (deterministic)."""
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[-1] != 3:
-        raise SanaInputError(f"expected an [H, W, 3] image, got shape {image.shape}")
-    h, w = image.shape[:2]
-    pixels = image.astype(np.float64)
-    mask = np.sqrt(((pixels - np.array(BACKGROUND)) ** 2).sum(-1)) > FOREGROUND_DISTANCE
+    mask = foreground_mask(image)
+    h, w = mask.shape
+    pixels = np.asarray(image).astype(np.float64)
     labels, n = _label_components(mask)
     objects = []
     for index in range(1, n + 1):

@@ -62,14 +62,17 @@ class ShapesModel:
         side = index.get("image_size") or dit.config.sample_size * dcae.spatial_compression
         return cls(dit, dcae, load_text_encoder(folder / "text_encoder", dtype=torch.float32), int(side))
 
-    def __call__(self, prompts: Sequence[str], *, seed: int = 0, steps: int = 20, guidance_scale: float = 4.5) -> list[np.ndarray]:
-        """uint8 [side, side, 3] images, one per prompt, with `sana.generate` (the library's text-to-image)."""
+    def __call__(self, prompts: Sequence[str], *, seed: int = 0, steps: int = 20, guidance_scale: float = 4.5,
+                 controlnet=None, control_image: torch.Tensor | None = None) -> list[np.ndarray]:
+        """uint8 [side, side, 3] images, one per prompt, with `sana.generate` (the library's
+        text-to-image; with a ControlNet and control images [B, side, side, 3] in [0, 1], steered)."""
         from sana.pipeline import generate
 
         # The shapes world's size (e.g. 128 px) is outside SANA's aspect-ratio bins, hence no binning.
+        control = {} if controlnet is None else {"controlnet": controlnet, "control_image": control_image}
         images = generate(dit=self.dit, dcae=self.dcae, text_encoder=self.text_encoder, prompt=list(prompts),
                           height=self.side, width=self.side, steps=steps, guidance_scale=guidance_scale, seed=seed,
-                          resolution_binning=False)
+                          resolution_binning=False, **control)
         return to_uint8(images)
 
 

@@ -8,6 +8,10 @@ LR, gradient clipping, EMA of the trained weights (on the device or the CPU), bf
 autocast, gradient checkpointing and accumulation; repeats and mirrored images for small
 datasets; sample grids of validation prompts encoded at the start.
 
+One loop serves the DiT and a ControlNet on a frozen DiT (`trainer.train_controlnet`): a
+`Trainee` says what differs (the options' checks, the module trained, the sample set, the
+exported files); the step, resume, distribution, EMA, logging and safety are this module's.
+
 Determinism: every random draw of a step (noise, σ, dropout) comes from one CPU generator
 whose state is checkpointed, and is drawn for the whole global batch on every rank (each
 rank then takes its slice); batches come from `BucketBatches`, a pure function of
@@ -29,6 +33,7 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +45,7 @@ from sana.errors import SanaInputError, SanaNonFiniteError
 from . import distributed
 from .cache import LatentCache
 from .data import BucketBatches
-from .dit_checkpoint import capture_state, restore_state, save_checkpoint
+from .dit_checkpoint import EXPORTS, capture_state, export_dit, restore_state, save_checkpoint
 from .dit_config import DiTTrainConfig, check_config
 from .dit_resume import find_start
 from .dit_step import (
@@ -59,7 +64,31 @@ from .plotting import plot_loss
 from .reporting import Reporter
 from .run_folder import CHECKPOINTS, checkpoint_name, run_lock, truncate_log
 
-__all__ = ["DiTTrainConfig", "flow_matching_loss", "train_dit"]
+__all__ = ["DiTTrainConfig", "Trainee", "flow_matching_loss", "run_training", "train_dit"]
+
+
+@dataclass
+class SampleSet:
+    """What the sample grids show: prompts, their embeddings and the empty prompt's, and for a
+    ControlNet each prompt's control latents [B, c, h, w]."""
+
+    prompts: list[str]
+    texts: list[torch.Tensor]
+    null_text: torch.Tensor
+    controls: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Trainee:
+    """What a training run trains, where the DiT's and a ControlNet's runs differ."""
+
+    name: str  # the progress bar's label
+    check_config: Callable[[DiTTrainConfig], None]  # refuses unusable options before anything is loaded
+    check_cache: Callable[[DiTTrainConfig, LatentCache], None]  # refuses a cache it cannot train on
+    build_parts: Callable[[DiTTrainConfig, LatentCache, object], Parts]
+    sample_set: Callable[[DiTTrainConfig, LatentCache], SampleSet | None]
+    export: Callable[[Path, dict, torch.nn.Module, DiTTrainConfig], None]  # writes the weights other tools read
+    exports: tuple[str, ...]  # the names `export` writes in the run folder
 
 
 def train_dit(config: DiTTrainConfig) -> dict:
@@ -70,35 +99,32 @@ def train_dit(config: DiTTrainConfig) -> dict:
     `SanaCheckpointError` for an unusable file or run folder (another run holds it, or it saved
     checkpoints of which none is intact), `SanaNonFiniteError` when training goes non-finite
     (nothing non-finite is saved; the last good checkpoint stays)."""
-    check_config(config)
+    return run_training(config, DIT)
+
+
+def run_training(config: DiTTrainConfig, trainee: Trainee) -> dict:
+    """`train_dit`'s run for any `Trainee`."""
+    trainee.check_config(config)
     distributed.set_cpu_threads(config.threads)
     world = distributed.init_world(config.device, group_of_one=config.distributed == "fsdp")
     micro = micro_batch_size(config, world)
     out = Path(config.output_dir)
     with run_lock(out, take=world.is_main), _only_main_warns(world):
-        return _train(config, world, micro, out)
+        return _train(config, world, micro, out, trainee)
 
 
-@dataclass
-class SampleSet:
-    """What the sample grids show: prompts, their embeddings and the empty prompt's."""
-
-    prompts: list[str]
-    texts: list[torch.Tensor]
-    null_text: torch.Tensor
-
-
-def _train(config: DiTTrainConfig, world, micro: int, out: Path) -> dict:
+def _train(config: DiTTrainConfig, world, micro: int, out: Path, trainee: Trainee) -> dict:
     say = _reporter(world)
-    resumable = find_start(config, out, say)
+    resumable = find_start(config, out, say, trainee.exports)
     cache = LatentCache(config.cache_dir)
-    samples = _sample_set(config, cache)
+    trainee.check_cache(config, cache)
+    samples = trainee.sample_set(config, cache)
     # Built before the model, so a batch size the cache cannot fill fails before any real work.
     sampler = BucketBatches([cache.latent_size(i) for i in range(len(cache))], config.batch_size, config.seed, config.repeats)
     _report_unusable_buckets(sampler, config, say)
     if world.is_main:
         write_json(out / "train_config.json", to_dict(config))
-    parts = build_parts(config, cache, world)
+    parts = trainee.build_parts(config, cache, world)
     model, ema = parts.model, parts.ema
     _check_resolution(config, cache, model, say)
     autocast_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.mixed_precision]
@@ -116,7 +142,7 @@ def _train(config: DiTTrainConfig, world, micro: int, out: Path) -> dict:
                         enabled=world.is_main)
 
     batches = sampler.iterate(epoch, batch_index)
-    bar = _progress_bar(config, world, step)
+    bar = _progress_bar(config, world, step, trainee.name)
     skipped, started, last_loss = 0, time.time() - seconds_before, float("nan")
     try:
         while step < config.steps:
@@ -154,7 +180,7 @@ def _train(config: DiTTrainConfig, world, micro: int, out: Path) -> dict:
                 write_samples(parts, samples, cache, config, out / "samples" / f"step_{step:07d}.png", reporter, step,
                               write=world.is_main)
             if (config.save_every and step % config.save_every == 0) or step == config.steps:
-                _save(parts, config, world, out, step, (epoch, batch_index), non_finite, time.time() - started)
+                _save(parts, config, world, out, step, (epoch, batch_index), non_finite, time.time() - started, trainee)
                 last_good = out / CHECKPOINTS / checkpoint_name(step)
     finally:
         bar.close()
@@ -180,13 +206,13 @@ def _update(parts: Parts, config: DiTTrainConfig, world, step: int, last_good: P
 
 
 def _save(parts: Parts, config: DiTTrainConfig, world, out: Path, step: int, position: tuple[int, int], non_finite: int,
-          seconds: float) -> None:
+          seconds: float, trainee: Trainee) -> None:
     """Checkpoint and export step `step` (every rank takes part; the main rank writes)."""
     if not distributed.all_ranks_agree(parts.finite(), world):  # never true: each update is checked
         raise SanaNonFiniteError(f"training: the weights at step {step} are non-finite; not saved")
     state = capture_state(parts, config, step, position, non_finite, seconds)
     if world.is_main:
-        save_checkpoint(out, state, parts.model, config)
+        save_checkpoint(out, state, parts.model, config, trainee.export)
     distributed.barrier(world)
 
 
@@ -263,10 +289,10 @@ def _reporter(world):
     return lambda message: print(message, file=sys.stderr, flush=True)
 
 
-def _progress_bar(config: DiTTrainConfig, world, step: int):
+def _progress_bar(config: DiTTrainConfig, world, step: int, name: str):
     from tqdm.auto import tqdm
 
-    return tqdm(total=config.steps, initial=step, desc="train dit", unit="step", dynamic_ncols=True,
+    return tqdm(total=config.steps, initial=step, desc=f"train {name}", unit="step", dynamic_ncols=True,
                 disable=not (config.progress and world.is_main))
 
 
@@ -281,24 +307,34 @@ def write_samples(parts: Parts, samples: SampleSet, cache: LatentCache, config: 
 
     model = parts.model
     weights = parts.ema.shadow if parts.ema is not None else {}
+    # A ControlNet's run (`trainer.train_controlnet.ControlledDiT`) samples its DiT steered by it.
+    dit, control = (model.dit, (model.controlnet, samples.controls)) if samples.controls is not None else (model, None)
     try:
         with swapped(model, weights):
-            latents = sample_latents(model, samples.texts, samples.null_text, _square_latent(cache), steps=config.sample_steps,
-                                     guidance_scale=config.sample_guidance, seed=config.seed)
+            latents = sample_latents(dit, samples.texts, samples.null_text, square_latent(cache), steps=config.sample_steps,
+                                     guidance_scale=config.sample_guidance, seed=config.seed, control=control)
         if not write:
             return
-        dcae = load_dcae(config.vae, device=model.device)  # loaded only for the grid, then freed
-        grid = write_sample_grid(dcae, latents, samples.prompts, path)
+        dcae = load_dcae(config.vae, device=dit.device)  # loaded only for the grid, then freed
+        grid = write_sample_grid(dcae, latents, samples.prompts, path, samples.controls)
     except SanaNonFiniteError as error:
         print(f"warning: step {step}: sample grid not written: {error}", file=sys.stderr, flush=True)
         return
     reporter.image(step, "samples", grid)
 
 
-def _square_latent(cache: LatentCache) -> tuple[int, int]:
+def square_latent(cache: LatentCache) -> tuple[int, int]:
     """The latent size of the cache's square bin (its resolution), else its first sample's."""
     meta = cache.meta[0]
     if cache.resolution and "bin" in meta:
         side = cache.resolution // (meta["bin"][0] // meta["size"][0])
         return side, side
     return cache.latent_size(0)
+
+
+def _no_cache_check(config: DiTTrainConfig, cache: LatentCache) -> None:
+    """The DiT trains on any cache (--flip's mirrored images are checked at their first use)."""
+
+
+DIT = Trainee(name="dit", check_config=check_config, check_cache=_no_cache_check, build_parts=build_parts,
+              sample_set=_sample_set, export=export_dit, exports=EXPORTS)
