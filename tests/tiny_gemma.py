@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.tiny_models import build_text_encoder
+from trainer.tiny_models import build_text_encoder, save_gemma_weights
 
 SAMPLE_PROMPTS = [
     "A cat sleeping on a sunny windowsill.",
@@ -133,28 +133,16 @@ def build_spiece_gemma(
     """A tiny random Gemma-2 folder whose tokenizer is the SentencePiece model `proto`: config.json,
     model.safetensors, tokenizer.model and its tokenizer.json, as google/gemma-2-2b-it lays them out.
     The config's other values are transformers' Gemma2Config defaults (Gemma-2-2B's)."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma2Model
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = spiece_to_tokenizer_json(proto)
     tokenizer.save_pretrained(str(folder))
     (folder / "tokenizer.model").write_bytes(proto)
-    config = Gemma2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
-        head_dim=head_dim,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+    return save_gemma_weights(
+        folder, tokenizer, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads, head_dim=head_dim, seed=seed, causal_lm=causal_lm,
     )
-    torch.manual_seed(seed)
-    (Gemma2ForCausalLM if causal_lm else Gemma2Model)(config).eval().save_pretrained(str(folder))
-    return folder
 
 
 def comfy_gemma_tensors(folder: str | Path, *, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:

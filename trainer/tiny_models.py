@@ -75,11 +75,34 @@ def build_text_encoder(
     `causal_lm=True` saves a `Gemma2ForCausalLM` (laid out like google/gemma-2-2b-it);
     otherwise a bare `Gemma2Model` (like the `text_encoder/` of a diffusers SANA folder).
     """
-    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma2Model
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(folder, texts, vocab_size=vocab_size, split_words=split_words)
+    return save_gemma_weights(
+        folder, tokenizer, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads, head_dim=head_dim, seed=seed, causal_lm=causal_lm,
+    )
+
+
+def save_gemma_weights(
+    folder: Path,
+    tokenizer,
+    *,
+    hidden_size: int,
+    intermediate_size: int,
+    num_hidden_layers: int,
+    num_attention_heads: int,
+    num_key_value_heads: int,
+    head_dim: int,
+    seed: int = 0,
+    causal_lm: bool = False,
+) -> Path:
+    """Random Gemma-2 weights and config for `tokenizer`'s vocabulary and special tokens, saved
+    into `folder` beside the tokenizer files (deterministic in `seed`); the config's other values
+    are transformers' Gemma2Config defaults (Gemma-2-2B's)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma2Model
+
     config = Gemma2Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
