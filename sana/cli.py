@@ -8,6 +8,7 @@
     python -m sana generate --replay out/000012.png               # the image again, from its own record
     python -m sana generate ... --controlnet Sana_1600M_1024px_BF16_ControlNet_HED.pth --control-image edges.png
     python -m sana convert dit Sana_1600M_1024px.pth sana_1600m_diffusers/
+    python -m sana convert dit output/checkpoints/latest.pth my_ema.safetensors --ema   # NVlabs training EMA
     python -m sana convert vae dc-ae-f32c32-sana-1.1-diffusers/ dc-ae.safetensors --format original
     python -m sana doctor --model sana-1600m-4k --size 4096x4096  # kernels on this device, memory plan
 
@@ -312,11 +313,13 @@ def command_convert(args: argparse.Namespace) -> int:
         fmt = args.format or ("official" if target.suffix.lower() in (".pth", ".pt") else "diffusers")
         if fmt not in ("diffusers", "official"):
             raise SanaInputError(f"a DiT is written as 'diffusers' or 'official', not {fmt!r}")
-        model = sana.load_dit(source, dtype=dtype, config=args.config)
+        model = sana.load_dit(source, dtype=dtype, config=args.config, ema=args.ema)
         sana.save_dit(model, target, format=fmt)
         target = pipeline_subfolder(target, "transformer") if fmt == "diffusers" else target
         what = f"DiT {model.config.variant}"
     else:
+        if args.ema:
+            raise SanaInputError("--ema picks a DiT training checkpoint's EMA weights; a DC-AE file has none")
         from sana.dcae_io import load_dcae, save_dcae, stored_dcae_dtype
 
         if args.format not in (None, "diffusers", "original"):
@@ -411,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="when detection cannot tell: a preset name, or for a DiT a diffusers config.json path",
     )
+    conv.add_argument("--ema", action="store_true",
+                      help="DiT: take the state_dict_ema weights of an NVlabs training checkpoint (default: state_dict)")
     conv.set_defaults(run=command_convert)
 
     diagnose = commands.add_parser("doctor", help="device, versions, kernel probes and timing choices, memory plan")

@@ -18,6 +18,7 @@ models must be identical; the DC-AE is also checked against diffusers' `Autoenco
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -231,6 +232,23 @@ def test_training_checkpoint_loads_state_dict_as_nvlabs_inference(tmp_path, trai
     from_ema = load_tiny_dit(path, ema=True)
     assert_same_weights(from_ema, load_tiny_dit(write_official_pth(ema, tmp_path / "ema.pth")))
     assert not torch.equal(from_ema.blocks[0].attn.qkv.weight, released.blocks[0].attn.qkv.weight)
+
+
+def test_convert_takes_the_ema_weights_into_a_file_comfyui_loads(tmp_path, trained, capsys):
+    """`python -m sana convert dit latest.pth ema.safetensors --ema`: the EMA weights as a file the
+    DiT Loader node reads (it loads a training checkpoint's state_dict, as NVlabs' inference does)."""
+    from sana.cli import main
+
+    _, ema, path = trained
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(dict(random_reference("sana").config)))
+    assert main(["convert", "dit", str(path.parent / "latest.pth"), str(tmp_path / "ema.safetensors"), "--ema",
+                 "--config", str(config)]) == 0
+    assert_same_weights(load_tiny_dit(tmp_path / "ema.safetensors"),
+                        load_tiny_dit(write_official_pth(ema, tmp_path / "ema.pth")))
+    capsys.readouterr()
+    assert main(["convert", "vae", str(tmp_path / "ema.pth"), str(tmp_path / "x"), "--ema"]) == 2
+    assert "--ema picks a DiT training checkpoint's EMA weights" in capsys.readouterr().err
 
 
 def test_training_checkpoint_from_numpy_1_loads(tmp_path, trained):

@@ -20,7 +20,6 @@ earlier run of the same options left there, and other options are refused.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sana.checkpoint import write_json
+from sana.checkpoint import read_json_file, write_json
 from sana.errors import SanaCheckpointError, SanaInputError
 
 from . import shapes
@@ -126,10 +125,9 @@ def _claim_folder(out: Path, options: DemoOptions) -> None:
     """Record the options in `out`, refusing a folder an earlier run filled with other options."""
     recorded = out / OPTIONS_FILE
     if recorded.is_file():
-        try:
-            before = json.loads(recorded.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise SanaCheckpointError(f"{recorded}: unreadable ({error}); give another --out-dir") from None
+        before = read_json_file(recorded, "demo options record")
+        if not isinstance(before, dict):
+            raise SanaCheckpointError(f"{recorded}: not a demo options record (a JSON object); give another --out-dir")
         changes = [f"--{k.replace('_', '-')} {before.get(k)!r} → {v!r}" for k, v in asdict(options).items() if before.get(k) != v]
         if changes:
             raise SanaInputError(f"{out} holds a demo run with other options ({'; '.join(changes)}): give another --out-dir")

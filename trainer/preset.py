@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sana.checkpoint import write_json
+from sana.checkpoint import read_json_file, write_json
 from sana.errors import SanaCheckpointError, SanaInputError
 
 from . import shapes
@@ -129,10 +129,9 @@ def _check_folder(out: Path, preset: dict, overrides: dict) -> None:
         return
     recorded = out / PRESET_FILE
     if recorded.is_file():
-        try:
-            before = json.loads(recorded.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise SanaCheckpointError(f"{recorded}: unreadable ({error}); build into another --output-dir") from None
+        before = read_json_file(recorded, "preset record")
+        if not isinstance(before, dict):
+            raise SanaCheckpointError(f"{recorded}: not a preset record (a JSON object); build into another --output-dir")
         changes = [f"{section}.{key}: {before.get(section, {}).get(key)!r} → {value!r}"
                    for section, values in preset.items() if isinstance(values, dict)
                    for key, value in values.items() if before.get(section, {}).get(key) != value]
