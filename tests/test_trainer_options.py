@@ -73,6 +73,23 @@ def test_bf16_full_fine_tune_keeps_fp32_optimizer_states_and_an_ema_on_the_cpu(w
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_adamw8bit_full_fine_tune_resumes_exactly(world, tmp_path):  # noqa: F811
+    """bitsandbytes' 8-bit AdamW (its CPU build): the checkpoint holds its quantized states, which
+    load without code execution, and a resumed run ends where the uninterrupted one does."""
+    pytest.importorskip("bitsandbytes")
+    from sana import load_dit
+
+    eight = dict(weights_dtype="bf16", optimizer="adamw8bit", ema_device="cpu", steps=4, save_every=2)
+    train_dit(_config(world, tmp_path / "straight", **eight))
+    train_dit(_config(world, tmp_path / "resumed", **{**eight, "steps": 2}))
+    train_dit(_config(world, tmp_path / "resumed", **eight))
+    for name in ("transformer", "transformer_ema"):
+        a = load_dit(tmp_path / "straight" / name).state_dict()
+        b = load_dit(tmp_path / "resumed" / name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert [r["loss"] for r in _rows(tmp_path / "straight")] == [r["loss"] for r in _rows(tmp_path / "resumed")]
+
+
 @pytest.mark.parametrize(("changes", "option"), [
     ({"optimizer": "came", "weights_dtype": "bf16"}, "--optimizer"),
     ({"weights_dtype": "bf16", "mixed_precision": "fp16"}, "--mixed-precision"),
