@@ -6,8 +6,11 @@ many (`torchrun`), resumable, every image with its generation record.
 
 The prompts file (`read_items`) is plain text, one prompt a line, or JSONL: one object a line
 with `prompt` and any of `ITEM_KEYS` (`negative_prompt`, `seed`, `width`, `height`, `steps`,
-`cfg`, `shift`, `pag`, `solver`, and `meta`, any JSON carried into the index untouched); a key
-left out or null takes the command line's value. Blank lines are skipped; an item's number is
+`cfg`, `shift`, `pag`, `solver`, `control_image`, `control_scale`, `control_start`,
+`control_end`, and `meta`, any JSON carried into the index untouched); a key left out or null
+takes the command line's value. With a ControlNet (`--controlnet`) every item needs a control
+image, its own (a path relative to the prompts file's folder) or `--control-image`
+(`check_control_inputs`); items are then batched with control images of one size. Blank lines are skipped; an item's number is
 its place among the items, from 0, and names its output `DIR/000012.png`. Every line is checked
 before any model loads, and all bad lines are reported at once (file and line numbers).
 
@@ -52,13 +55,15 @@ from typing import Any
 import torch
 
 from .checkpoint import write_bytes
+from .controlnet import SanaControlNet
+from .controlnet_io import load_controlnet
 from .dcae_io import load_dcae
 from .dit import SanaDiT
 from .dit_io import load_dit
 from .errors import SanaCheckpointError, SanaError, SanaInputError
 from .pipeline import SEED_LIMIT, ProgressCallback, check_sampling_values, generate, native_size
-from .png import encode_png
-from .provenance import describe_models, make_record, png_text, read_record, same_generation
+from .png import encode_png, read_image
+from .provenance import describe_models, file_sha256, make_record, png_text, read_record, same_generation
 from .sampling import SOLVERS, TRIGFLOW, Autoencoder, default_pag_layers, select_solver
 from .text_encoder import TextEncoder, load_text_encoder
 
@@ -68,8 +73,11 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 ITEM_KEYS = {
     "prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "seed", "width": "width", "height": "height",
     "steps": "steps", "cfg": "guidance_scale", "shift": "flow_shift", "pag": "pag_scale", "solver": "solver",
-    "meta": None,
+    "control_scale": "control_scale", "control_start": "control_start", "control_end": "control_end",
+    "meta": None, "control_image": None,
 }
+# The item keys that steer a ControlNet: a run without --controlnet refuses them.
+CONTROL_KEYS = ("control_image", "control_scale", "control_start", "control_end")
 DEFAULT_FLOW_STEPS = 20  # diffusers' SanaPipeline default
 DEFAULT_SPRINT_STEPS = 2  # diffusers' SanaSprintPipeline default
 INDEX_NAME = "index.jsonl"
@@ -91,6 +99,7 @@ class Item:
     prompt: str
     overrides: Mapping[str, Any] = field(default_factory=dict)
     meta: Any = None
+    control_image: str | None = None  # absolute, or relative to the prompts file's folder as written
 
 
 def is_jsonl(path: Path, first_line: str) -> bool:
@@ -131,8 +140,9 @@ def read_items(path: str | os.PathLike) -> list[Item]:
         if isinstance(parsed, str):
             problems.append((number, parsed))
         else:
+            control = parsed.pop("control_image", None)
             items.append(Item(index=len(items), line=number, prompt=parsed.pop("prompt"), meta=parsed.pop("meta", None),
-                              overrides=parsed))
+                              overrides=parsed, control_image=str(path.parent / control) if control else None))
     if problems:
         raise SanaInputError(_bad_lines_message(path, problems))
     if not items:
@@ -153,8 +163,11 @@ def _parse_json_item(text: str) -> dict[str, Any] | str:
         return f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} (known: {', '.join(ITEM_KEYS)})"
     if not isinstance(obj.get("prompt"), str):
         return f"\"prompt\" must be a string, got {obj.get('prompt')!r:.80}"
-    item = {"prompt": obj["prompt"], "meta": obj.get("meta")}
-    item.update({ITEM_KEYS[k]: v for k, v in obj.items() if k not in ("prompt", "meta") and v is not None})
+    control = obj.get("control_image")
+    if control is not None and (not isinstance(control, str) or not control):
+        return f"\"control_image\" must be a file path, got {control!r:.80}"
+    item = {"prompt": obj["prompt"], "meta": obj.get("meta"), "control_image": control}
+    item.update({ITEM_KEYS[k]: v for k, v in obj.items() if ITEM_KEYS.get(k) and k != "prompt" and v is not None})
     return _item_value_problem(item) or item
 
 
@@ -164,7 +177,8 @@ def _item_value_problem(item: Mapping[str, Any]) -> str | None:
         return f"negative_prompt must be a string, got {item['negative_prompt']!r:.80}"
     if item.get("solver", SOLVERS[0]) not in SOLVERS:
         return f"solver must be one of {', '.join(SOLVERS)}, got {item['solver']!r:.80}"
-    numbers = {k: item[k] for k in ("steps", "guidance_scale", "pag_scale", "flow_shift", "seed", "height", "width") if k in item}
+    numbers = {k: item[k] for k in ("steps", "guidance_scale", "pag_scale", "flow_shift", "seed", "height", "width",
+                                    "control_scale", "control_start", "control_end") if k in item}
     try:
         check_sampling_values(**numbers, names=names)
     except SanaInputError as error:
@@ -210,6 +224,9 @@ class Defaults:
     pag_layers: Sequence[int] | None = None
     chi: bool = True
     resolution_binning: bool = True
+    control_scale: float = 1.0  # with a ControlNet only
+    control_start: float = 0.0
+    control_end: float = 1.0
 
 
 def item_seed(item: Item, base_seed: int) -> int:
@@ -219,11 +236,13 @@ def item_seed(item: Item, base_seed: int) -> int:
 
 
 def resolve_request(dit: SanaDiT, dcae: Autoencoder, *, prompt: str | list[str], seed: int, defaults: Defaults,
-                    overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                    overrides: Mapping[str, Any] | None = None, control: bool = False) -> dict[str, Any]:
     """The `generate` keyword arguments (the record's `request`) for `prompt` with `defaults`
-    and `overrides`, with the solver, steps, size, flow shift and PAG layers the models imply."""
+    and `overrides`, with the solver, steps, size, flow shift and PAG layers the models imply;
+    `control`: with the ControlNet settings (the ControlNet and its image are the caller's)."""
     values = {**{k: getattr(defaults, k) for k in (
-        "negative_prompt", "width", "height", "steps", "guidance_scale", "flow_shift", "pag_scale", "solver")},
+        "negative_prompt", "width", "height", "steps", "guidance_scale", "flow_shift", "pag_scale", "solver",
+        "control_scale", "control_start", "control_end")},
         **(overrides or {})}
     solver = select_solver(dit, values["solver"])
     side = native_size(dit, dcae)
@@ -233,7 +252,7 @@ def resolve_request(dit: SanaDiT, dcae: Autoencoder, *, prompt: str | list[str],
     layers = None
     if pag > 0 and solver != TRIGFLOW:
         layers = list(defaults.pag_layers) if defaults.pag_layers is not None else list(default_pag_layers(dit))
-    return {
+    request = {
         "prompt": prompt,
         "negative_prompt": values["negative_prompt"],
         "seed": seed,
@@ -251,6 +270,9 @@ def resolve_request(dit: SanaDiT, dcae: Autoencoder, *, prompt: str | list[str],
         "resolution_binning": defaults.resolution_binning,
         "batch_size": 1,
     }
+    if control:
+        request.update({k: float(values[k]) for k in ("control_scale", "control_start", "control_end")})
+    return request
 
 
 def batch_key(request: Mapping[str, Any]) -> str:
@@ -258,12 +280,15 @@ def batch_key(request: Mapping[str, Any]) -> str:
     return json.dumps({k: v for k, v in request.items() if k not in ("prompt", "seed")}, sort_keys=True)
 
 
-def make_batches(pending: Iterable[int], requests: Mapping[int, Mapping[str, Any]], batch_size: int) -> list[list[int]]:
+def make_batches(pending: Iterable[int], requests: Mapping[int, Mapping[str, Any]], batch_size: int,
+                 apart: Mapping[int, Any] | None = None) -> list[list[int]]:
     """The pending items grouped by `batch_key` (groups in order of first item), cut into
-    batches of at most `batch_size`: the same for every world size."""
+    batches of at most `batch_size`: the same for every world size. `apart` adds what else
+    must be equal within a batch (the control images' sizes, stacked into one tensor)."""
     groups: dict[str, list[int]] = {}
     for index in pending:
-        groups.setdefault(batch_key(requests[index]), []).append(index)
+        key = batch_key(requests[index]) + (json.dumps(apart.get(index)) if apart else "")
+        groups.setdefault(key, []).append(index)
     return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
 
 
@@ -406,6 +431,8 @@ class BatchOptions:
     defaults: Defaults = field(default_factory=Defaults)
     batch_size: int = 1
     compile_model: bool = False
+    controlnet: str | None = None  # a ControlNet for every item, each with its control image
+    control_image: str | None = None  # the control image of the items that name none
 
 
 @dataclass
@@ -415,14 +442,18 @@ class Parts:
     dit: SanaDiT
     dcae: Autoencoder
     text_encoder: TextEncoder
+    controlnet: SanaControlNet | None = None
 
 
 def load_parts(paths: Mapping[str, str], dtypes: Mapping[str, torch.dtype], device: str) -> Parts:
-    """The DiT and DC-AE on `device`, the text encoder on the CPU (`generate` moves it while encoding)."""
+    """The DiT and DC-AE on `device`, the text encoder on the CPU (`generate` moves it while
+    encoding); a ControlNet (`paths["controlnet"]`, when given) in the DiT's dtype, beside it."""
+    dit = load_dit(paths["dit"], dtype=dtypes["dit"], device=device)
     return Parts(
-        dit=load_dit(paths["dit"], dtype=dtypes["dit"], device=device),
+        dit=dit,
         dcae=load_dcae(paths["vae"], dtype=dtypes["vae"], device=device),
         text_encoder=load_text_encoder(paths["text_encoder"], dtype=dtypes["text_encoder"]),
+        controlnet=load_controlnet(paths["controlnet"], dtype=dit.dtype, device=device) if paths.get("controlnet") else None,
     )
 
 
@@ -444,11 +475,52 @@ def check_out_dir(out_dir: Path) -> None:
         raise SanaCheckpointError(f"--out-dir: {out_dir} is not a writable folder")
 
 
+def check_control_inputs(items: Sequence[Item], options: BatchOptions) -> dict[int, Path]:
+    """Each item's control image (its own, else `--control-image`) when the run has a ControlNet;
+    `SanaInputError` naming the lines of items steering a ControlNet the run lacks, or lacking
+    the image the run's ControlNet needs, and `SanaCheckpointError` naming the control images that
+    are not there: all before any model loads."""
+    where = f"--prompts {options.prompts_file}"
+    if options.controlnet is None:
+        steered = [item.line for item in items if item.control_image or any(k in item.overrides for k in CONTROL_KEYS)]
+        if steered:
+            raise SanaInputError(f"{where}: line(s) {_ranges(steered)} steer a ControlNet ({', '.join(CONTROL_KEYS)}); "
+                                 "give --controlnet")
+        if options.control_image:
+            raise SanaInputError("--control-image needs --controlnet: a control image steers a ControlNet")
+        return {}
+    paths = {item.index: Path(item.control_image or options.control_image) for item in items
+             if item.control_image or options.control_image}
+    lacking = [item.line for item in items if item.index not in paths]
+    if lacking:
+        raise SanaInputError(f"{where}: line(s) {_ranges(lacking)} have no \"control_image\" for --controlnet; "
+                             "give one per line, or --control-image for all")
+    absent = [f"line {item.line}: {paths[item.index]}" for item in items if not paths[item.index].is_file()]
+    if absent:
+        more = f"; and {len(absent) - MAX_REPORTED_LINES} more" if len(absent) > MAX_REPORTED_LINES else ""
+        raise SanaCheckpointError(f"{where}: {len(absent)} control image(s) not found: "
+                                  f"{'; '.join(absent[:MAX_REPORTED_LINES])}{more}")
+    return paths
+
+
+def image_size(path: Path) -> list[int]:
+    """[height, width] of an image file, from its header; `SanaCheckpointError` naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as opened:
+            return [opened.height, opened.width]
+    except OSError as error:
+        raise SanaCheckpointError(f"cannot read the control image {path}: {error}") from None
+
+
 def scan_outputs(items: Sequence[Item], requests: Mapping[int, Any], out_dir: Path,
-                 hashes: Mapping[str, str]) -> tuple[list[int], list[int], dict[int, str]]:
-    """(done, pending, failed): items whose output is already this item's complete image,
-    items to generate, and items that cannot be (their request failed to resolve, or another
-    file holds their name; it is left alone)."""
+                 hashes: Mapping[str, str], inputs: Mapping[int, Mapping[str, Mapping[str, str]]] | None = None,
+                 ) -> tuple[list[int], list[int], dict[int, str]]:
+    """(done, pending, failed): items whose output is already this item's complete image (made
+    with these model `hashes` and the `inputs` beside them, e.g. its control image), items to
+    generate, and items that cannot be (their request failed to resolve, or another file holds
+    their name; it is left alone)."""
     done, pending, failed = [], [], {}
     for item in items:
         request = requests[item.index]
@@ -460,9 +532,13 @@ def scan_outputs(items: Sequence[Item], requests: Mapping[int, Any], out_dir: Pa
             pending.append(item.index)
             continue
         try:
-            difference = same_generation(read_record(path), request, hashes)
+            record = read_record(path)
+            difference = same_generation(record, request, hashes)
         except SanaCheckpointError as error:
-            difference = str(error)
+            record, difference = {}, str(error)
+        for key, made_with in (inputs or {}).get(item.index, {}).items():
+            if difference is None and record.get(key, {}).get("sha256") != made_with["sha256"]:
+                difference = f"another {key.replace('_', ' ')} (SHA-256 differs)"
         if difference is None:
             done.append(item.index)
         else:
@@ -477,7 +553,7 @@ def _resolve_all(items: Sequence[Item], parts: Parts, defaults: Defaults) -> dic
         try:
             requests[item.index] = resolve_request(
                 parts.dit, parts.dcae, prompt=item.prompt, seed=item_seed(item, defaults.seed), defaults=defaults,
-                overrides=item.overrides,
+                overrides=item.overrides, control=parts.controlnet is not None,
             )
         except SanaError as error:
             requests[item.index] = str(error)
@@ -485,15 +561,19 @@ def _resolve_all(items: Sequence[Item], parts: Parts, defaults: Defaults) -> dic
 
 
 def generate_batch(parts: Parts, requests: Sequence[Mapping[str, Any]], *, callback: ProgressCallback | None = None,
-                   compile_model: bool = False) -> list[torch.Tensor | str]:
-    """One `generate` call for requests that share a `batch_key` (one seed per image); each
-    result is the image, or the error that made it fail. A failing batch of several is run
-    again one request at a time, so one bad item does not take its neighbours down."""
+                   compile_model: bool = False, control_images: Sequence[Path] | None = None) -> list[torch.Tensor | str]:
+    """One `generate` call for requests that share a `batch_key` (one seed per image, and with
+    `parts.controlnet` one control image per request, of one size); each result is the image,
+    or the error that made it fail. A failing batch of several is run again one request at a
+    time, so one bad item does not take its neighbours down."""
     shared = {k: v for k, v in requests[0].items() if k not in ("prompt", "seed", "batch_size")}
     try:
+        control = {}
+        if parts.controlnet is not None:
+            control = {"controlnet": parts.controlnet, "control_image": torch.cat([read_image(p) for p in control_images])}
         images = generate(
             dit=parts.dit, dcae=parts.dcae, text_encoder=parts.text_encoder, prompt=[r["prompt"] for r in requests],
-            seed=[r["seed"] for r in requests], callback=callback, compile_model=compile_model, **shared,
+            seed=[r["seed"] for r in requests], callback=callback, compile_model=compile_model, **control, **shared,
         )
         return list(images)
     except (SanaError, *_OUT_OF_MEMORY) as error:
@@ -501,8 +581,10 @@ def generate_batch(parts: Parts, requests: Sequence[Mapping[str, Any]], *, callb
             torch.cuda.empty_cache()  # the failed batch's blocks, before the smaller calls
         if len(requests) == 1:
             return [f"{type(error).__name__}: {error}"]
-    return [result for request in requests for result in
-            generate_batch(parts, [request], callback=callback, compile_model=compile_model)]
+    alone = control_images if control_images is not None else [None] * len(requests)
+    return [result for request, image in zip(requests, alone) for result in
+            generate_batch(parts, [request], callback=callback, compile_model=compile_model,
+                           control_images=None if image is None else [image])]
 
 
 def write_image(path: Path, image: torch.Tensor, record: Mapping[str, Any]) -> None:
@@ -515,27 +597,33 @@ def run(options: BatchOptions, *, log: Callable[[str], None] | None = None) -> i
     log = log if log is not None else (lambda message: print(message, file=sys.stderr, flush=True))
     items = read_items(options.prompts_file)
     check_sampling_values(batch_size=options.batch_size, names={"batch_size": "--batch-size"})
+    control_paths = check_control_inputs(items, options)
     check_out_dir(options.out_dir)
     world = join_world()
     # On an error this rank just exits: torchrun then stops the others (waiting for them here
     # would hang, as they wait for this rank's results).
-    status = _run(options, items, world, log if world.is_main else (lambda message: None))
+    status = _run(options, items, control_paths, world, log if world.is_main else (lambda message: None))
     leave_world(world)
     return status
 
 
-def _run(options: BatchOptions, items: list[Item], world: World, log: Callable[[str], None]) -> int:
+def _run(options: BatchOptions, items: list[Item], control_paths: Mapping[int, Path], world: World,
+         log: Callable[[str], None]) -> int:
     device = f"cuda:{world.local_rank}" if options.device == "cuda" else options.device
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
     started = time.perf_counter()
     if world.is_main:  # while the other ranks load the models
         hashed = describe_models(options.model_paths)
+        controlnet = describe_models({"controlnet": options.controlnet})["controlnet"] if options.controlnet else None
         log(f"hashed the model files in {time.perf_counter() - started:.1f} s")
-    parts = load_parts(options.model_paths, options.dtypes, device)
+    parts = load_parts({**options.model_paths, "controlnet": options.controlnet}, options.dtypes, device)
     requests = _resolve_all(items, parts, options.defaults)
     if world.is_main:
-        plan = _make_plan(options, items, requests, {c: {**m, "dtype": dtype_names(parts)[c]} for c, m in hashed.items()})
+        models = {c: {**m, "dtype": dtype_names(parts)[c]} for c, m in hashed.items()}
+        if controlnet is not None:
+            controlnet["dtype"] = str(parts.controlnet.dtype).removeprefix("torch.")
+        plan = _make_plan(options, items, requests, models, controlnet, control_paths)
         world.publish("plan", plan)
         log(f"{len(items)} items: {len(plan['done'])} already done, {len(plan['failed'])} cannot be made, "
             f"{len(plan['pending'])} to generate on {world.size} process(es); models loaded in "
@@ -543,9 +631,10 @@ def _run(options: BatchOptions, items: list[Item], world: World, log: Callable[[
     else:
         plan = world.fetch("plan")
     failed = {int(k): v for k, v in plan["failed"].items()}
-    mine = make_batches(plan["pending"], requests, options.batch_size)[world.rank :: world.size]
+    sizes = {int(k): v["size"] for k, v in plan["control"].items()}
+    mine = make_batches(plan["pending"], requests, options.batch_size, sizes)[world.rank :: world.size]
     progress = Progress(world, len(items), len(plan["done"]) + len(failed))
-    results = _generate_share(options, items, parts, plan["models"], requests, mine, world, progress)
+    results = _generate_share(options, items, parts, plan, requests, mine, world, progress)
     world.publish(f"results/{world.rank}", results)
     world.add("finished", 1)
     while world.add("finished") < world.size:
@@ -559,11 +648,23 @@ def _run(options: BatchOptions, items: list[Item], world: World, log: Callable[[
 
 
 def _make_plan(options: BatchOptions, items: list[Item], requests: Mapping[int, Any],
-               models: Mapping[str, Mapping[str, str]]) -> dict[str, Any]:
-    """Rank 0's plan, the same for every rank: the models' record, and the items done, pending and failed."""
+               models: Mapping[str, Mapping[str, str]], controlnet: Mapping[str, str] | None,
+               control_paths: Mapping[int, Path]) -> dict[str, Any]:
+    """Rank 0's plan, the same for every rank: the models' record, each item's control image
+    (path, SHA-256, size), and the items done, pending and failed."""
     hashes = {component: model["sha256"] for component, model in models.items()}
-    done, pending, failed = scan_outputs(items, requests, options.out_dir, hashes)
-    return {"models": models, "done": done, "pending": pending, "failed": {str(k): v for k, v in failed.items()}}
+    control, unreadable = {}, {}
+    for index, path in control_paths.items():
+        try:
+            control[index] = {"path": os.path.abspath(path), "sha256": file_sha256(path), "size": image_size(path)}
+        except (OSError, SanaCheckpointError) as error:
+            unreadable[index] = f"{type(error).__name__}: {error}"
+    inputs = {index: {"controlnet": controlnet, "control_image": image} for index, image in control.items()}
+    done, pending, failed = scan_outputs(items, requests, options.out_dir, hashes, inputs)
+    failed.update(unreadable)
+    pending = [index for index in pending if index not in unreadable]
+    return {"models": models, "controlnet": controlnet, "control": {str(k): v for k, v in control.items()},
+            "done": done, "pending": pending, "failed": {str(k): v for k, v in failed.items()}}
 
 
 def _finish(options: BatchOptions, items: list[Item], world: World, plan: Mapping[str, Any],
@@ -581,18 +682,24 @@ def _finish(options: BatchOptions, items: list[Item], world: World, plan: Mappin
         f"process(es); index: {options.out_dir / INDEX_NAME}")
 
 
-def _generate_share(options: BatchOptions, items: list[Item], parts: Parts, models: Mapping[str, Any],
+def _generate_share(options: BatchOptions, items: list[Item], parts: Parts, plan: Mapping[str, Any],
                     requests: Mapping[int, Any], batches: list[list[int]], world: World,
                     progress: Progress) -> list[tuple[int, str | None]]:
     """This rank's batches; each item's result: None (written) or its error."""
     results: list[tuple[int, str | None]] = []
     callback = (lambda step, total, x0: progress.refresh()) if world.is_main else None
+    control = {int(k): v for k, v in plan["control"].items()}
     for batch in batches:
+        images = [Path(control[i]["path"]) for i in batch] if parts.controlnet is not None else None
         outcomes = generate_batch(parts, [requests[i] for i in batch], callback=callback,
-                                  compile_model=options.compile_model)
+                                  compile_model=options.compile_model, control_images=images)
         for index, outcome in zip(batch, outcomes):
             if isinstance(outcome, torch.Tensor):
-                record = make_record(requests[index], models, extra={"item": {"index": index, "line": items[index].line}})
+                extra = {"item": {"index": index, "line": items[index].line}}
+                if parts.controlnet is not None:
+                    image = control[index]
+                    extra.update(controlnet=plan["controlnet"], control_image={"path": image["path"], "sha256": image["sha256"]})
+                record = make_record(requests[index], plan["models"], extra=extra)
                 try:
                     write_image(options.out_dir / output_name(index, len(items)), outcome, record)
                     outcome = None

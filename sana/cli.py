@@ -148,8 +148,6 @@ def generation_mode(args: argparse.Namespace) -> str:
         raise SanaInputError("--prompt needs --out (the PNG to write)")
     if mode == "batch" and args.image:
         raise SanaInputError("--image (image to image) is for --prompt; --prompts generates from text only")
-    if mode == "batch" and (args.controlnet or args.control_image):
-        raise SanaInputError("--controlnet/--control-image are for --prompt (or --replay); --prompts generates from text only")
     if mode != "replay":
         missing = [option for option, value in (("--dit", args.dit), ("--vae", args.vae), ("--text-encoder", args.text_encoder)) if not value]
         if missing:
@@ -163,6 +161,7 @@ def _batch_options(args: argparse.Namespace, device: str) -> batch.BatchOptions:
         negative_prompt=args.negative_prompt, seed=args.seed if args.seed is not None else 0, width=args.width,
         height=args.height, steps=args.steps, guidance_scale=args.cfg, flow_shift=args.shift, pag_scale=args.pag,
         solver=solver, pag_layers=args.pag_layers, chi=not args.no_chi, resolution_binning=not args.no_binning,
+        control_scale=args.control_scale, control_start=args.control_start, control_end=args.control_end,
     )
     return batch.BatchOptions(
         prompts_file=Path(args.prompts), out_dir=Path(args.out_dir),
@@ -170,7 +169,7 @@ def _batch_options(args: argparse.Namespace, device: str) -> batch.BatchOptions:
         dtypes={"dit": _dtype(args.dtype, device), "vae": _dtype(args.vae_dtype, device),
                 "text_encoder": _dtype(args.text_encoder_dtype, device)},
         device=device, defaults=defaults,
-        batch_size=args.batch_size, compile_model=args.compile,
+        batch_size=args.batch_size, compile_model=args.compile, controlnet=args.controlnet, control_image=args.control_image,
     )
 
 
@@ -183,16 +182,16 @@ def _single_record_text(args, dit, dcae, text_encoder, controlnet, *, solver: st
         negative_prompt=args.negative_prompt, width=args.width, height=args.height, steps=steps,
         guidance_scale=args.cfg, flow_shift=args.shift, pag_scale=args.pag, solver=solver, pag_layers=args.pag_layers,
         chi=not args.no_chi, resolution_binning=not args.no_binning,
+        control_scale=args.control_scale, control_start=args.control_start, control_end=args.control_end,
     )
     prompt = args.prompt[0] if len(args.prompt) == 1 else list(args.prompt)
-    request = batch.resolve_request(dit, dcae, prompt=prompt, seed=seed, defaults=defaults)
+    request = batch.resolve_request(dit, dcae, prompt=prompt, seed=seed, defaults=defaults, control=controlnet is not None)
     request["batch_size"] = args.batch_size
     extra = {}
     if args.image:
         request["strength"] = args.strength
         extra["image"] = {"path": os.path.abspath(args.image), "sha256": file_sha256(Path(args.image))}
     if controlnet is not None:
-        request.update(control_scale=args.control_scale, control_start=args.control_start, control_end=args.control_end)
         described = describe_models({"controlnet": args.controlnet})["controlnet"]
         extra["controlnet"] = {**described, "dtype": str(controlnet.dtype).removeprefix("torch.")}
         extra["control_image"] = {"path": os.path.abspath(args.control_image), "sha256": file_sha256(Path(args.control_image))}
@@ -220,7 +219,8 @@ def command_generate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, height=args.height, width=args.width, control_scale=args.control_scale,
         control_start=args.control_start, control_end=args.control_end, names=OPTION_NAMES,
     )
-    if (args.controlnet is None) != (args.control_image is None):
+    if (args.controlnet is None) != (args.control_image is None) and not (mode == "batch" and args.controlnet):
+        # Batch mode's items may each name their control image (`sana.batch.check_control_inputs`).
         raise SanaInputError("--controlnet and --control-image go together: a ControlNet is steered by a control image")
     check_dcae_dtype(DTYPES.get(args.vae_dtype), "--vae-dtype")
     if mode == "batch":
@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--strength", type=float, default=1.0, help="image-to-image denoising strength in (0, 1]")
     gen.add_argument("--controlnet", default=None,
                      help="ControlNet checkpoint: NVlabs .pth as released, or a diffusers folder or file (with --control-image; with --replay: where a recorded one moved)")
-    gen.add_argument("--control-image", default=None, help="the ControlNet's control image (e.g. an HED edge map)")
+    gen.add_argument("--control-image", default=None, help="the ControlNet's control image (e.g. an HED edge map); with --prompts: for the items that name none")
     gen.add_argument("--control-scale", type=float, default=1.0, help="ControlNet conditioning scale in [0, 100]")
     gen.add_argument("--control-start", type=float, default=0.0, help="fraction of the steps where the ControlNet starts")
     gen.add_argument("--control-end", type=float, default=1.0, help="fraction of the steps where the ControlNet stops")

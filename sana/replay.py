@@ -26,7 +26,6 @@ from typing import Any
 import torch
 
 from .batch import dtype_names, load_parts
-from .controlnet_io import load_controlnet
 from .errors import SanaCheckpointError, SanaInputError
 from .pipeline import generate
 from .png import read_image, write_png
@@ -149,11 +148,10 @@ def replay(
     controlnet_path = _controlnet_path(record, controlnet, image)
     if (controlnet_path is None) != (control is None):
         raise SanaCheckpointError(f"{image}: the record names a ControlNet or a control image without the other")
-    parts = load_parts(model_paths, _dtypes(record, dtypes or {}), device)
-    control_model = load_controlnet(controlnet_path, dtype=parts.dit.dtype, device=device) if controlnet_path else None
+    parts = load_parts({**model_paths, "controlnet": controlnet_path}, _dtypes(record, dtypes or {}), device)
     request = record["request"]
     images = generate(dit=parts.dit, dcae=parts.dcae, text_encoder=parts.text_encoder, image=source,
-                      controlnet=control_model, control_image=control, callback=callback,
+                      controlnet=parts.controlnet, control_image=control, callback=callback,
                       compile_model=compile_model, **request)
     index = record["image_index"]
     if index >= images.shape[0]:

@@ -10,6 +10,7 @@ through our loaders. Both sides run in fp32 from the same seed and are compared 
 from __future__ import annotations
 
 import copy
+import json
 import re
 
 import pytest
@@ -281,10 +282,64 @@ def test_record_names_the_controlnet_and_replay_uses_it(parts, tmp_path, capsys)
     assert read_record(tmp_path / "moved-replay.png")["control_image"]["path"] == str(tmp_path / "moved.png")
 
 
-def test_batch_mode_refuses_a_controlnet_before_loading(parts, tmp_path, capsys):
-    (tmp_path / "prompts.txt").write_text("a\nb\n")
-    assert main(["generate", "--dit", str(parts.root / "dit_600m"), "--vae", str(parts.root / "vae"), "--text-encoder",
-                 str(parts.gemma_folder), "--prompts", str(tmp_path / "prompts.txt"), "--out-dir", str(tmp_path / "out"),
-                 "--controlnet", str(parts.root / "controlnet_600m"), "--control-image", str(tmp_path / "none.png")]) == 2
-    assert "--controlnet/--control-image are for --prompt" in capsys.readouterr().err
+def _batch_command(parts, tmp_path, prompts: str, *extra: str) -> list[str]:
+    (tmp_path / "prompts.jsonl").write_text(prompts)
+    return ["generate", "--dit", str(parts.root / "dit_600m"), "--vae", str(parts.root / "vae"), "--text-encoder",
+            str(parts.gemma_folder), "--prompts", str(tmp_path / "prompts.jsonl"), "--out-dir", str(tmp_path / "out"),
+            "--width", "64", "--height", "64", "--no-binning", "--steps", "2", "--seed", "3", "--device", "cpu", *extra]
+
+
+def test_batch_mode_steers_each_item_with_its_control_image(parts, tmp_path, capsys):
+    """JSONL items name their control image (relative to the prompts file) or take --control-image;
+    items are batched with control images of one size; each image is its item made alone, its
+    record carries the ControlNet and the control image, and a rerun skips them until a control
+    image changes."""
+    from sana.batch import read_items
+
+    write_png(tmp_path / "a.png", control_images(seed=1)[0])
+    write_png(tmp_path / "b.png", control_images(seed=2, height=48, width=48)[0])
+    write_png(tmp_path / "default.png", control_images(seed=3)[0])
+    lines = [{"prompt": PROMPTS[0], "control_image": "a.png"}, {"prompt": PROMPTS[1]},
+             {"prompt": PROMPTS[0], "control_image": "b.png", "control_scale": 0.5}, {"prompt": PROMPTS[1], "control_end": 0.5}]
+    command = _batch_command(parts, tmp_path, "".join(json.dumps(line) + "\n" for line in lines),
+                             "--controlnet", str(parts.root / "controlnet_600m"), "--control-image",
+                             str(tmp_path / "default.png"), "--batch-size", "4")
+    assert read_items(tmp_path / "prompts.jsonl")[0].control_image == str(tmp_path / "a.png")
+    assert main(command) == 0
+    settings = [("a.png", 1.0, 1.0), ("default.png", 1.0, 1.0), ("b.png", 0.5, 1.0), ("default.png", 1.0, 0.5)]
+    for index, (line, (image, scale, end)) in enumerate(zip(lines, settings)):
+        out = tmp_path / "out" / f"{index:06d}.png"
+        alone = parts.generate(prompt=line["prompt"], steps=2, height=64, width=64, seed=3 + index, resolution_binning=False,
+                               control_image=read_image(tmp_path / image), control_scale=scale, control_end=end)
+        torch.testing.assert_close(read_image(out), (alone * 255).round() / 255, rtol=0, atol=1 / 255 + 1e-6)
+        record = read_record(out)
+        assert record["control_image"]["path"] == str(tmp_path / image)
+        assert record["controlnet"]["name"] == "controlnet_600m"
+        assert (record["request"]["control_scale"], record["request"]["control_end"]) == (scale, end)
+    capsys.readouterr()
+    assert main(command) == 0
+    assert "done 0, skipped 4" in capsys.readouterr().err
+    write_png(tmp_path / "b.png", control_images(seed=4, height=48, width=48)[0])
+    assert main(command) == 1
+    assert "another control image" in (tmp_path / "out" / "index.jsonl").read_text()
+    assert main(["generate", "--replay", str(tmp_path / "out" / "000000.png"), "--device", "cpu"]) == 0
+
+
+@pytest.mark.parametrize(("prompts", "extra", "message"), [
+    ('{"prompt": "a", "control_image": "x.png"}\n{"prompt": "b"}\n{"prompt": "c", "control_scale": 2}\n', [],
+     r"line\(s\) 1, 3 steer a ControlNet .*give --controlnet"),
+    ('{"prompt": "a", "control_image": "x.png"}\n{"prompt": "b"}\n', ["--controlnet", "CN"],
+     r'line\(s\) 2 have no "control_image" for --controlnet'),
+    ('{"prompt": "a", "control_image": "missing.png"}\n', ["--controlnet", "CN"],
+     r"1 control image\(s\) not found: line 1: .*missing\.png"),
+    ('{"prompt": "a", "control_image": 3}\n', ["--controlnet", "CN"], r'line 1: "control_image" must be a file path'),
+    ('{"prompt": "a", "control_start": 2}\n', ["--controlnet", "CN"], r"line 1: .*control_start"),
+    ("a\n", ["--control-image", "x.png"], "--controlnet and --control-image go together"),
+])
+def test_batch_mode_control_errors_come_before_loading(parts, tmp_path, capsys, prompts, extra, message):
+    extra = [str(parts.root / "controlnet_600m") if value == "CN" else value for value in extra]
+    (tmp_path / "x.png").write_bytes(b"")  # never read: the checks come first
+    assert main(_batch_command(parts, tmp_path, prompts, *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
     assert not (tmp_path / "out").exists()
