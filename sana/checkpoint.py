@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import SanaCheckpointError
+from .errors import SanaCheckpointError, SanaNonFiniteError
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -966,6 +966,38 @@ def _refuse_foreign_config(path: Path, class_name: str) -> None:
 def write_torch(path: str | os.PathLike, obj: object) -> None:
     """`torch.save` with the same all-or-nothing guarantee as `write_safetensors`."""
     _atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+def check_finite_weights(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """`SanaNonFiniteError` naming `what`'s first weight that holds NaN/inf: a save calls this
+    before writing anything, so no checkpoint ever carries non-finite weights."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise SanaNonFiniteError(f"{what}'s weight {name} holds NaN/inf values; not saving it")
+
+
+def write_layout(
+    path: Path,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    *,
+    official: bool,
+    diffusers_config: Mapping[str, object],
+    subfolder: str,
+    max_shard_bytes: int,
+) -> None:
+    """Write a SANA transformer's weights (the DiT's or a ControlNet's), already under their
+    layout's names, as `path` asks: a `.safetensors` path is one file with `metadata`; otherwise
+    an official model is a `.pth` holding `{"state_dict": ..., CONFIG_METADATA_KEY: ...}` and a
+    diffusers one a folder (`write_diffusers_folder`, in `subfolder` of a pipeline root)."""
+    if path.suffix.lower() == ".safetensors":
+        write_safetensors(path, tensors, metadata)
+    elif official:
+        state = {k: v.contiguous() for k, v in tensors.items()}
+        write_torch(path, {"state_dict": state, CONFIG_METADATA_KEY: metadata[CONFIG_METADATA_KEY]})
+    else:
+        write_diffusers_folder(pipeline_subfolder(path, subfolder), tensors, dict(diffusers_config), metadata=metadata,
+                               max_shard_bytes=max_shard_bytes)
 
 
 def write_json(path: str | os.PathLike, obj: object) -> None:

@@ -35,17 +35,15 @@ from .checkpoint import (
     CheckpointReader,
     KeySpec,
     assign_state,
+    check_finite_weights,
     check_keys,
     dominant_float_dtype,
     layout_shapes,
     layout_state,
     open_checkpoint,
-    pipeline_subfolder,
     read_spec,
     strip_prefix,
-    write_diffusers_folder,
-    write_safetensors,
-    write_torch,
+    write_layout,
 )
 from .controlnet import CONTROLNET_PRESETS, SanaControlNet, controlnet_variant_name
 from .dit import SanaDiTConfig, default_flow_shift
@@ -63,7 +61,7 @@ from .dit_io import (
 )
 from .dit_io import detect_layout as detect_dit_layout
 from .dit_io import key_specs as dit_key_specs
-from .errors import SanaCheckpointError, SanaInputError, SanaNonFiniteError
+from .errors import SanaCheckpointError, SanaInputError
 
 DIFFUSERS_CLASS = "SanaControlNetModel"
 # The base DiT's keys in a released official file: the ControlNet loader reads past them.
@@ -252,29 +250,15 @@ def save_controlnet(
     """
     if format not in ("diffusers", "official"):
         raise SanaInputError(f"format must be 'diffusers' or 'official', got {format!r}")
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise SanaNonFiniteError(f"the ControlNet's weight {name} holds NaN/inf values; not saving it")
-    path = Path(path)
+    check_finite_weights(model.state_dict(), "the ControlNet")
     cfg = model.config
     metadata = {CONFIG_METADATA_KEY: json.dumps(cfg.to_dict()), "format": "pt"}
     tensors = controlnet_state_dict(model, format)
     if format == "official":
         tensors = {"pos_embed": official_pos_embed(cfg, model.dtype), **tensors}
-        if path.suffix.lower() == ".safetensors":
-            write_safetensors(path, tensors, metadata)
-        else:
-            state = {k: v.contiguous() for k, v in tensors.items()}
-            write_torch(path, {"state_dict": state, CONFIG_METADATA_KEY: metadata[CONFIG_METADATA_KEY]})
-        return
-    if path.suffix.lower() == ".safetensors":
-        write_safetensors(path, tensors, metadata)
-        return
-    config = {**diffusers_controlnet_config(cfg), "_diffusers_version": "0.42.1"}
-    write_diffusers_folder(
-        pipeline_subfolder(path, "controlnet"), tensors, config, metadata=metadata, max_shard_bytes=max_shard_bytes
-    )
-
+    write_layout(Path(path), tensors, metadata, official=format == "official",
+                 diffusers_config={**diffusers_controlnet_config(cfg), "_diffusers_version": "0.42.1"},
+                 subfolder="controlnet", max_shard_bytes=max_shard_bytes)
 
 __all__ = [
     "controlnet_state_dict",

@@ -41,6 +41,7 @@ from .checkpoint import (
     KeySpec,
     assign_state,
     check_config_values,
+    check_finite_weights,
     check_keys,
     dominant_float_dtype,
     layout_shapes,
@@ -688,7 +689,8 @@ def save_dcae(
     factor. Writes are atomic. `dtype` casts floating-point tensors. A pipeline root
     (`model_index.json` or a `vae/` folder) gets the folder in `vae/`, where `load_dcae` reads it;
     re-saving a folder replaces only the files of the previous save, and a folder holding
-    another model is refused (`sana.checkpoint.write_diffusers_folder`).
+    another model is refused (`sana.checkpoint.write_diffusers_folder`). Raises
+    `SanaNonFiniteError` naming a weight that holds NaN/inf (as stored): nothing is written then.
     """
     path = Path(path)
     is_file = path.suffix.lower() in (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -699,6 +701,7 @@ def save_dcae(
         k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous()
         for k, v in state_in_layout(model, layout).items()
     }
+    check_finite_weights(state, "the DC-AE")  # after the cast: a narrower dtype can overflow to inf
     metadata = {"format": "pt", METADATA_KEY: model.config.to_json()}
     if not is_file:
         if layout != DIFFUSERS:

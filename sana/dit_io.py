@@ -40,21 +40,19 @@ from .checkpoint import (
     KeySpec,
     assign_state,
     check_config_values,
+    check_finite_weights,
     check_keys,
     dominant_float_dtype,
     layout_shapes,
     layout_state,
     open_checkpoint,
-    pipeline_subfolder,
     preview,
     read_json_file,
     read_spec,
     stored_config,
     strip_prefix,
     warn_on_config_conflict,
-    write_diffusers_folder,
-    write_safetensors,
-    write_torch,
+    write_layout,
 )
 from .dit import DIT_PRESETS, SanaDiT, SanaDiTConfig, default_flow_shift, sincos_pos_embed_2d, variant_name
 from .errors import SanaCheckpointError, SanaInputError
@@ -538,11 +536,13 @@ def save_dit(
       `y_embedder.y_embedding` (the loaded one, else zeros) are written so NVlabs' and diffusers'
       converters accept the file.
     A W8A8 model (`sana.quant.quantize_w8a8`) is written as a W8A8 `.safetensors` file whatever `format`.
+    Raises `SanaNonFiniteError` naming a weight that holds NaN/inf: nothing is written then.
     Writes are atomic: a failure never leaves a half-written or clobbered checkpoint.
     """
     if format not in ("diffusers", "official"):
         raise SanaInputError(f"format must be 'diffusers' or 'official', got {format!r}")
     path = Path(path)
+    check_finite_weights(model.state_dict(), "the DiT")
     # A W8A8 model's int8 weights and scales fit neither layout: it has its own single-file format.
     if is_w8a8(model):
         save_w8a8(model, path)
@@ -555,15 +555,6 @@ def save_dit(
         extras = dict(getattr(model, "official_extras", {}))
         extras.setdefault("y_embedder.y_embedding", torch.zeros(300, cfg.caption_channels, dtype=model.dtype))
         tensors = {"pos_embed": pos, **tensors, **extras}
-        if path.suffix.lower() == ".safetensors":
-            write_safetensors(path, tensors, metadata)
-        else:
-            write_torch(path, {"state_dict": {k: v.contiguous() for k, v in tensors.items()}, CONFIG_METADATA_KEY: metadata[CONFIG_METADATA_KEY]})
-        return
-    if path.suffix.lower() == ".safetensors":
-        write_safetensors(path, tensors, metadata)
-        return
-    config = {**diffusers_config(cfg), "_diffusers_version": "0.42.1"}
-    write_diffusers_folder(
-        pipeline_subfolder(path, "transformer"), tensors, config, metadata=metadata, max_shard_bytes=max_shard_bytes
-    )
+    write_layout(path, tensors, metadata, official=format == "official",
+                 diffusers_config={**diffusers_config(cfg), "_diffusers_version": "0.42.1"},
+                 subfolder="transformer", max_shard_bytes=max_shard_bytes)

@@ -30,7 +30,7 @@ from sana import dcae as dcae_module
 from sana.checkpoint import open_checkpoint, write_bytes, write_safetensors
 from sana.dcae_io import load_dcae, save_dcae
 from sana.dit_io import CONFIG_METADATA_KEY, load_dit, save_dit
-from sana.errors import SanaCheckpointError, SanaInputError
+from sana.errors import SanaCheckpointError, SanaInputError, SanaNonFiniteError
 from sana.ops import use_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,6 +133,76 @@ def test_a_folder_holding_another_model_is_refused(tmp_path, dit, vae):
     with pytest.raises(SanaCheckpointError, match=r"vae/config\.json: holds a config for AutoencoderDC.*refusing"):
         save_dit(dit, tmp_path / "vae")
     assert {p.name: p.read_bytes() for p in (tmp_path / "vae").iterdir()} == before
+
+
+@pytest.mark.parametrize("target", ["folder", "model.safetensors", "model.pth"])
+def test_non_finite_dit_and_dcae_weights_are_never_saved(tmp_path, dit, vae, target):
+    """A NaN/inf weight (a diverged fine-tune, a broken conversion) stops the save before any
+    file is written, and a file already at the target keeps its content."""
+    import copy
+
+    poisoned_dit, poisoned_vae = copy.deepcopy(dit), copy.deepcopy(vae)
+    with torch.no_grad():
+        poisoned_dit.blocks[1].attn.qkv.weight[0, 0] = float("nan")
+        next(p for p in poisoned_vae.decoder.parameters() if p.dim() > 1).view(-1)[0] = float("inf")
+    path = tmp_path / target
+    fmt = "official" if target.endswith(".pth") else "diffusers"
+    with pytest.raises(SanaNonFiniteError, match=r"the DiT's weight blocks\.1\.attn\.qkv\.weight holds NaN/inf"):
+        save_dit(poisoned_dit, path, format=fmt)
+    assert not path.exists()
+    with pytest.raises(SanaNonFiniteError, match=r"the DC-AE's weight decoder\..* holds NaN/inf"):
+        save_dcae(poisoned_vae, path, layout="original" if target != "folder" else None)
+    assert not path.exists()
+    save_dit(dit, path, format=fmt)
+    before = {p: p.read_bytes() for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()}
+    with pytest.raises(SanaNonFiniteError):
+        save_dit(poisoned_dit, path, format=fmt)
+    assert {p: p.read_bytes() for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()} == before
+
+
+def failing_reads(monkeypatch) -> None:
+    """Every read of a weight fails as a disk error or a truncated file does mid-load."""
+    from sana.checkpoint import CheckpointReader
+
+    original_read, original_read_into = CheckpointReader.read, CheckpointReader.read_into
+
+    def read(self, key):
+        if key.endswith("weight"):
+            raise OSError(5, "Input/output error")
+        return original_read(self, key)
+
+    def read_into(self, key, out):
+        if key.endswith("weight"):
+            raise RuntimeError("unexpected end of file")
+        return original_read_into(self, key, out)
+
+    monkeypatch.setattr(CheckpointReader, "read", read)
+    monkeypatch.setattr(CheckpointReader, "read_into", read_into)
+
+
+@pytest.mark.parametrize("component", ["dit", "dcae", "controlnet", "w8a8"])
+def test_a_read_failing_mid_load_names_the_file(tmp_path, dit, vae, component, monkeypatch):
+    from sana.quant import quantize_w8a8, save_w8a8
+
+    path = tmp_path / component
+    if component == "dit":
+        save_dit(dit, path)
+        load = load_dit
+    elif component == "dcae":
+        save_dcae(vae, path)
+        load = load_dcae
+    elif component == "controlnet":
+        sana.save_controlnet(sana.SanaControlNet.from_dit(dit, blocks=1), path)
+        load = sana.load_controlnet
+    else:
+        path = tmp_path / "w8a8.safetensors"
+        import copy
+
+        save_w8a8(quantize_w8a8(copy.deepcopy(dit)), path)
+        load = load_dit
+    failing_reads(monkeypatch)
+    with pytest.raises(SanaCheckpointError, match=rf"{re.escape(str(path))}\S*: failed while reading tensor data: "):
+        load(path)
 
 
 def test_lora_and_w8a8_saves_write_only_their_file(tmp_path, dit):
