@@ -666,18 +666,25 @@ def assign_state(
     *,
     dtype: torch.dtype | None,
     device: torch.device | str,
+    source: str | os.PathLike,
 ) -> torch.nn.Module:
-    """Fill a module built on the meta device with tensors streamed one by one.
+    """Fill a module built on the meta device with tensors streamed one by one from the file
+    `source`.
 
     Floating-point tensors are cast to `dtype` (when given) as they arrive, so memory never
     holds the checkpoint and the model at once. Every parameter and buffer must be covered.
+    A read that fails on the way (truncated or corrupt tensor data) is a `SanaCheckpointError`
+    naming `source`.
     """
     state: dict[str, torch.Tensor] = {}
-    for name, tensor in tensors:
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        state[name] = tensor.to(device)
-    module.load_state_dict(state, strict=True, assign=True)
+    try:
+        for name, tensor in tensors:
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            state[name] = tensor.to(device)
+        module.load_state_dict(state, strict=True, assign=True)
+    except (RuntimeError, OSError) as e:
+        raise SanaCheckpointError(f"{source}: failed while reading tensor data: {e}") from e
     release_freed_memory()
     left_on_meta = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if left_on_meta:

@@ -207,12 +207,8 @@ def load_controlnet(
     dtype = dtype or dominant_float_dtype(reader, expected)
     with torch.device("meta"):
         model = SanaControlNet(cfg)
-    try:
-        assign_state(model, ((spec.name, read_spec(reader, spec)) for spec in specs), dtype=dtype, device=device)
-    except SanaCheckpointError:
-        raise
-    except (RuntimeError, OSError) as e:
-        raise SanaCheckpointError(f"{reader.path}: failed while reading tensor data: {e}") from e
+    assign_state(model, ((spec.name, read_spec(reader, spec)) for spec in specs), dtype=dtype, device=device,
+                 source=reader.path)
     return model.eval()
 
 

@@ -655,10 +655,8 @@ def load_dcae(
     layout, resolved = validate_checkpoint(reader, config)
     with torch.device("meta"):
         model = DCAE(resolved)
-    try:
-        assign_state(model, _stream_state(reader, resolved, layout), dtype=dtype or _load_dtype(reader, device), device=device)
-    except (RuntimeError, OSError) as e:
-        raise SanaCheckpointError(f"{reader.path}: failed while reading tensor data: {e}") from e
+    assign_state(model, _stream_state(reader, resolved, layout), dtype=dtype or _load_dtype(reader, device), device=device,
+                 source=reader.path)
     return model.eval()
 
 

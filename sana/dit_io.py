@@ -477,12 +477,8 @@ def load_dit(
     dtype = dtype or dominant_float_dtype(reader, expected)
     with torch.device("meta"):
         model = SanaDiT(cfg)
-    try:
-        assign_state(model, ((spec.name, read_spec(reader, spec)) for spec in specs), dtype=dtype, device=device)
-    except SanaCheckpointError:
-        raise
-    except (RuntimeError, OSError) as e:
-        raise SanaCheckpointError(f"{reader.path}: failed while reading tensor data: {e}") from e
+    assign_state(model, ((spec.name, read_spec(reader, spec)) for spec in specs), dtype=dtype, device=device,
+                 source=reader.path)
     if layout == "official":
         model.official_extras = {k: reader.read(k) for k in OFFICIAL_EXTRA_KEYS[1:] if k in reader}
     return model.eval()

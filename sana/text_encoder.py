@@ -485,7 +485,7 @@ def _load_single_file(path: Path, dtype: torch.dtype | None, device: torch.devic
     expected = {prefix + name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     check_keys(path, expected, {k: reader.shape(k) for k in weight_keys})
     tensors = ((name[len(prefix):], reader.read(name)) for name in expected)
-    model = assign_state(model, tensors, dtype=dtype, device=device)
+    model = assign_state(model, tensors, dtype=dtype, device=device, source=path)
     return TextEncoder(model=model.eval().requires_grad_(False), tokenizer=tokenizer, folder=path)
 
 

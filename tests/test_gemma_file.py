@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -352,3 +353,13 @@ def test_comfyui_reads_the_file_and_the_node_loads_it(spiece, tmp_path, from_fil
     assert result["ids"] == [from_file.tokenizer.encode(t) for t in TEXTS]  # ComfyUI's own tokenizer of the file
     assert result["listed"] == ["gemma-2-2b-it", FILE_NAME]
     assert result["equal"] and result["std"] > 0.1
+
+
+def test_a_read_failing_mid_load_names_the_file(file_fp32, monkeypatch):
+    """A disk error or a truncated file while the weights stream in is a SanaCheckpointError
+    naming the file, not a bare OSError/RuntimeError from deep inside the load."""
+    from test_io_safety import failing_reads
+
+    failing_reads(monkeypatch)
+    with pytest.raises(SanaCheckpointError, match=rf"{re.escape(str(file_fp32))}: failed while reading tensor data: "):
+        load_text_encoder(file_fp32)

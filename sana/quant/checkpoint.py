@@ -116,12 +116,7 @@ def load_w8a8_dit(
                 tensor = tensor.to(dtype)
             yield name, tensor
 
-    try:
-        assign_state(model, tensors(), dtype=None, device=device)
-    except SanaCheckpointError:
-        raise
-    except (RuntimeError, OSError) as e:
-        raise SanaCheckpointError(f"{reader.path}: failed while reading tensor data: {e}") from e
+    assign_state(model, tensors(), dtype=None, device=device, source=reader.path)
     return model.eval()
 
 
